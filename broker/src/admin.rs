@@ -1,0 +1,69 @@
+//! The admin HTTP port: Prometheus `/metrics` and `/healthz`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::Context;
+
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once; later brokers in the
+/// same process (tests) share it.
+pub(crate) fn recorder() -> Option<PrometheusHandle> {
+    RECORDER
+        .get_or_init(|| {
+            let seconds = &[0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0];
+            let sizes = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), seconds)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_requests".into()), sizes)
+                })
+                .and_then(|b| b.install_recorder())
+                .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+                .ok()
+        })
+        .clone()
+}
+
+/// Binds the admin port and serves it until the broker is cancelled.
+pub(crate) async fn serve(addr: SocketAddr, ctx: Context) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(ctx.clone());
+    let cancel = ctx.cancel.clone();
+    ctx.tasks.spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    Ok(local)
+}
+
+async fn metrics(State(ctx): State<Context>) -> (StatusCode, String) {
+    metrics::gauge!("tern_devices_online").set(ctx.router.online() as f64);
+    match recorder() {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable\n".into()),
+    }
+}
+
+async fn healthz(State(ctx): State<Context>) -> (StatusCode, String) {
+    let body = serde_json::json!({
+        "status": if ctx.store.disk_low() { "degraded" } else { "ok" },
+        "node": ctx.config.node,
+        "connections": ctx.connections.load(Ordering::Relaxed),
+        "devices_online": ctx.router.online(),
+        "disk_low": ctx.store.disk_low(),
+    });
+    let status = if ctx.cancel.is_cancelled() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, format!("{body}\n"))
+}

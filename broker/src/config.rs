@@ -1,0 +1,260 @@
+//! Broker configuration: a serde struct with defaults, loaded from a TOML
+//! file, overridden by `TERN_*` environment variables and flags (see
+//! `main.rs`), and checked by [`BrokerConfig::validate`] before anything
+//! starts. A bad value is reported with the field's dotted name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a broker needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// UDP address for QUIC (clients).
+    pub listen: SocketAddr,
+    /// Directory for the database and generated TLS material.
+    pub data_dir: PathBuf,
+    /// HTTP address for `/metrics` and `/healthz`; off when unset.
+    pub admin: Option<SocketAddr>,
+    /// This broker's name, shown to clients and in logs.
+    pub node: String,
+    /// TLS settings.
+    pub tls: TlsConfig,
+    /// Storage settings.
+    pub store: StoreSection,
+    /// Per-connection limits.
+    pub limits: LimitsConfig,
+    /// Who may claim a handle.
+    pub registration: RegistrationConfig,
+}
+
+/// `[tls]`: the certificate clients see.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain. Unset: a self-signed certificate is made on first
+    /// start and kept in `<data_dir>/tls/cert.pem`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Extra DNS names or IP addresses for the generated certificate.
+    pub names: Vec<String>,
+}
+
+/// `[store]`: durability, retention and queue caps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// Sync the WAL before each acknowledgement (group commit). Turning this
+    /// off makes acks not crash-safe; it exists for benchmarks.
+    pub sync: bool,
+    /// How long undelivered messages and message ids are kept, in seconds.
+    pub retention_secs: u64,
+    /// How often expired messages are swept, in seconds.
+    pub sweep_interval_secs: u64,
+    /// Most entries one device queue may hold before sends fail with `QUEUE_FULL`.
+    pub max_queue_len: u64,
+    /// Most requests folded into one write batch (one WAL sync).
+    pub max_batch: usize,
+    /// Below this much free disk space, sends fail with `STORAGE_FULL`, in MiB.
+    pub min_free_disk_mb: u64,
+    /// Most devices per user.
+    pub max_devices: u32,
+    /// Accounts cached in memory.
+    pub account_cache_entries: u64,
+}
+
+/// `[limits]`: what one connection may do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame accepted, in bytes (length prefix excluded).
+    pub max_frame_len: usize,
+    /// Largest message body accepted, in bytes.
+    pub max_body_len: usize,
+    /// Most simultaneous client connections.
+    pub max_connections: usize,
+    /// Most deliveries pushed to a device and not yet acknowledged.
+    pub max_inflight: usize,
+    /// Most sends of one connection awaiting their durable ack.
+    pub max_pending_sends: usize,
+    /// Seconds a new connection has to log in.
+    pub handshake_timeout_secs: u64,
+    /// Seconds without any packet before a connection is dropped.
+    pub idle_timeout_secs: u64,
+    /// Failed login attempts before the connection is closed.
+    pub max_login_attempts: u32,
+}
+
+/// `[registration]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// When set, `Register` must carry this token.
+    pub token: Option<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data_dir: PathBuf::from("tern-data"),
+            admin: None,
+            node: "tern-1".into(),
+            tls: TlsConfig::default(),
+            store: StoreSection::default(),
+            limits: LimitsConfig::default(),
+            registration: RegistrationConfig::default(),
+        }
+    }
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            sync: true,
+            retention_secs: 30 * 24 * 3600,
+            sweep_interval_secs: 60,
+            max_queue_len: 100_000,
+            max_batch: 1024,
+            min_free_disk_mb: 256,
+            max_devices: 16,
+            account_cache_entries: 100_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_len: tern_protocol::DEFAULT_MAX_FRAME_LEN,
+            max_body_len: tern_protocol::DEFAULT_MAX_BODY_LEN,
+            max_connections: 200_000,
+            max_inflight: 512,
+            max_pending_sends: 256,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 30,
+            max_login_attempts: 3,
+        }
+    }
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// Dotted name of the field, as in the TOML file (`store.max_batch`).
+    pub field: &'static str,
+    /// What is wrong and what is allowed.
+    pub reason: String,
+}
+
+fn check(ok: bool, field: &'static str, reason: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError { field, reason: reason() })
+    }
+}
+
+impl BrokerConfig {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { field: "config", reason: format!("cannot read {}: {e}", path.display()) })?;
+        toml::from_str(&text).map_err(|e| ConfigError { field: "config", reason: format!("{}: {e}", path.display()) })
+    }
+
+    /// Checks every value; the first bad one is reported.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        let l = &self.limits;
+        check(!self.data_dir.as_os_str().is_empty(), "data_dir", || "must not be empty".into())?;
+        check(tern_protocol::validate_handle(&self.node).is_ok(), "node", || {
+            format!("{:?} must be 1 to 64 of a-z 0-9 . _ -", self.node)
+        })?;
+        check(self.tls.cert.is_some() == self.tls.key.is_some(), "tls.cert", || {
+            "tls.cert and tls.key must be given together".into()
+        })?;
+        check(s.retention_secs >= 1, "store.retention_secs", || "must be at least 1".into())?;
+        check(s.sweep_interval_secs >= 1, "store.sweep_interval_secs", || "must be at least 1".into())?;
+        check(s.max_queue_len >= 1, "store.max_queue_len", || "must be at least 1".into())?;
+        check((1..=65_536).contains(&s.max_batch), "store.max_batch", || {
+            format!("{} is outside 1..=65536", s.max_batch)
+        })?;
+        check((1..=1024).contains(&s.max_devices), "store.max_devices", || {
+            format!("{} is outside 1..=1024", s.max_devices)
+        })?;
+        check(s.account_cache_entries >= 1, "store.account_cache_entries", || "must be at least 1".into())?;
+        check((1..=64 << 20).contains(&l.max_body_len), "limits.max_body_len", || {
+            format!("{} is outside 1..=67108864", l.max_body_len)
+        })?;
+        check(
+            l.max_frame_len >= l.max_body_len + tern_protocol::FRAME_OVERHEAD && l.max_frame_len <= 80 << 20,
+            "limits.max_frame_len",
+            || {
+                format!(
+                    "{} must be at least limits.max_body_len + {} ({}) and at most 83886080",
+                    l.max_frame_len,
+                    tern_protocol::FRAME_OVERHEAD,
+                    l.max_body_len + tern_protocol::FRAME_OVERHEAD
+                )
+            },
+        )?;
+        check(l.max_connections >= 1, "limits.max_connections", || "must be at least 1".into())?;
+        check(l.max_inflight >= 1, "limits.max_inflight", || "must be at least 1".into())?;
+        check(l.max_pending_sends >= 1, "limits.max_pending_sends", || "must be at least 1".into())?;
+        check(l.handshake_timeout_secs >= 1, "limits.handshake_timeout_secs", || "must be at least 1".into())?;
+        check(l.idle_timeout_secs >= 1, "limits.idle_timeout_secs", || "must be at least 1".into())?;
+        check(l.max_login_attempts >= 1, "limits.max_login_attempts", || "must be at least 1".into())?;
+        if let Some(token) = &self.registration.token {
+            check(!token.is_empty(), "registration.token", || "must not be empty when set".into())?;
+        }
+        Ok(())
+    }
+
+    /// Where the database lives.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("db")
+    }
+
+    /// Retention as a duration.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.store.retention_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        BrokerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let mut c = BrokerConfig::default();
+        c.store.max_batch = 0;
+        assert_eq!(c.validate().unwrap_err().field, "store.max_batch");
+        let mut c = BrokerConfig::default();
+        c.limits.max_frame_len = c.limits.max_body_len;
+        assert_eq!(c.validate().unwrap_err().field, "limits.max_frame_len");
+        let mut c = BrokerConfig::default();
+        c.tls.cert = Some("x.pem".into());
+        assert_eq!(c.validate().unwrap_err().field, "tls.cert");
+    }
+
+    #[test]
+    fn toml_overrides_and_rejects_unknown_fields() {
+        let c: BrokerConfig = toml::from_str("listen = \"127.0.0.1:9\"\n[store]\nmax_queue_len = 5\n").unwrap();
+        assert_eq!(c.store.max_queue_len, 5);
+        assert_eq!(c.listen.port(), 9);
+        assert!(c.store.sync, "unset fields keep defaults");
+        assert!(toml::from_str::<BrokerConfig>("[store]\nmax_queue_lenn = 5\n").is_err());
+    }
+}

@@ -1,0 +1,210 @@
+//! Tern broker: durable 1:1 messaging over QUIC.
+//!
+//! Read it top to bottom like the path of a message:
+//!
+//! - [`transport`]: the quinn endpoint and accept loop;
+//! - [`session`]: one authenticated connection (login, sends, acks, pushes);
+//! - [`store`]: RocksDB queues, accounts and idempotency, behind one
+//!   group-commit writer;
+//! - [`router`]: hands newly stored entries to online devices' sessions;
+//! - [`admin`]: `/metrics` and `/healthz`.
+//!
+//! [`Broker::spawn`] starts everything from a [`BrokerConfig`]; the binary in
+//! `main.rs` only parses flags, loads the config and waits for a signal.
+
+mod admin;
+pub mod config;
+mod router;
+mod session;
+pub mod store;
+pub mod tls;
+mod transport;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{BrokerConfig, ConfigError};
+use router::Router;
+pub use store::{Store, StoreConfig, StoreError};
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// TLS material could not be loaded or made.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// What every task of a broker shares.
+#[derive(Clone, Debug)]
+pub(crate) struct Context {
+    pub(crate) config: Arc<BrokerConfig>,
+    pub(crate) store: Store,
+    pub(crate) router: Router,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) connections: Arc<AtomicUsize>,
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct Broker {
+    ctx: Context,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    cert_path: PathBuf,
+}
+
+impl Broker {
+    /// Validates `config`, opens the store, binds the QUIC (and admin) ports and
+    /// starts serving.
+    pub async fn spawn(config: BrokerConfig) -> Result<Self, StartError> {
+        config.validate()?;
+        admin::recorder();
+        let config = Arc::new(config);
+        let tls = tls::TlsIdentity::load_or_generate(
+            config.tls.cert.as_deref(),
+            config.tls.key.as_deref(),
+            &config.data_dir.join("tls"),
+            &config.tls.names,
+        )?;
+        let router = Router::default();
+        let store = Store::open(
+            StoreConfig {
+                path: config.db_path(),
+                sync: config.store.sync,
+                retention: config.retention(),
+                max_queue_len: config.store.max_queue_len,
+                max_batch: config.store.max_batch,
+                max_devices: config.store.max_devices,
+                account_cache_entries: config.store.account_cache_entries,
+            },
+            Arc::new(router.clone()),
+        )?;
+        let mut server = quinn::ServerConfig::with_crypto(tls.server_crypto(tern_protocol::ALPN)?);
+        server.transport_config(Arc::new(transport::transport_config(config.limits.idle_timeout_secs)));
+        let endpoint = quinn::Endpoint::server(server, config.listen)
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let ctx = Context {
+            config: config.clone(),
+            store,
+            router,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            connections: Arc::new(AtomicUsize::new(0)),
+        };
+        let admin_addr = match config.admin {
+            Some(addr) => {
+                Some(admin::serve(addr, ctx.clone()).await.map_err(|source| StartError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        ctx.tasks.spawn(transport::accept_loop(endpoint.clone(), ctx.clone()));
+        ctx.tasks.spawn(sweeper(ctx.clone()));
+        ctx.tasks.spawn(disk_monitor(ctx.clone()));
+        tracing::info!(%local_addr, node = %config.node, data_dir = %config.data_dir.display(), "broker started");
+        Ok(Self { ctx, endpoint, local_addr, admin_addr, cert_path: tls.cert_path })
+    }
+
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The bound admin HTTP address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The certificate clients should trust.
+    pub fn cert_path(&self) -> &std::path::Path {
+        &self.cert_path
+    }
+
+    /// The store (for tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.ctx.store
+    }
+
+    /// Stops accepting, tells connected clients to reconnect elsewhere, waits
+    /// for sessions to end, closes the endpoint and flushes the store.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.endpoint.set_server_config(None);
+        self.ctx.cancel.cancel();
+        self.ctx.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.ctx.tasks.wait()).await.is_err() {
+            tracing::warn!("sessions still running after 5 s; closing anyway");
+        }
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let store = self.ctx.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        tracing::info!("shut down");
+    }
+}
+
+/// Deletes entries older than the retention, every `sweep_interval_secs`.
+async fn sweeper(ctx: Context) {
+    let mut every = tokio::time::interval(Duration::from_secs(ctx.config.store.sweep_interval_secs));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = ctx.cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let cutoff = store::now_ms().saturating_sub(ctx.config.retention().as_millis() as u64);
+        match ctx.store.expire(cutoff).await {
+            Ok(e) if e.entries > 0 => {
+                metrics::counter!("tern_expired_total").increment(e.entries);
+                tracing::info!(entries = e.entries, queues = e.queues, "expired undelivered messages");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+    }
+}
+
+/// Raises the store's low-disk flag while free space is under the floor.
+async fn disk_monitor(ctx: Context) {
+    let floor = ctx.config.store.min_free_disk_mb.saturating_mul(1 << 20);
+    let path = ctx.config.db_path();
+    let mut every = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            () = ctx.cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if let Ok(stat) = rustix::fs::statvfs(&path) {
+            let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+            metrics::gauge!("tern_disk_free_bytes").set(free as f64);
+            let low = free < floor;
+            if low != ctx.store.disk_low() {
+                tracing::warn!(free, floor, low, "free disk space crossed the configured floor");
+            }
+            ctx.store.set_disk_low(low);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Local delivery: which device is online on this broker, and how a newly
+//! stored entry reaches its session.
+//!
+//! The store's writer calls [`Router::queued`] after each durable batch. If the
+//! device has a session here, the entry is handed to it through a bounded
+//! channel; when that channel is full the session is flagged as lagging and
+//! woken, and reads the entries from the store instead. So the channel is only
+//! a fast path: the store is the source of truth and nothing depends on the
+//! channel having room.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{QueueKey, QueueListener};
+
+/// An entry pushed to a session: its seq and stored bytes.
+pub(crate) type Pushed = (u64, Bytes);
+
+/// Cheap, cloneable handle to the local routing table.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Router {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sessions: Mutex<HashMap<QueueKey, Slot>>,
+    /// Highest seq pushed to each device by any session, to count redeliveries.
+    pushed: Mutex<HashMap<QueueKey, u64>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    tx: mpsc::Sender<Pushed>,
+    lag: Arc<Lag>,
+    replaced: CancellationToken,
+}
+
+/// Set when an entry could not be handed over; the session then reads the store.
+#[derive(Debug, Default)]
+pub(crate) struct Lag {
+    pub(crate) lagged: AtomicBool,
+    pub(crate) wake: Notify,
+}
+
+/// A session's registration; detaches on drop.
+#[derive(Debug)]
+pub(crate) struct Attachment {
+    pub(crate) lag: Arc<Lag>,
+    /// Cancelled when the same device logs in on another connection.
+    pub(crate) replaced: CancellationToken,
+    /// Highest seq pushed to this device before this session.
+    pub(crate) previously_pushed: u64,
+    router: Router,
+    queue: QueueKey,
+    id: u64,
+}
+
+impl Attachment {
+    /// Records how far this session pushed, for the redelivery count.
+    pub(crate) fn record_pushed(&self, seq: u64) {
+        if let Ok(mut pushed) = self.router.inner.pushed.lock() {
+            let entry = pushed.entry(self.queue.clone()).or_default();
+            *entry = (*entry).max(seq);
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Ok(mut sessions) = self.router.inner.sessions.lock() {
+            if sessions.get(&self.queue).is_some_and(|s| s.id == self.id) {
+                sessions.remove(&self.queue);
+            }
+        }
+    }
+}
+
+impl Router {
+    /// Registers a session for `queue`, replacing (and cancelling) an older
+    /// one. Entries stored from now on arrive on the returned receiver.
+    pub(crate) fn attach(&self, queue: QueueKey, capacity: usize) -> (Attachment, mpsc::Receiver<Pushed>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let lag = Arc::new(Lag::default());
+        let replaced = CancellationToken::new();
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot { id, tx, lag: lag.clone(), replaced: replaced.clone() };
+        let old = self.inner.sessions.lock().ok().and_then(|mut s| s.insert(queue.clone(), slot));
+        if let Some(old) = old {
+            old.replaced.cancel();
+        }
+        let previously_pushed = self.inner.pushed.lock().ok().and_then(|p| p.get(&queue).copied()).unwrap_or(0);
+        (Attachment { lag, replaced, previously_pushed, router: self.clone(), queue, id }, rx)
+    }
+
+    /// Devices with a session on this broker.
+    pub(crate) fn online(&self) -> usize {
+        self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+impl QueueListener for Router {
+    fn queued(&self, queue: &QueueKey, seq: u64, value: &Bytes) {
+        let Ok(sessions) = self.inner.sessions.lock() else { return };
+        if let Some(slot) = sessions.get(queue) {
+            if slot.tx.try_send((seq, value.clone())).is_err() {
+                slot.lag.lagged.store(true, Ordering::Release);
+                slot.lag.wake.notify_one();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn hands_over_and_flags_lag_when_full() {
+        let router = Router::default();
+        let q = QueueKey::new("bob", 1);
+        let (a, mut rx) = router.attach(q.clone(), 1);
+        router.queued(&q, 1, &Bytes::from_static(b"x"));
+        router.queued(&q, 2, &Bytes::from_static(b"y"));
+        assert_eq!(rx.recv().await.map(|p| p.0), Some(1));
+        assert!(a.lag.lagged.load(Ordering::Acquire), "second entry did not fit");
+    }
+
+    #[tokio::test]
+    async fn second_login_replaces_first() {
+        let router = Router::default();
+        let q = QueueKey::new("bob", 1);
+        let (first, _rx1) = router.attach(q.clone(), 4);
+        let (second, _rx2) = router.attach(q.clone(), 4);
+        assert!(first.replaced.is_cancelled());
+        drop(first);
+        assert_eq!(router.online(), 1, "dropping the replaced session keeps the new one");
+        drop(second);
+        assert_eq!(router.online(), 0);
+    }
+}

@@ -1,0 +1,128 @@
+//! Register, log in and link a device: checking the signed transcript
+//! against the key on record (or the key being registered).
+//!
+//! Every function returns the authenticated `(handle, device)` or a typed
+//! error; none stores anything unless every check passed.
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use tern_protocol::auth::{self, Purpose};
+use tern_protocol::{pb, validate_handle, ErrorCode};
+
+use crate::store::{now_ms, Store, StoreError};
+
+/// A failed request: the code and text sent back.
+pub(crate) type Refusal = (ErrorCode, String);
+
+/// What the session knows when a login-type request arrives.
+#[derive(Debug)]
+pub(crate) struct Challenge {
+    pub(crate) nonce: [u8; auth::NONCE_LEN],
+    pub(crate) exporter: [u8; auth::EXPORTER_LEN],
+}
+
+fn key_of(bytes: &[u8]) -> Result<[u8; 32], Refusal> {
+    bytes.try_into().map_err(|_| (ErrorCode::InvalidArgument, format!("a public key is 32 bytes, got {}", bytes.len())))
+}
+
+fn verify(public_key: &[u8; 32], transcript: &[u8], signature: &[u8]) -> Result<(), Refusal> {
+    let bad = |why: &str| (ErrorCode::BadSignature, why.to_owned());
+    let key = VerifyingKey::from_bytes(public_key).map_err(|_| bad("the public key is not a valid Ed25519 key"))?;
+    let sig = Signature::from_slice(signature).map_err(|_| bad("a signature is 64 bytes"))?;
+    key.verify_strict(transcript, &sig).map_err(|_| bad("the signature does not verify"))
+}
+
+fn check_nonce(challenge: Option<&Challenge>, nonce: &[u8]) -> Result<(), Refusal> {
+    match challenge {
+        Some(c) if c.nonce.as_slice() == nonce => Ok(()),
+        Some(_) => Err((ErrorCode::InvalidChallenge, "the nonce is not this connection's current challenge".into())),
+        None => Err((ErrorCode::InvalidChallenge, "no open challenge: send Hello first".into())),
+    }
+}
+
+fn check_handle(handle: &str) -> Result<(), Refusal> {
+    validate_handle(handle).map_err(|e| (ErrorCode::InvalidHandle, e.to_string()))
+}
+
+/// Maps a store failure to what the client is told.
+pub(crate) fn store_refusal(e: &StoreError) -> Refusal {
+    let code = match e {
+        StoreError::UnknownUser(_) => ErrorCode::UnknownRecipient,
+        StoreError::UnknownDevice(_) => ErrorCode::UnknownDevice,
+        StoreError::HandleTaken(_) => ErrorCode::HandleTaken,
+        StoreError::TooManyDevices(..) => ErrorCode::TooManyDevices,
+        StoreError::QueueFull(..) => ErrorCode::QueueFull,
+        StoreError::Full(_) => ErrorCode::StorageFull,
+        StoreError::Db(_) | StoreError::Corrupt(_) => ErrorCode::StorageError,
+        StoreError::Closed => ErrorCode::ShuttingDown,
+    };
+    (code, e.to_string())
+}
+
+/// `Register`: claim a handle with device 1.
+pub(crate) async fn register(
+    store: &Store,
+    challenge: Option<&Challenge>,
+    required_token: Option<&str>,
+    req: &pb::Register,
+) -> Result<(String, u32), Refusal> {
+    check_nonce(challenge, &req.nonce)?;
+    check_handle(&req.handle)?;
+    if let Some(token) = required_token {
+        if req.registration_token != token {
+            return Err((ErrorCode::RegistrationDenied, "this broker needs a valid registration token".into()));
+        }
+    }
+    let key = key_of(&req.public_key)?;
+    let c = challenge.ok_or((ErrorCode::InvalidChallenge, String::new()))?;
+    let transcript = auth::transcript(Purpose::Register, &c.exporter, &c.nonce, &req.handle, 0, &key);
+    verify(&key, &transcript, &req.signature)?;
+    let account = store.register(&req.handle, key).await.map_err(|e| store_refusal(&e))?;
+    Ok((account.handle, 1))
+}
+
+/// `Login`: act as an existing device.
+pub(crate) fn login(store: &Store, challenge: Option<&Challenge>, req: &pb::Login) -> Result<(String, u32), Refusal> {
+    check_nonce(challenge, &req.nonce)?;
+    check_handle(&req.handle)?;
+    let unknown = || (ErrorCode::UnknownDevice, format!("no device {} of {:?}", req.device_id, req.handle));
+    let account = store.account(&req.handle).map_err(|e| store_refusal(&e))?.ok_or_else(unknown)?;
+    let device = account.device(req.device_id).ok_or_else(unknown)?;
+    let c = challenge.ok_or((ErrorCode::InvalidChallenge, String::new()))?;
+    let transcript = auth::transcript(Purpose::Login, &c.exporter, &c.nonce, &req.handle, req.device_id, &[0; 32]);
+    verify(&device.public_key, &transcript, &req.signature)?;
+    Ok((account.handle.clone(), device.id))
+}
+
+/// `LinkDevice`: add a device approved by an existing one.
+pub(crate) async fn link_device(
+    store: &Store,
+    challenge: Option<&Challenge>,
+    req: &pb::LinkDevice,
+) -> Result<(String, u32), Refusal> {
+    check_nonce(challenge, &req.nonce)?;
+    check_handle(&req.handle)?;
+    let key = key_of(&req.public_key)?;
+    let c = challenge.ok_or((ErrorCode::InvalidChallenge, String::new()))?;
+    let transcript = auth::transcript(Purpose::LinkDevice, &c.exporter, &c.nonce, &req.handle, 0, &key);
+    verify(&key, &transcript, &req.signature)?;
+    let bad = |why: String| (ErrorCode::BadApproval, why);
+    let approval = req.approval.as_ref().ok_or_else(|| bad("a device approval is required".into()))?;
+    if approval.expires_at_ms < now_ms() {
+        return Err(bad("the approval has expired".into()));
+    }
+    let account = store
+        .account(&req.handle)
+        .map_err(|e| store_refusal(&e))?
+        .ok_or_else(|| (ErrorCode::UnknownDevice, format!("no user {:?}", req.handle)))?;
+    let approver = account
+        .device(approval.approver_device_id)
+        .ok_or_else(|| bad(format!("no device {} approves", approval.approver_device_id)))?;
+    let signed = auth::approval(&req.handle, &key, approval.expires_at_ms);
+    verify(&approver.public_key, &signed, &approval.signature)
+        .map_err(|_| bad("the approval is not signed by that device".into()))?;
+    if account.devices.iter().any(|d| d.public_key == key) {
+        return Err((ErrorCode::InvalidArgument, "this key is already a device of the user".into()));
+    }
+    let device = store.add_device(&req.handle, key).await.map_err(|e| store_refusal(&e))?;
+    Ok((req.handle.clone(), device))
+}

@@ -1,0 +1,442 @@
+//! One client connection: the session stream's frames in, answers and
+//! deliveries out.
+//!
+//! A session starts unauthenticated: `Hello` gets a `Challenge`, then
+//! `Register`, `Login` or `LinkDevice` proves the device's key. From then on
+//! the connection acts only as that device: `Send` goes to the store (the
+//! answer waits, without blocking the session, until the batch is durable),
+//! `Ack` deletes from its own queue, and the [`delivery`] state pushes its
+//! queue in order. Everything happens in one task: a `select!` over the
+//! stream, finished sends, handed-over entries and shutdown, then one write of
+//! everything produced.
+
+mod auth;
+mod delivery;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesUnordered, StreamExt};
+use rand::RngCore;
+use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
+use tern_protocol::{codec, DecodeError, ErrorCode, MessageId};
+use tokio::io::AsyncReadExt;
+
+use crate::router::Attachment;
+use crate::store::{Enqueued, QueueKey, StoreError};
+use crate::Context;
+use auth::{Challenge, Refusal};
+use delivery::Delivery;
+
+type SendDone = Pin<Box<dyn Future<Output = (u64, MessageId, Instant, Result<Enqueued, StoreError>)> + Send>>;
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed the stream or the connection.
+    Closed,
+    /// A fatal error was sent; close the connection with it.
+    Fatal(ErrorCode, String),
+}
+
+struct LoggedIn {
+    delivery: Delivery,
+    attachment: Attachment,
+}
+
+pub(crate) struct Session {
+    ctx: Context,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    inbuf: BytesMut,
+    out: BytesMut,
+    challenge: Option<Challenge>,
+    failed_logins: u32,
+    device: Option<LoggedIn>,
+    inbox: Option<tokio::sync::mpsc::Receiver<crate::router::Pushed>>,
+    pending: FuturesUnordered<SendDone>,
+    deadline: tokio::time::Instant,
+}
+
+impl Session {
+    pub(crate) fn new(ctx: Context, conn: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.config.limits.handshake_timeout_secs);
+        Self {
+            ctx,
+            conn,
+            send,
+            recv,
+            inbuf: BytesMut::with_capacity(4096),
+            out: BytesMut::with_capacity(4096),
+            challenge: None,
+            failed_logins: 0,
+            device: None,
+            inbox: None,
+            pending: FuturesUnordered::new(),
+            deadline,
+        }
+    }
+
+    /// Runs the session until the client leaves, a fatal error, or shutdown.
+    pub(crate) async fn run(mut self) {
+        let end = self.serve().await;
+        if let Some(d) = &self.device {
+            d.attachment.record_pushed(d.delivery.last_pushed());
+        }
+        match end {
+            End::Closed => self.conn.close(0u32.into(), b"bye"),
+            End::Fatal(code, text) => {
+                tracing::debug!(?code, %text, remote = %self.conn.remote_address(), "closing session");
+                self.write_error(0, code, &text);
+                // Best effort: let the error frame go out before the close,
+                // which also carries the code and text.
+                let _ = tokio::time::timeout(Duration::from_millis(200), self.flush()).await;
+                let _ = self.send.finish();
+                let _ = tokio::time::timeout(Duration::from_millis(200), self.send.stopped()).await;
+                self.conn.close((code as u32).into(), text.as_bytes());
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> End {
+        let max_pending = self.ctx.config.limits.max_pending_sends;
+        loop {
+            let can_read = self.pending.len() < max_pending;
+            let logged_in = self.device.is_some();
+            tokio::select! {
+                biased;
+                () = self.ctx.cancel.cancelled() => {
+                    return End::Fatal(ErrorCode::ShuttingDown, "the broker is shutting down; reconnect".into());
+                }
+                () = replaced(&self.device) => {
+                    return End::Fatal(ErrorCode::PermissionDenied, "this device logged in on another connection".into());
+                }
+                () = tokio::time::sleep_until(self.deadline), if !logged_in => {
+                    return End::Fatal(ErrorCode::Unauthenticated, "no login within the handshake timeout".into());
+                }
+                Some((request_id, id, started, result)) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.send_done(request_id, id, started, result);
+                }
+                Some((seq, value)) = handed(&mut self.inbox) => {
+                    if let Some(d) = &mut self.device {
+                        d.delivery.on_handed(seq, &value, &mut self.out);
+                    }
+                }
+                () = lagged(&self.device) => {
+                    if let Some(d) = &mut self.device {
+                        d.delivery.mark_lagged();
+                    }
+                }
+                read = self.recv.read_buf(reserve(&mut self.inbuf, self.ctx.config.limits.max_frame_len)), if can_read => {
+                    match read {
+                        Ok(0) | Err(_) => return End::Closed,
+                        Ok(_) => {
+                            if let Err(end) = self.handle_frames().await {
+                                return end;
+                            }
+                        }
+                    }
+                }
+            }
+            self.drain_ready();
+            if let Err(e) = self.fill() {
+                return End::Fatal(ErrorCode::StorageError, e.to_string());
+            }
+            if self.flush().await.is_err() {
+                return End::Closed;
+            }
+        }
+    }
+
+    /// Takes whatever else is ready without waiting, so one write carries it.
+    fn drain_ready(&mut self) {
+        if let (Some(d), Some(inbox)) = (&mut self.device, &mut self.inbox) {
+            while let Ok((seq, value)) = inbox.try_recv() {
+                d.delivery.on_handed(seq, &value, &mut self.out);
+            }
+        }
+    }
+
+    fn fill(&mut self) -> Result<(), StoreError> {
+        let max_bytes = self.ctx.config.limits.max_frame_len;
+        match &mut self.device {
+            Some(d) => d.delivery.fill(&self.ctx.store, &mut self.out, max_bytes),
+            None => Ok(()),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), quinn::WriteError> {
+        if !self.out.is_empty() {
+            let data = self.out.split().freeze();
+            self.send.write_chunk(data).await?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, request_id: u64, kind: S) {
+        let frame = pb::ServerFrame { request_id, kind: Some(kind) };
+        if let Err(e) = codec::encode(&frame, usize::MAX >> 1, &mut self.out) {
+            tracing::error!(error = %e, "cannot encode a server frame");
+        }
+    }
+
+    fn write_error(&mut self, request_id: u64, code: ErrorCode, text: &str) {
+        self.write(request_id, S::Error(pb::Error { code: code as i32, message: text.to_owned() }));
+    }
+
+    fn refuse(&mut self, request_id: u64, (code, text): Refusal) {
+        self.write_error(request_id, code, &text);
+    }
+
+    /// Decodes and handles every whole frame in the input buffer.
+    async fn handle_frames(&mut self) -> Result<(), End> {
+        let max = self.ctx.config.limits.max_frame_len;
+        loop {
+            let frame = match codec::decode::<pb::ClientFrame>(&mut self.inbuf, max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(DecodeError::TooLarge { len, max }) => {
+                    metrics::counter!("tern_bad_frames_total", "reason" => "too_large").increment(1);
+                    return Err(End::Fatal(ErrorCode::FrameTooLarge, format!("frame of {len} bytes exceeds {max}")));
+                }
+                Err(DecodeError::Malformed(e)) => {
+                    metrics::counter!("tern_bad_frames_total", "reason" => "malformed").increment(1);
+                    return Err(End::Fatal(ErrorCode::MalformedFrame, format!("undecodable frame: {e}")));
+                }
+            };
+            self.handle(frame).await?;
+        }
+    }
+
+    async fn handle(&mut self, frame: pb::ClientFrame) -> Result<(), End> {
+        let id = frame.request_id;
+        let logged_in = self.device.is_some();
+        match frame.kind {
+            None => {
+                metrics::counter!("tern_bad_frames_total", "reason" => "unknown").increment(1);
+                Err(End::Fatal(ErrorCode::UnknownFrame, "frame without a known kind".into()))
+            }
+            Some(C::Hello(_) | C::Register(_) | C::Login(_) | C::LinkDevice(_)) if logged_in => {
+                Err(End::Fatal(ErrorCode::ProtocolViolation, "already logged in".into()))
+            }
+            Some(C::Hello(hello)) => self.hello(id, &hello),
+            Some(C::Register(req)) => {
+                let token = self.ctx.config.registration.token.clone();
+                let result =
+                    auth::register(&self.ctx.store, self.challenge.take().as_ref(), token.as_deref(), &req).await;
+                self.logged_in(id, result).await
+            }
+            Some(C::Login(req)) => {
+                let result = auth::login(&self.ctx.store, self.challenge.take().as_ref(), &req);
+                self.logged_in(id, result).await
+            }
+            Some(C::LinkDevice(req)) => {
+                let result = auth::link_device(&self.ctx.store, self.challenge.take().as_ref(), &req).await;
+                self.logged_in(id, result).await
+            }
+            Some(_) if !logged_in => {
+                self.write_error(id, ErrorCode::Unauthenticated, "log in first");
+                Ok(())
+            }
+            Some(C::Send(req)) => {
+                self.start_send(id, req);
+                Ok(())
+            }
+            Some(C::Ack(ack)) => {
+                self.ack(ack.up_to_seq);
+                Ok(())
+            }
+            Some(C::Ping(p)) => {
+                self.write(id, S::Pong(pb::Pong { nonce: p.nonce }));
+                Ok(())
+            }
+            Some(C::ListDevices(req)) => {
+                self.list_devices(id, &req.handle);
+                Ok(())
+            }
+        }
+    }
+
+    fn hello(&mut self, request_id: u64, hello: &pb::Hello) -> Result<(), End> {
+        if hello.version != tern_protocol::PROTOCOL_VERSION {
+            return Err(End::Fatal(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "protocol version {} is not supported; this broker speaks {}",
+                    hello.version,
+                    tern_protocol::PROTOCOL_VERSION
+                ),
+            ));
+        }
+        let mut nonce = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let mut exporter = [0u8; 32];
+        if self.conn.export_keying_material(&mut exporter, tern_protocol::auth::EXPORTER_LABEL, b"").is_err() {
+            return Err(End::Fatal(ErrorCode::Internal, "TLS exporter unavailable".into()));
+        }
+        self.challenge = Some(Challenge { nonce, exporter });
+        let limits = &self.ctx.config.limits;
+        let challenge = pb::Challenge {
+            nonce: Bytes::copy_from_slice(&nonce),
+            version: tern_protocol::PROTOCOL_VERSION,
+            broker_id: self.ctx.config.node.clone(),
+            max_frame_len: limits.max_frame_len as u32,
+            max_body_len: limits.max_body_len as u32,
+        };
+        self.write(request_id, S::Challenge(challenge));
+        Ok(())
+    }
+
+    async fn logged_in(&mut self, request_id: u64, result: Result<(String, u32), Refusal>) -> Result<(), End> {
+        let (handle, device) = match result {
+            Ok(ok) => ok,
+            Err(refusal) => {
+                metrics::counter!("tern_logins_total", "result" => "refused").increment(1);
+                tracing::debug!(code = ?refusal.0, reason = %refusal.1, "login refused");
+                self.refuse(request_id, refusal);
+                self.failed_logins += 1;
+                if self.failed_logins >= self.ctx.config.limits.max_login_attempts {
+                    return Err(End::Fatal(ErrorCode::Unauthenticated, "too many failed login attempts".into()));
+                }
+                return Ok(());
+            }
+        };
+        let queue = QueueKey::new(&handle, device);
+        // Attach before reading the bounds: an entry stored in between is
+        // both handed over and read, and pushed once.
+        let (attachment, inbox) = self.ctx.router.attach(queue.clone(), self.ctx.config.limits.max_inflight);
+        let bounds = match self.ctx.store.bounds(queue.clone()).await {
+            Ok(b) => b,
+            Err(e) => return Err(End::Fatal(auth::store_refusal(&e).0, e.to_string())),
+        };
+        metrics::counter!("tern_logins_total", "result" => "ok").increment(1);
+        tracing::debug!(%queue, pending = bounds.depth(), "logged in");
+        let window = self.ctx.config.limits.max_inflight;
+        let delivery = Delivery::new(queue, bounds.head, window, attachment.previously_pushed);
+        self.device = Some(LoggedIn { delivery, attachment });
+        self.inbox = Some(inbox);
+        let ok = pb::LoginOk { handle, device_id: device, acked_seq: bounds.head, pending: bounds.depth() };
+        self.write(request_id, S::LoginOk(ok));
+        Ok(())
+    }
+
+    fn start_send(&mut self, request_id: u64, req: pb::Send) {
+        let Some(d) = &self.device else { return };
+        let limits = &self.ctx.config.limits;
+        let id = match MessageId::from_slice(&req.message_id) {
+            Ok(id) => id,
+            Err(e) => return self.write_error(request_id, ErrorCode::InvalidArgument, &e.to_string()),
+        };
+        if let Err(e) = tern_protocol::validate_handle(&req.to) {
+            return self.write_error(request_id, ErrorCode::InvalidHandle, &format!("recipient: {e}"));
+        }
+        if req.body.len() > limits.max_body_len {
+            let text = format!("body of {} bytes exceeds the maximum of {}", req.body.len(), limits.max_body_len);
+            return self.write_error(request_id, ErrorCode::PayloadTooLarge, &text);
+        }
+        let store = self.ctx.store.clone();
+        let sender = d.delivery.queue.clone();
+        let started = Instant::now();
+        self.pending.push(Box::pin(async move {
+            let result = store.enqueue(sender, id.0, req.to, req.body).await;
+            (request_id, id, started, result)
+        }));
+    }
+
+    fn send_done(&mut self, request_id: u64, id: MessageId, started: Instant, result: Result<Enqueued, StoreError>) {
+        metrics::histogram!("tern_send_ack_seconds").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(done) => {
+                let label = if done.duplicate { "duplicate" } else { "ok" };
+                metrics::counter!("tern_sends_total", "result" => label).increment(1);
+                let ack = pb::SendAck {
+                    message_id: Bytes::copy_from_slice(&id.0),
+                    duplicate: done.duplicate,
+                    accepted_at_ms: done.accepted_at_ms,
+                    recipients: done.recipients,
+                };
+                self.write(request_id, S::SendAck(ack));
+            }
+            Err(e) => {
+                let refusal = auth::store_refusal(&e);
+                metrics::counter!("tern_sends_total", "result" => refusal.0.as_str_name()).increment(1);
+                self.refuse(request_id, refusal);
+            }
+        }
+    }
+
+    fn ack(&mut self, up_to: u64) {
+        let Some(d) = &mut self.device else { return };
+        let Some(up_to) = d.delivery.on_ack(up_to) else { return };
+        metrics::counter!("tern_acks_total").increment(1);
+        let store = self.ctx.store.clone();
+        let queue = d.delivery.queue.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.ack(queue.clone(), up_to).await {
+                tracing::warn!(%queue, up_to, error = %e, "ack not stored; the entries will be delivered again");
+            }
+        });
+    }
+
+    fn list_devices(&mut self, request_id: u64, handle: &str) {
+        match self.ctx.store.account(handle) {
+            Ok(Some(account)) => {
+                let devices = account
+                    .devices
+                    .iter()
+                    .map(|d| pb::DeviceInfo {
+                        device_id: d.id,
+                        public_key: Bytes::copy_from_slice(&d.public_key),
+                        added_at_ms: d.added_at_ms,
+                    })
+                    .collect();
+                self.write(request_id, S::DeviceList(pb::DeviceList { handle: handle.to_owned(), devices }));
+            }
+            Ok(None) => self.write_error(request_id, ErrorCode::UnknownRecipient, &format!("no user {handle:?}")),
+            Err(e) => self.refuse(request_id, auth::store_refusal(&e)),
+        }
+    }
+}
+
+/// Makes room for the next read: enough for the frame being received (as its
+/// prefix announces, within the maximum), never more than 64 KiB at a time.
+fn reserve(buf: &mut BytesMut, max_frame: usize) -> &mut BytesMut {
+    let want = match codec::peek_len(buf, max_frame) {
+        Ok(Some(len)) => (len + codec::LEN_PREFIX).saturating_sub(buf.len()).clamp(512, 64 * 1024),
+        _ => 4096,
+    };
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
+    }
+    buf
+}
+
+async fn replaced(device: &Option<LoggedIn>) {
+    match device {
+        Some(d) => d.attachment.replaced.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn handed(inbox: &mut Option<tokio::sync::mpsc::Receiver<crate::router::Pushed>>) -> Option<(u64, Bytes)> {
+    match inbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn lagged(device: &Option<LoggedIn>) {
+    match device {
+        Some(d) => loop {
+            d.attachment.lag.wake.notified().await;
+            if d.attachment.lag.lagged.swap(false, Ordering::AcqRel) {
+                return;
+            }
+        },
+        None => std::future::pending().await,
+    }
+}

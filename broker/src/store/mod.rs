@@ -1,0 +1,342 @@
+//! Durable storage: per-device FIFO queues, accounts and the idempotency
+//! index, in one RocksDB database.
+//!
+//! Reads (queue ranges, accounts) go straight to RocksDB from the caller.
+//! Every write goes through one [`writer`] thread that batches whatever
+//! requests are waiting into a single `WriteBatch` and one WAL sync (group
+//! commit), then answers all of them and tells the [`QueueListener`] about
+//! each new queue entry so online devices get it pushed at once.
+//!
+//! A queue is the key range of its [`QueueKey`]; the writer keeps each queue's
+//! head (highest deleted seq) and tail (highest assigned seq) in memory and
+//! reads only between them, so tombstones of acknowledged entries at a queue's
+//! front are never scanned.
+
+mod accounts;
+mod item;
+mod keys;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, DB};
+use tokio::sync::{mpsc, oneshot};
+
+pub use accounts::{Account, Device};
+pub(crate) use item::{enqueued_at, split_item, KIND_RECEIPT};
+pub use item::{CorruptItem, StoredItem};
+pub use keys::QueueKey;
+use keys::{CF_ACCOUNTS, CF_DEDUP, CF_META, CF_QUEUES};
+use writer::{WriteCmd, WriterActor};
+
+/// Store settings (the `[store]` part of the broker configuration).
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// RocksDB directory.
+    pub path: PathBuf,
+    /// Sync the WAL before acknowledging (true: durable acks).
+    pub sync: bool,
+    /// How long an undelivered entry and a message id (for idempotent
+    /// resends) are kept.
+    pub retention: Duration,
+    /// Most entries one device queue may hold; a send beyond it fails with
+    /// `QUEUE_FULL`.
+    pub max_queue_len: u64,
+    /// Most requests folded into one write batch.
+    pub max_batch: usize,
+    /// Most devices one user may have.
+    pub max_devices: u32,
+    /// Accounts kept in the in-memory cache.
+    pub account_cache_entries: u64,
+}
+
+/// Why a store operation failed. Nothing of a failed operation is stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// No account with this handle.
+    #[error("no user {0:?}")]
+    UnknownUser(String),
+    /// No such device.
+    #[error("no device {0}")]
+    UnknownDevice(String),
+    /// The handle is registered already.
+    #[error("handle {0:?} is taken")]
+    HandleTaken(String),
+    /// The user has the maximum number of devices.
+    #[error("user {0:?} has the maximum of {1} devices")]
+    TooManyDevices(String, u32),
+    /// A recipient device's queue is at its cap.
+    #[error("queue of {0} is full ({1} entries)")]
+    QueueFull(String, u64),
+    /// The disk is full or below the configured free-space floor.
+    #[error("storage is full: {0}")]
+    Full(String),
+    /// RocksDB failed.
+    #[error("storage error: {0}")]
+    Db(String),
+    /// Stored data does not decode.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The store is shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        let text = e.to_string();
+        if text.contains("No space left") || text.contains("ENOSPC") {
+            Self::Full(text)
+        } else {
+            Self::Db(text)
+        }
+    }
+}
+
+impl From<CorruptItem> for StoreError {
+    fn from(e: CorruptItem) -> Self {
+        Self::Corrupt(e.to_string())
+    }
+}
+
+/// Told by the writer, after the batch is durable, of each entry it queued.
+/// Must not block: it runs on the writer thread.
+pub trait QueueListener: Send + Sync + 'static {
+    /// Entry `seq` of `queue` is durable; `value` is its stored bytes.
+    fn queued(&self, queue: &QueueKey, seq: u64, value: &Bytes);
+}
+
+/// Result of a successful enqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The id was accepted before; nothing new was stored.
+    pub duplicate: bool,
+    /// When the message was first accepted, ms since the epoch.
+    pub accepted_at_ms: u64,
+    /// Device queues the message went into.
+    pub recipients: u32,
+}
+
+/// A device queue's bounds: entries `head+1 ..= tail` are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueBounds {
+    /// Highest deleted (acknowledged or expired) seq.
+    pub head: u64,
+    /// Highest assigned seq.
+    pub tail: u64,
+}
+
+impl QueueBounds {
+    /// Entries waiting.
+    pub fn depth(&self) -> u64 {
+        self.tail - self.head
+    }
+}
+
+/// What a sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Entries deleted.
+    pub entries: u64,
+    /// Queues they came from.
+    pub queues: u64,
+}
+
+/// Cheap, cloneable handle to the store.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    tx: mpsc::Sender<WriteCmd>,
+    accounts: moka::sync::Cache<String, Arc<Account>>,
+    disk_low: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    config: StoreConfig,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.config.path).finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) the database and starts the writer thread.
+    pub fn open(config: StoreConfig, listener: Arc<dyn QueueListener>) -> Result<Self, StoreError> {
+        let db = Arc::new(open_db(&config)?);
+        let accounts = moka::sync::Cache::new(config.account_cache_entries);
+        let disk_low = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel(config.max_batch * 4);
+        let actor = WriterActor::new(db.clone(), rx, accounts.clone(), listener, disk_low.clone(), config.clone())?;
+        let thread = std::thread::Builder::new()
+            .name("tern-store-writer".into())
+            .spawn(move || actor.run())
+            .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
+        Ok(Self { inner: Arc::new(Inner { db, tx, accounts, disk_low, writer: Mutex::new(Some(thread)), config }) })
+    }
+
+    /// The configuration the store was opened with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteCmd,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Claims `handle` with its first device. Durable when it returns.
+    pub async fn register(&self, handle: &str, public_key: [u8; 32]) -> Result<Account, StoreError> {
+        let handle = handle.to_owned();
+        self.call(|reply| WriteCmd::Register { handle, public_key, reply }).await
+    }
+
+    /// Adds a device to `handle`; returns its number.
+    pub async fn add_device(&self, handle: &str, public_key: [u8; 32]) -> Result<u32, StoreError> {
+        let handle = handle.to_owned();
+        self.call(|reply| WriteCmd::AddDevice { handle, public_key, reply }).await
+    }
+
+    /// Queues a message from `sender` for every device of `to` and the
+    /// sender's other devices, idempotently by `(sender, message_id)`.
+    /// Resolves once the batch holding it is durable.
+    pub async fn enqueue(
+        &self,
+        sender: QueueKey,
+        message_id: [u8; 16],
+        to: String,
+        body: Bytes,
+    ) -> Result<Enqueued, StoreError> {
+        self.call(|reply| WriteCmd::Enqueue { sender, message_id, to, body, reply }).await
+    }
+
+    /// Deletes the entries of `queue` up to `up_to` (cumulative) and queues
+    /// delivery receipts for their senders. Returns the new bounds.
+    pub async fn ack(&self, queue: QueueKey, up_to: u64) -> Result<QueueBounds, StoreError> {
+        self.call(|reply| WriteCmd::Ack { queue, up_to, reply }).await
+    }
+
+    /// The bounds of `queue`.
+    pub async fn bounds(&self, queue: QueueKey) -> Result<QueueBounds, StoreError> {
+        self.call(|reply| WriteCmd::Bounds { queue, reply }).await
+    }
+
+    /// Deletes entries queued before `cutoff_ms`.
+    pub async fn expire(&self, cutoff_ms: u64) -> Result<Expired, StoreError> {
+        self.call(|reply| WriteCmd::Expire { cutoff_ms, reply }).await
+    }
+
+    /// Sets or clears the low-disk flag: while set, sends fail with
+    /// [`StoreError::Full`].
+    pub fn set_disk_low(&self, low: bool) {
+        self.inner.disk_low.store(low, Ordering::Relaxed);
+    }
+
+    /// True while the low-disk flag is set.
+    pub fn disk_low(&self) -> bool {
+        self.inner.disk_low.load(Ordering::Relaxed)
+    }
+
+    /// The account of `handle`, if registered.
+    pub fn account(&self, handle: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        if let Some(a) = self.inner.accounts.get(handle) {
+            return Ok(Some(a));
+        }
+        let cf = cf(&self.inner.db, CF_ACCOUNTS)?;
+        let Some(bytes) = self.inner.db.get_pinned_cf(cf, handle.as_bytes())? else {
+            return Ok(None);
+        };
+        let account = Arc::new(Account::from_json(&bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        self.inner.accounts.insert(handle.to_owned(), account.clone());
+        Ok(Some(account))
+    }
+
+    /// Up to `max_items` entries (and about `max_bytes`) of `queue` with
+    /// seq >= `from`, in order, as `(seq, stored bytes)`.
+    pub fn read(
+        &self,
+        queue: &QueueKey,
+        from: u64,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, StoreError> {
+        let db = &self.inner.db;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(queue.entry(u64::MAX));
+        let start = queue.entry(from);
+        let iter = db.iterator_cf_opt(cf(db, CF_QUEUES)?, opts, IteratorMode::From(&start, Direction::Forward));
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for entry in iter {
+            let (key, value) = entry?;
+            let Some(seq) = queue.seq_of(&key) else { break };
+            bytes += value.len();
+            out.push((seq, Bytes::from(value.into_vec())));
+            if out.len() >= max_items || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops the writer after it has finished the requests already sent, and
+    /// flushes the memtables. Idempotent.
+    pub fn close(&self) {
+        let thread = self.inner.writer.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            // The writer exits when every sender is gone or on this marker.
+            let _ = self.inner.tx.try_send(WriteCmd::Stop);
+            let _ = thread.join();
+            let _ = self.inner.db.flush_wal(true);
+        }
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StoreError> {
+    db.cf_handle(name).ok_or_else(|| StoreError::Db(format!("column family {name} missing")))
+}
+
+fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
+    std::fs::create_dir_all(&config.path)
+        .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", config.path.display())))?;
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.increase_parallelism(2);
+    opts.set_max_background_jobs(2);
+    opts.set_keep_log_file_num(4);
+
+    let mut queues = Options::default();
+    queues.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let mut dedup = Options::default();
+    let retention_ms = config.retention.as_millis() as u64;
+    dedup.set_compaction_filter("tern-dedup-retention", move |_level, _key, value| {
+        match writer::dedup_accepted_at(value) {
+            Some(at) if at.saturating_add(retention_ms) < now_ms() => rocksdb::CompactionDecision::Remove,
+            _ => rocksdb::CompactionDecision::Keep,
+        }
+    });
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_ACCOUNTS, Options::default()),
+        ColumnFamilyDescriptor::new(CF_QUEUES, queues),
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ColumnFamilyDescriptor::new(CF_DEDUP, dedup),
+    ];
+    Ok(DB::open_cf_descriptors(&opts, &config.path, cfs)?)
+}

@@ -1,0 +1,460 @@
+//! The single writer: group commit for every store mutation.
+//!
+//! The actor blocks for one request, drains whatever else is already waiting
+//! (up to `max_batch`), applies them all to one `WriteBatch` against an overlay
+//! of the queue bounds it owns, writes the batch with one WAL sync, and only
+//! then publishes the new bounds, answers the callers and notifies the
+//! listener. A failed write answers every request of the batch with the error
+//! and leaves the in-memory state as it was: nothing partial becomes visible.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
+use tern_protocol::pb;
+use tokio::sync::{mpsc, oneshot};
+
+use super::keys::{CF_ACCOUNTS, CF_DEDUP, CF_META, CF_QUEUES};
+use super::{
+    cf, now_ms, Account, Device, Enqueued, Expired, QueueBounds, QueueKey, QueueListener, StoreConfig, StoreError,
+    StoredItem,
+};
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A request to the writer.
+pub(super) enum WriteCmd {
+    Register { handle: String, public_key: [u8; 32], reply: Reply<Account> },
+    AddDevice { handle: String, public_key: [u8; 32], reply: Reply<u32> },
+    Enqueue { sender: QueueKey, message_id: [u8; 16], to: String, body: Bytes, reply: Reply<Enqueued> },
+    Ack { queue: QueueKey, up_to: u64, reply: Reply<QueueBounds> },
+    Bounds { queue: QueueKey, reply: Reply<QueueBounds> },
+    Expire { cutoff_ms: u64, reply: Reply<Expired> },
+    Stop,
+}
+
+/// An answer held back until the batch is durable.
+enum Pending {
+    Account(Reply<Account>, Result<Account, StoreError>),
+    Device(Reply<u32>, Result<u32, StoreError>),
+    Enqueued(Reply<Enqueued>, Result<Enqueued, StoreError>),
+    Bounds(Reply<QueueBounds>, Result<QueueBounds, StoreError>),
+    Expired(Reply<Expired>, Result<Expired, StoreError>),
+}
+
+impl Pending {
+    fn send(self, failure: Option<&StoreError>) {
+        macro_rules! answer {
+            ($reply:expr, $result:expr) => {{
+                let result = match (failure, $result) {
+                    (Some(e), Ok(_)) => Err(e.clone()),
+                    (_, r) => r,
+                };
+                let _ = $reply.send(result);
+            }};
+        }
+        match self {
+            Self::Account(r, v) => answer!(r, v),
+            Self::Device(r, v) => answer!(r, v),
+            Self::Enqueued(r, v) => answer!(r, v),
+            Self::Bounds(r, v) => answer!(r, v),
+            Self::Expired(r, v) => answer!(r, v),
+        }
+    }
+}
+
+/// One batch under construction.
+#[derive(Default)]
+struct Batch {
+    write: WriteBatch,
+    bounds: HashMap<QueueKey, QueueBounds>,
+    accounts: HashMap<String, Account>,
+    dedup: HashMap<Vec<u8>, (u64, u32)>,
+    replies: Vec<Pending>,
+    queued: Vec<(QueueKey, u64, Bytes)>,
+    requests: usize,
+}
+
+pub(super) struct WriterActor {
+    db: Arc<DB>,
+    rx: mpsc::Receiver<WriteCmd>,
+    accounts: moka::sync::Cache<String, Arc<Account>>,
+    listener: Arc<dyn QueueListener>,
+    disk_low: Arc<AtomicBool>,
+    config: StoreConfig,
+    bounds: HashMap<QueueKey, QueueBounds>,
+    total_depth: u64,
+}
+
+/// The accepted-at time in a dedup value.
+pub(super) fn dedup_accepted_at(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+fn dedup_value(accepted_at_ms: u64, recipients: u32) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..8].copy_from_slice(&accepted_at_ms.to_be_bytes());
+    v[8..].copy_from_slice(&recipients.to_be_bytes());
+    v
+}
+
+impl WriterActor {
+    pub(super) fn new(
+        db: Arc<DB>,
+        rx: mpsc::Receiver<WriteCmd>,
+        accounts: moka::sync::Cache<String, Arc<Account>>,
+        listener: Arc<dyn QueueListener>,
+        disk_low: Arc<AtomicBool>,
+        config: StoreConfig,
+    ) -> Result<Self, StoreError> {
+        let mut actor = Self { db, rx, accounts, listener, disk_low, config, bounds: HashMap::new(), total_depth: 0 };
+        actor.load_bounds()?;
+        Ok(actor)
+    }
+
+    /// Reads every queue's head from `meta` and its tail from the last entry.
+    fn load_bounds(&mut self) -> Result<(), StoreError> {
+        let meta = cf(&self.db, CF_META)?;
+        let mut loaded = Vec::new();
+        for entry in self.db.iterator_cf(meta, IteratorMode::Start) {
+            let (key, value) = entry?;
+            if let Some(queue) = QueueKey::from_bytes(&key) {
+                loaded.push((queue, decode_u64(&value)));
+            }
+        }
+        for (queue, head) in loaded {
+            let tail = self.last_seq(&queue)?.unwrap_or(head).max(head);
+            self.total_depth += tail - head;
+            self.bounds.insert(queue, QueueBounds { head, tail });
+        }
+        metrics::gauge!("tern_queue_depth").set(self.total_depth as f64);
+        tracing::info!(queues = self.bounds.len(), entries = self.total_depth, "store loaded");
+        Ok(())
+    }
+
+    fn last_seq(&self, queue: &QueueKey) -> Result<Option<u64>, StoreError> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(queue.entry(0));
+        let mut iter = self.db.raw_iterator_cf_opt(cf(&self.db, CF_QUEUES)?, opts);
+        iter.seek_for_prev(queue.entry(u64::MAX));
+        iter.status()?;
+        Ok(iter.key().and_then(|k| queue.seq_of(k)))
+    }
+
+    pub(super) fn run(mut self) {
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(self.config.sync);
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut batch = Batch::default();
+            let mut stop = self.apply(first, &mut batch);
+            while !stop && batch.requests < self.config.max_batch {
+                match self.rx.try_recv() {
+                    Ok(cmd) => stop = self.apply(cmd, &mut batch),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch, &write_opts);
+            if stop {
+                break;
+            }
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn commit(&mut self, batch: Batch, write_opts: &WriteOptions) {
+        let Batch { write, bounds, accounts, replies, queued, requests, .. } = batch;
+        let started = Instant::now();
+        let failure =
+            if write.is_empty() { None } else { self.db.write_opt(write, write_opts).err().map(StoreError::from) };
+        metrics::histogram!("tern_store_batch_requests").record(requests as f64);
+        metrics::histogram!("tern_store_write_seconds").record(started.elapsed().as_secs_f64());
+        if let Some(e) = &failure {
+            tracing::error!(error = %e, requests, "store write failed");
+            metrics::counter!("tern_store_write_errors_total").increment(1);
+        } else {
+            for (queue, b) in bounds {
+                let old = self.bounds.insert(queue, b).unwrap_or_default();
+                self.total_depth = (self.total_depth + b.depth()).saturating_sub(old.depth());
+            }
+            metrics::gauge!("tern_queue_depth").set(self.total_depth as f64);
+            for (handle, account) in accounts {
+                self.accounts.insert(handle, Arc::new(account));
+            }
+        }
+        for reply in replies {
+            reply.send(failure.as_ref());
+        }
+        if failure.is_none() {
+            for (queue, seq, value) in &queued {
+                self.listener.queued(queue, *seq, value);
+            }
+        }
+    }
+
+    /// Applies one request to the batch. Returns true on `Stop`.
+    fn apply(&mut self, cmd: WriteCmd, batch: &mut Batch) -> bool {
+        batch.requests += 1;
+        match cmd {
+            WriteCmd::Register { handle, public_key, reply } => {
+                let result = self.register(batch, &handle, public_key);
+                batch.replies.push(Pending::Account(reply, result));
+            }
+            WriteCmd::AddDevice { handle, public_key, reply } => {
+                let result = self.add_device(batch, &handle, public_key);
+                batch.replies.push(Pending::Device(reply, result));
+            }
+            WriteCmd::Enqueue { sender, message_id, to, body, reply } => {
+                let result = self.enqueue(batch, &sender, message_id, &to, body);
+                batch.replies.push(Pending::Enqueued(reply, result));
+            }
+            WriteCmd::Ack { queue, up_to, reply } => {
+                let result = self.ack(batch, &queue, up_to);
+                batch.replies.push(Pending::Bounds(reply, result));
+            }
+            WriteCmd::Bounds { queue, reply } => {
+                let result = self.bounds_of(batch, &queue);
+                batch.replies.push(Pending::Bounds(reply, result));
+            }
+            WriteCmd::Expire { cutoff_ms, reply } => {
+                let result = self.expire(batch, cutoff_ms);
+                batch.replies.push(Pending::Expired(reply, result));
+            }
+            WriteCmd::Stop => return true,
+        }
+        false
+    }
+
+    /// The account as this batch sees it.
+    fn account(&self, batch: &Batch, handle: &str) -> Result<Option<Account>, StoreError> {
+        if let Some(a) = batch.accounts.get(handle) {
+            return Ok(Some(a.clone()));
+        }
+        if let Some(a) = self.accounts.get(handle) {
+            return Ok(Some((*a).clone()));
+        }
+        match self.db.get_pinned_cf(cf(&self.db, CF_ACCOUNTS)?, handle.as_bytes())? {
+            Some(bytes) => Account::from_json(&bytes).map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    fn put_account(&self, batch: &mut Batch, account: Account) -> Result<(), StoreError> {
+        batch.write.put_cf(cf(&self.db, CF_ACCOUNTS)?, account.handle.as_bytes(), account.to_json());
+        batch.accounts.insert(account.handle.clone(), account);
+        Ok(())
+    }
+
+    /// A new device's queue: its `meta` record makes it known at restart.
+    fn create_queue(&self, batch: &mut Batch, queue: QueueKey) -> Result<(), StoreError> {
+        let head = self.bounds_of(batch, &queue)?.head;
+        batch.write.put_cf(cf(&self.db, CF_META)?, queue.as_bytes(), head.to_be_bytes());
+        batch.bounds.entry(queue).or_insert(QueueBounds { head, tail: head });
+        Ok(())
+    }
+
+    fn register(&mut self, batch: &mut Batch, handle: &str, public_key: [u8; 32]) -> Result<Account, StoreError> {
+        if self.account(batch, handle)?.is_some() {
+            return Err(StoreError::HandleTaken(handle.to_owned()));
+        }
+        let account = Account::new(handle, public_key, now_ms());
+        self.put_account(batch, account.clone())?;
+        self.create_queue(batch, QueueKey::new(handle, 1))?;
+        Ok(account)
+    }
+
+    fn add_device(&mut self, batch: &mut Batch, handle: &str, public_key: [u8; 32]) -> Result<u32, StoreError> {
+        let mut account = self.account(batch, handle)?.ok_or_else(|| StoreError::UnknownUser(handle.to_owned()))?;
+        if account.devices.len() as u32 >= self.config.max_devices {
+            return Err(StoreError::TooManyDevices(handle.to_owned(), self.config.max_devices));
+        }
+        let id = account.next_device_id;
+        account.next_device_id += 1;
+        account.devices.push(Device { id, public_key, added_at_ms: now_ms() });
+        self.put_account(batch, account)?;
+        self.create_queue(batch, QueueKey::new(handle, id))?;
+        Ok(id)
+    }
+
+    fn bounds_of(&self, batch: &Batch, queue: &QueueKey) -> Result<QueueBounds, StoreError> {
+        if let Some(b) = batch.bounds.get(queue).or_else(|| self.bounds.get(queue)) {
+            return Ok(*b);
+        }
+        // A queue with entries but no meta record (written by an older
+        // version, or a receipt to a device without one) is found by its keys.
+        let tail = self.last_seq(queue)?.unwrap_or(0);
+        let head = if tail == 0 { 0 } else { self.first_seq(queue)?.map_or(tail, |s| s - 1) };
+        Ok(QueueBounds { head, tail })
+    }
+
+    fn first_seq(&self, queue: &QueueKey) -> Result<Option<u64>, StoreError> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(queue.entry(u64::MAX));
+        let mut iter = self.db.raw_iterator_cf_opt(cf(&self.db, CF_QUEUES)?, opts);
+        iter.seek(queue.entry(0));
+        iter.status()?;
+        Ok(iter.key().and_then(|k| queue.seq_of(k)))
+    }
+
+    /// Appends `value` to `queue` in this batch; returns its seq.
+    fn push(&self, batch: &mut Batch, queue: &QueueKey, value: Bytes) -> Result<u64, StoreError> {
+        let mut b = self.bounds_of(batch, queue)?;
+        b.tail += 1;
+        batch.write.put_cf(cf(&self.db, CF_QUEUES)?, queue.entry(b.tail), &value);
+        batch.bounds.insert(queue.clone(), b);
+        batch.queued.push((queue.clone(), b.tail, value));
+        Ok(b.tail)
+    }
+
+    fn enqueue(
+        &mut self,
+        batch: &mut Batch,
+        sender: &QueueKey,
+        message_id: [u8; 16],
+        to: &str,
+        body: Bytes,
+    ) -> Result<Enqueued, StoreError> {
+        let dedup_key = sender.dedup(&message_id);
+        let now = now_ms();
+        if let Some(&(accepted_at_ms, recipients)) = batch.dedup.get(&dedup_key) {
+            return Ok(Enqueued { duplicate: true, accepted_at_ms, recipients });
+        }
+        if let Some(v) = self.db.get_pinned_cf(cf(&self.db, CF_DEDUP)?, &dedup_key)? {
+            let accepted_at_ms = dedup_accepted_at(&v).unwrap_or(0);
+            if accepted_at_ms.saturating_add(self.config.retention.as_millis() as u64) >= now {
+                let recipients = v.get(8..12).and_then(|r| r.try_into().ok()).map_or(0, u32::from_be_bytes);
+                return Ok(Enqueued { duplicate: true, accepted_at_ms, recipients });
+            }
+        }
+        if self.disk_low.load(Ordering::Relaxed) {
+            return Err(StoreError::Full("free disk space is below the configured minimum".into()));
+        }
+        let recipient = self.account(batch, to)?.ok_or_else(|| StoreError::UnknownUser(to.to_owned()))?;
+        let mut targets: Vec<QueueKey> = recipient.devices.iter().map(|d| QueueKey::new(to, d.id)).collect();
+        if sender.handle() != to {
+            if let Some(own) = self.account(batch, sender.handle())? {
+                targets.extend(own.devices.iter().map(|d| QueueKey::new(sender.handle(), d.id)));
+            }
+        }
+        let mut seen = HashSet::new();
+        targets.retain(|q| q != sender && seen.insert(q.clone()));
+        // Check every queue before writing any: all or nothing.
+        for q in &targets {
+            if self.bounds_of(batch, q)?.depth() >= self.config.max_queue_len {
+                return Err(StoreError::QueueFull(q.to_string(), self.config.max_queue_len));
+            }
+        }
+        let item = StoredItem {
+            enqueued_at_ms: now,
+            item: pb::deliver::Item::Message(pb::Message {
+                message_id: Bytes::copy_from_slice(&message_id),
+                from: sender.handle().to_owned(),
+                from_device: sender.device(),
+                to: to.to_owned(),
+                sent_at_ms: now,
+                body,
+            }),
+        }
+        .encode();
+        for q in &targets {
+            self.push(batch, q, item.clone())?;
+        }
+        let recipients = targets.len() as u32;
+        batch.write.put_cf(cf(&self.db, CF_DEDUP)?, &dedup_key, dedup_value(now, recipients));
+        batch.dedup.insert(dedup_key, (now, recipients));
+        Ok(Enqueued { duplicate: false, accepted_at_ms: now, recipients })
+    }
+
+    fn ack(&mut self, batch: &mut Batch, queue: &QueueKey, up_to: u64) -> Result<QueueBounds, StoreError> {
+        let mut b = self.bounds_of(batch, queue)?;
+        let up_to = up_to.min(b.tail);
+        if up_to <= b.head {
+            return Ok(b);
+        }
+        let queues = cf(&self.db, CF_QUEUES)?;
+        let mut receipts = Vec::new();
+        for (seq, value) in self.range(queue, b.head + 1, up_to)? {
+            batch.write.delete_cf(queues, queue.entry(seq));
+            if let Ok(StoredItem { item: pb::deliver::Item::Message(m), .. }) = StoredItem::decode(&value) {
+                if m.from != queue.handle() {
+                    receipts.push((QueueKey::new(&m.from, m.from_device), m.message_id));
+                }
+            }
+        }
+        b.head = up_to;
+        batch.write.put_cf(cf(&self.db, CF_META)?, queue.as_bytes(), up_to.to_be_bytes());
+        batch.bounds.insert(queue.clone(), b);
+        let now = now_ms();
+        for (to, message_id) in receipts {
+            let receipt = StoredItem {
+                enqueued_at_ms: now,
+                item: pb::deliver::Item::Receipt(pb::Receipt {
+                    message_id,
+                    handle: queue.handle().to_owned(),
+                    device: queue.device(),
+                    delivered_at_ms: now,
+                }),
+            };
+            self.push(batch, &to, receipt.encode())?;
+        }
+        Ok(b)
+    }
+
+    /// Entries `from ..= to` of `queue` as stored now (not counting this batch).
+    fn range(&self, queue: &QueueKey, from: u64, to: u64) -> Result<Vec<(u64, Box<[u8]>)>, StoreError> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(queue.entry(to.saturating_add(1)));
+        let start = queue.entry(from);
+        let iter = self.db.iterator_cf_opt(
+            cf(&self.db, CF_QUEUES)?,
+            opts,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for entry in iter {
+            let (key, value) = entry?;
+            if let Some(seq) = queue.seq_of(&key) {
+                out.push((seq, value));
+            }
+        }
+        Ok(out)
+    }
+
+    fn expire(&mut self, batch: &mut Batch, cutoff_ms: u64) -> Result<Expired, StoreError> {
+        let mut expired = Expired::default();
+        let queues = cf(&self.db, CF_QUEUES)?;
+        let candidates: Vec<QueueKey> =
+            self.bounds.iter().filter(|(_, b)| b.depth() > 0).map(|(q, _)| q.clone()).collect();
+        for queue in candidates {
+            let mut b = self.bounds_of(batch, &queue)?;
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(queue.entry(b.tail.saturating_add(1)));
+            let start = queue.entry(b.head + 1);
+            let iter = self.db.iterator_cf_opt(queues, opts, IteratorMode::From(&start, rocksdb::Direction::Forward));
+            let mut removed = 0;
+            for entry in iter {
+                let (key, value) = entry?;
+                let Some(seq) = queue.seq_of(&key) else { break };
+                if super::item::enqueued_at(&value).is_some_and(|at| at >= cutoff_ms) {
+                    break;
+                }
+                batch.write.delete_cf(queues, &key);
+                b.head = seq;
+                removed += 1;
+            }
+            if removed > 0 {
+                batch.write.put_cf(cf(&self.db, CF_META)?, queue.as_bytes(), b.head.to_be_bytes());
+                batch.bounds.insert(queue, b);
+                expired.entries += removed;
+                expired.queues += 1;
+            }
+        }
+        Ok(expired)
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    bytes.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+}

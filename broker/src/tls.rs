@@ -1,0 +1,110 @@
+//! The broker's TLS identity: a configured certificate, or a self-signed one
+//! made with rcgen on first start and kept in `<data_dir>/tls/` so clients can
+//! pin it (`tern --ca <data_dir>/tls/cert.pem`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why the TLS material could not be loaded or made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no usable certificate or key.
+    #[error("{0}")]
+    Pem(String),
+    /// rcgen or rustls refused the material.
+    #[error("{0}")]
+    Crypto(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io { path: path.to_owned(), source }
+}
+
+/// The certificate chain and key a broker presents.
+#[derive(Debug)]
+pub struct TlsIdentity {
+    /// Certificate chain, leaf first.
+    pub certs: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Where the leaf certificate is, for clients to trust.
+    pub cert_path: PathBuf,
+}
+
+impl TlsIdentity {
+    /// Loads `cert` and `key`, or, when both are unset, the generated pair in
+    /// `tls_dir`, making it first if needed (`names` become its SANs besides
+    /// localhost, 127.0.0.1 and ::1).
+    pub fn load_or_generate(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        tls_dir: &Path,
+        names: &[String],
+    ) -> Result<Self, TlsError> {
+        let (cert_path, key_path) = match (cert, key) {
+            (Some(c), Some(k)) => (c.to_owned(), k.to_owned()),
+            _ => {
+                let c = tls_dir.join("cert.pem");
+                let k = tls_dir.join("key.pem");
+                if !c.exists() || !k.exists() {
+                    generate(tls_dir, &c, &k, names)?;
+                }
+                (c, k)
+            }
+        };
+        let certs = rustls_pemfile::certs(&mut std::fs::read(&cert_path).map_err(io(&cert_path))?.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io(&cert_path))?;
+        if certs.is_empty() {
+            return Err(TlsError::Pem(format!("{}: no certificate found", cert_path.display())));
+        }
+        let key = rustls_pemfile::private_key(&mut std::fs::read(&key_path).map_err(io(&key_path))?.as_slice())
+            .map_err(io(&key_path))?
+            .ok_or_else(|| TlsError::Pem(format!("{}: no private key found", key_path.display())))?;
+        Ok(Self { certs, key, cert_path })
+    }
+
+    /// A quinn server configuration presenting this identity with ALPN `alpn`.
+    pub fn server_crypto(&self, alpn: &[u8]) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Crypto(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(self.certs.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Crypto(e.to_string()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let quic =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Crypto(e.to_string()))?;
+        Ok(Arc::new(quic))
+    }
+}
+
+fn generate(dir: &Path, cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    sans.extend(names.iter().cloned());
+    let certified = rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Crypto(e.to_string()))?;
+    write_private(key_path, certified.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(cert_path, certified.cert.pem()).map_err(io(cert_path))?;
+    tracing::info!(cert = %cert_path.display(), "generated a self-signed TLS certificate");
+    Ok(())
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io(path))?;
+    f.write_all(data).map_err(io(path))
+}

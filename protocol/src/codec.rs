@@ -1,0 +1,149 @@
+//! Length-prefixed framing: a 4-byte big-endian length, then that many bytes
+//! of one protobuf message.
+//!
+//! [`decode`] reads from a growing [`BytesMut`] buffer: an incomplete frame is
+//! `Ok(None)` (read more and call again), and a length above the maximum is an
+//! error before any byte of the frame is buffered or allocated.
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message;
+
+/// Bytes in the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Why a frame could not be decoded. Every variant is fatal for the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The length prefix announces more than the maximum frame length.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// The frame's bytes are not a valid protobuf message.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] prost::DecodeError),
+}
+
+/// Why a frame could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoded message is larger than the maximum frame length.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Encoded length.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+}
+
+/// Appends `msg` as one frame to `dst`.
+pub fn encode<M: Message>(msg: &M, max_len: usize, dst: &mut BytesMut) -> Result<(), EncodeError> {
+    let len = msg.encoded_len();
+    if len > max_len {
+        return Err(EncodeError::TooLarge { len, max: max_len });
+    }
+    dst.reserve(LEN_PREFIX + len);
+    // `len <= max_len`, and callers keep `max_len` far below 4 GiB.
+    dst.put_u32(u32::try_from(len).map_err(|_| EncodeError::TooLarge { len, max: max_len })?);
+    // Cannot fail: capacity was reserved above.
+    msg.encode(dst).map_err(|_| EncodeError::TooLarge { len, max: max_len })?;
+    Ok(())
+}
+
+/// Encodes `msg` as one frame into a fresh buffer.
+pub fn encode_to_vec<M: Message>(msg: &M, max_len: usize) -> Result<BytesMut, EncodeError> {
+    let mut buf = BytesMut::new();
+    encode(msg, max_len, &mut buf)?;
+    Ok(buf)
+}
+
+/// Takes one frame off the front of `src`.
+///
+/// Returns `Ok(None)` when `src` does not hold a whole frame yet; nothing is
+/// consumed then. The length prefix is checked against `max_len` as soon as
+/// its 4 bytes are there, so a peer cannot make the caller buffer more.
+pub fn decode<M: Message + Default>(src: &mut BytesMut, max_len: usize) -> Result<Option<M>, DecodeError> {
+    let Some(len) = peek_len(src, max_len)? else {
+        return Ok(None);
+    };
+    if src.len() < LEN_PREFIX + len {
+        return Ok(None);
+    }
+    src.advance(LEN_PREFIX);
+    let frame = src.split_to(len).freeze();
+    Ok(Some(M::decode(frame)?))
+}
+
+/// The length announced by the prefix at the front of `src`, once it is
+/// there, checked against `max_len`. Lets a reader size its next read.
+pub fn peek_len(src: &[u8], max_len: usize) -> Result<Option<usize>, DecodeError> {
+    let Some(prefix) = src.get(..LEN_PREFIX) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if len > max_len {
+        return Err(DecodeError::TooLarge { len, max: max_len });
+    }
+    Ok(Some(len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::{client_frame::Kind, ClientFrame, Ping};
+
+    fn ping(n: u64) -> ClientFrame {
+        ClientFrame { request_id: n, kind: Some(Kind::Ping(Ping { nonce: n })) }
+    }
+
+    #[test]
+    fn incomplete_frame_is_not_an_error() {
+        let full = encode_to_vec(&ping(7), 1024).unwrap();
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert!(decode::<ClientFrame>(&mut part, 1024).unwrap().is_none());
+            assert_eq!(part.len(), cut, "nothing consumed from a partial frame");
+        }
+    }
+
+    #[test]
+    fn several_frames_in_one_buffer() {
+        let mut buf = BytesMut::new();
+        for n in 1..=3 {
+            encode(&ping(n), 1024, &mut buf).unwrap();
+        }
+        for n in 1..=3 {
+            assert_eq!(decode::<ClientFrame>(&mut buf, 1024).unwrap(), Some(ping(n)));
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversized_length_rejected_before_body_arrives() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
+        let err = decode::<ClientFrame>(&mut buf, 1 << 20).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { len: 0xffff_ffff, max: 1_048_576 }));
+        assert!(buf.capacity() < 1024, "no allocation for the announced length");
+    }
+
+    #[test]
+    fn encode_refuses_oversized() {
+        let frame = ClientFrame {
+            request_id: 1,
+            kind: Some(Kind::Send(crate::pb::Send { body: vec![0; 100].into(), ..Default::default() })),
+        };
+        assert!(matches!(encode_to_vec(&frame, 50), Err(EncodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(3);
+        buf.put_slice(&[0xff, 0xff, 0xff]);
+        assert!(matches!(decode::<ClientFrame>(&mut buf, 1024), Err(DecodeError::Malformed(_))));
+    }
+}

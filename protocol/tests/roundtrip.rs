@@ -1,0 +1,207 @@
+//! Property tests: every frame kind survives encode -> decode unchanged, its
+//! `encoded_len` is exact, and arbitrary bytes never panic the decoder or make
+//! it allocate beyond the maximum.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use proptest::prelude::*;
+use prost::Message as _;
+use tern_protocol::pb::{self, client_frame, deliver, server_frame};
+use tern_protocol::{codec, decode, encode, DecodeError};
+
+const MAX: usize = 64 * 1024;
+
+fn bytes_up_to(n: usize) -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..n).prop_map(Bytes::from)
+}
+
+fn text() -> impl Strategy<Value = String> {
+    "[a-z0-9._-]{0,64}"
+}
+
+fn approval() -> impl Strategy<Value = pb::DeviceApproval> {
+    (any::<u32>(), any::<u64>(), bytes_up_to(64)).prop_map(|(d, e, s)| pb::DeviceApproval {
+        approver_device_id: d,
+        expires_at_ms: e,
+        signature: s,
+    })
+}
+
+fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
+    prop_oneof![
+        (any::<u32>(), ".{0,40}")
+            .prop_map(|(version, client_name)| client_frame::Kind::Hello(pb::Hello { version, client_name })),
+        (text(), bytes_up_to(40), bytes_up_to(40), bytes_up_to(70), ".{0,20}").prop_map(
+            |(handle, public_key, nonce, signature, registration_token)| {
+                client_frame::Kind::Register(pb::Register { handle, public_key, nonce, signature, registration_token })
+            }
+        ),
+        (text(), any::<u32>(), bytes_up_to(40), bytes_up_to(70)).prop_map(|(handle, device_id, nonce, signature)| {
+            client_frame::Kind::Login(pb::Login { handle, device_id, nonce, signature })
+        }),
+        (bytes_up_to(20), text(), bytes_up_to(2048))
+            .prop_map(|(message_id, to, body)| client_frame::Kind::Send(pb::Send { message_id, to, body })),
+        any::<u64>().prop_map(|up_to_seq| client_frame::Kind::Ack(pb::Ack { up_to_seq })),
+        any::<u64>().prop_map(|nonce| client_frame::Kind::Ping(pb::Ping { nonce })),
+        (text(), bytes_up_to(40), bytes_up_to(40), bytes_up_to(70), proptest::option::of(approval())).prop_map(
+            |(handle, public_key, nonce, signature, approval)| {
+                client_frame::Kind::LinkDevice(pb::LinkDevice { handle, public_key, nonce, signature, approval })
+            }
+        ),
+        text().prop_map(|handle| client_frame::Kind::ListDevices(pb::ListDevices { handle })),
+    ]
+}
+
+fn message() -> impl Strategy<Value = pb::Message> {
+    (bytes_up_to(20), text(), any::<u32>(), text(), any::<u64>(), bytes_up_to(2048)).prop_map(
+        |(message_id, from, from_device, to, sent_at_ms, body)| pb::Message {
+            message_id,
+            from,
+            from_device,
+            to,
+            sent_at_ms,
+            body,
+        },
+    )
+}
+
+fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
+    prop_oneof![
+        (bytes_up_to(40), any::<u32>(), text(), any::<u32>(), any::<u32>()).prop_map(
+            |(nonce, version, broker_id, max_frame_len, max_body_len)| {
+                server_frame::Kind::Challenge(pb::Challenge { nonce, version, broker_id, max_frame_len, max_body_len })
+            }
+        ),
+        (text(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(handle, device_id, acked_seq, pending)| {
+            server_frame::Kind::LoginOk(pb::LoginOk { handle, device_id, acked_seq, pending })
+        }),
+        (bytes_up_to(20), any::<bool>(), any::<u64>(), any::<u32>()).prop_map(
+            |(message_id, duplicate, accepted_at_ms, recipients)| {
+                server_frame::Kind::SendAck(pb::SendAck { message_id, duplicate, accepted_at_ms, recipients })
+            }
+        ),
+        (any::<u64>(), message()).prop_map(|(seq, m)| server_frame::Kind::Deliver(pb::Deliver {
+            seq,
+            item: Some(deliver::Item::Message(m))
+        })),
+        (any::<u64>(), bytes_up_to(20), text(), any::<u32>(), any::<u64>()).prop_map(
+            |(seq, message_id, handle, device, delivered_at_ms)| {
+                server_frame::Kind::Deliver(pb::Deliver {
+                    seq,
+                    item: Some(deliver::Item::Receipt(pb::Receipt { message_id, handle, device, delivered_at_ms })),
+                })
+            }
+        ),
+        (0i32..60, ".{0,80}").prop_map(|(code, message)| server_frame::Kind::Error(pb::Error { code, message })),
+        any::<u64>().prop_map(|nonce| server_frame::Kind::Pong(pb::Pong { nonce })),
+        (text(), proptest::collection::vec((any::<u32>(), bytes_up_to(40), any::<u64>()), 0..4)).prop_map(
+            |(handle, devices)| {
+                server_frame::Kind::DeviceList(pb::DeviceList {
+                    handle,
+                    devices: devices
+                        .into_iter()
+                        .map(|(device_id, public_key, added_at_ms)| pb::DeviceInfo {
+                            device_id,
+                            public_key,
+                            added_at_ms,
+                        })
+                        .collect(),
+                })
+            }
+        ),
+        (proptest::collection::vec(".{0,30}", 0..3), ".{0,30}")
+            .prop_map(|(brokers, reason)| server_frame::Kind::Redirect(pb::Redirect { brokers, reason })),
+    ]
+}
+
+fn round_trip<M: prost::Message + Default + PartialEq + std::fmt::Debug>(frame: &M) {
+    let mut buf = BytesMut::new();
+    encode(frame, MAX, &mut buf).expect("encode");
+    assert_eq!(buf.len(), codec::LEN_PREFIX + frame.encoded_len(), "encoded_len is exact");
+    let back: M = decode(&mut buf, MAX).expect("decode").expect("whole frame");
+    assert_eq!(&back, frame);
+    assert!(buf.is_empty());
+}
+
+proptest! {
+    #[test]
+    fn client_frames_round_trip(request_id in any::<u64>(), kind in proptest::option::of(client_kind())) {
+        round_trip(&pb::ClientFrame { request_id, kind });
+    }
+
+    #[test]
+    fn server_frames_round_trip(request_id in any::<u64>(), kind in proptest::option::of(server_kind())) {
+        round_trip(&pb::ServerFrame { request_id, kind });
+    }
+
+    #[test]
+    fn frames_split_anywhere_reassemble(kind in client_kind(), cut in any::<prop::sample::Index>()) {
+        let frame = pb::ClientFrame { request_id: 9, kind: Some(kind) };
+        let whole = codec::encode_to_vec(&frame, MAX).unwrap();
+        let cut = cut.index(whole.len() + 1);
+        let mut buf = BytesMut::from(&whole[..cut]);
+        let first = decode::<pb::ClientFrame>(&mut buf, MAX).unwrap();
+        if cut < whole.len() {
+            prop_assert!(first.is_none());
+            buf.extend_from_slice(&whole[cut..]);
+            prop_assert_eq!(decode::<pb::ClientFrame>(&mut buf, MAX).unwrap(), Some(frame));
+        } else {
+            prop_assert_eq!(first, Some(frame));
+        }
+    }
+
+    /// Arbitrary bytes: the decoder returns frames, `None` or an error, never
+    /// panics, and never holds more than the input.
+    #[test]
+    fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut buf = BytesMut::from(&data[..]);
+        for _ in 0..data.len() + 1 {
+            match decode::<pb::ClientFrame>(&mut buf, 1024) {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        prop_assert!(buf.len() <= data.len());
+    }
+
+    /// A truncated frame body with a prefix that lies about its length is
+    /// either incomplete or malformed, never a panic.
+    #[test]
+    fn truncated_frames(kind in server_kind(), drop in 1usize..64) {
+        let frame = pb::ServerFrame { request_id: 1, kind: Some(kind) };
+        let body = frame.encode_to_vec();
+        let keep = body.len().saturating_sub(drop);
+        let mut buf = BytesMut::new();
+        buf.put_u32(keep as u32);
+        buf.put_slice(&body[..keep]);
+        let _ = decode::<pb::ServerFrame>(&mut buf, MAX);
+    }
+}
+
+#[test]
+fn oversized_prefix_rejected_without_allocation() {
+    let mut buf = BytesMut::with_capacity(8);
+    buf.put_u32(u32::MAX);
+    let cap = buf.capacity();
+    match decode::<pb::ClientFrame>(&mut buf, MAX) {
+        Err(DecodeError::TooLarge { len, max }) => {
+            assert_eq!(len, u32::MAX as usize);
+            assert_eq!(max, MAX);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(buf.capacity(), cap);
+}
+
+#[test]
+fn unknown_fields_are_skipped() {
+    // A frame from a newer client with a field this version does not know
+    // (field 99, varint) still decodes: forward compatibility.
+    let mut body =
+        pb::ClientFrame { request_id: 5, kind: Some(client_frame::Kind::Ping(pb::Ping { nonce: 1 })) }.encode_to_vec();
+    body.extend_from_slice(&[0x98, 0x06, 0x01]);
+    let mut buf = BytesMut::new();
+    buf.put_u32(body.len() as u32);
+    buf.put_slice(&body);
+    let frame: pb::ClientFrame = decode(&mut buf, MAX).unwrap().unwrap();
+    assert_eq!(frame.request_id, 5);
+}
