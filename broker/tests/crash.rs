@@ -17,15 +17,32 @@ fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn spawn_broker(dir: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tern-broker"))
+/// A broker process, killed with SIGKILL when dropped (also when a test fails).
+struct Proc(Child);
+
+impl Proc {
+    fn sigkill(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+fn spawn_broker(dir: &Path, port: u16) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_tern-broker"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir)
         .env("TERN_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start tern-broker")
+        .expect("start tern-broker");
+    Proc(child)
 }
 
 /// Connects once the broker is up (its certificate exists and it answers).
@@ -83,8 +100,7 @@ async fn acknowledged_messages_survive_sigkill() {
                     acked.push(n);
                 }
                 if acked.len() == kill_after {
-                    broker.kill().unwrap(); // SIGKILL
-                    broker.wait().unwrap();
+                    broker.sigkill();
                 }
             }
             Some(other) => panic!("unexpected {other:?}"),
@@ -95,7 +111,7 @@ async fn acknowledged_messages_survive_sigkill() {
     let unacked: Vec<u64> = in_flight.values().copied().collect();
 
     // Restart on the same data directory.
-    let mut broker = spawn_broker(dir.path(), port);
+    let broker = spawn_broker(dir.path(), port);
     // The sender resends what it never saw acked, with the same ids.
     let mut alice = connect(dir.path(), port).await;
     assert!(matches!(alice.login("alice", 1, &akey).await, S::LoginOk(_)));
@@ -132,6 +148,5 @@ async fn acknowledged_messages_survive_sigkill() {
     let mut sorted = got.clone();
     sorted.sort_unstable();
     assert_eq!(got, sorted, "delivered in send order");
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    drop(broker);
 }

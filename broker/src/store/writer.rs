@@ -25,6 +25,9 @@ use super::{
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// Stored entries as `(seq, value)`.
+type Entries = Vec<(u64, Box<[u8]>)>;
+
 /// A request to the writer.
 pub(super) enum WriteCmd {
     Register { handle: String, public_key: [u8; 32], reply: Reply<Account> },
@@ -403,7 +406,7 @@ impl WriterActor {
     }
 
     /// Entries `from ..= to` of `queue` as stored now (not counting this batch).
-    fn range(&self, queue: &QueueKey, from: u64, to: u64) -> Result<Vec<(u64, Box<[u8]>)>, StoreError> {
+    fn range(&self, queue: &QueueKey, from: u64, to: u64) -> Result<Entries, StoreError> {
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(queue.entry(to.saturating_add(1)));
         let start = queue.entry(from);

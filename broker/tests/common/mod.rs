@@ -20,9 +20,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A config for a test broker in `dir`, on an ephemeral loopback port.
 pub fn config(dir: &Path) -> BrokerConfig {
-    let mut c = BrokerConfig::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = dir.to_owned();
+    let mut c = BrokerConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.to_owned(), ..Default::default() };
     c.store.min_free_disk_mb = 0;
     c
 }
