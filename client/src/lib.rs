@@ -1,1 +1,38 @@
-//! placeholder
+//! Tern client library: log in to a Tern broker over QUIC, send messages
+//! that resolve on the broker's durable ack, and receive this device's queue
+//! in order, each item once.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tern_client::{Client, ClientConfig, Incoming};
+//! let config = ClientConfig::new(vec!["127.0.0.1:4433".into()], "tern-data/tls/cert.pem");
+//! let (alice, identity) = Client::register(config, "alice", None).await?;
+//! // keep `identity` (its signing key) to log in later with Client::connect
+//! alice.send("bob", "hello").await?;            // durable on the broker
+//! while let Some(item) = alice.recv().await {
+//!     if let Incoming::Message { from, body, .. } = &item {
+//!         println!("{from}: {}", String::from_utf8_lossy(body));
+//!     }
+//!     alice.ack(item.seq()).await;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: `conn` is one connection and its login; `client` the actor that
+//! reconnects, resends and deduplicates; `backoff`, `dedup`, `identity`,
+//! `tls` its parts.
+#![warn(missing_docs)]
+
+mod backoff;
+mod client;
+mod conn;
+mod dedup;
+mod error;
+mod identity;
+mod tls;
+
+pub use backoff::Backoff;
+pub use client::{Client, ClientConfig, Incoming, SendReceipt};
+pub use error::{ClientError, SendError};
+pub use identity::{approval_from_token, approval_to_token, generate_key, Identity};
+pub use tern_protocol::{ErrorCode, MessageId};

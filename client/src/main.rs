@@ -1,1 +1,286 @@
-fn main() {}
+//! `tern`: the Tern command-line client. Keeps one device identity per
+//! profile directory and talks to brokers through `tern-client`.
+
+mod profile;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use tern_client::{Client, ClientConfig, Incoming};
+
+use profile::Profile;
+
+/// Tern command-line client.
+///
+/// Every command acts as the device kept in --profile (its private key never
+/// leaves that directory). Start with `register`, then `send` and `recv`.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version)]
+struct Args {
+    /// Broker address HOST:PORT; repeat (or separate with commas) to give
+    /// fallbacks tried in order.
+    #[arg(long, env = "TERN_BROKER", value_delimiter = ',', global = true)]
+    broker: Vec<String>,
+    /// PEM certificate to trust: the broker's <data-dir>/tls/cert.pem, or your CA.
+    #[arg(long, env = "TERN_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Profile directory holding this device's key and handle.
+    #[arg(long, env = "TERN_PROFILE", global = true)]
+    profile: Option<PathBuf>,
+    /// TLS server name, when it differs from the broker address's host.
+    #[arg(long, env = "TERN_SERVER_NAME", global = true)]
+    server_name: Option<String>,
+    /// More log output on stderr (-v, -vv).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Claim a handle: makes this profile's device key and registers it as device 1.
+    Register {
+        /// The handle (1-64 of a-z 0-9 . _ -).
+        user: String,
+        /// Registration token, if the broker requires one.
+        #[arg(long, env = "TERN_REGISTRATION_TOKEN")]
+        token: Option<String>,
+    },
+    /// Send a text message; exits 0 once the broker has it on disk, printing its id.
+    Send {
+        /// Recipient handle.
+        user: String,
+        /// The text.
+        text: String,
+        /// Print a JSON object instead of the bare id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receive messages, printing one line each, and acknowledge them.
+    Recv {
+        /// Exit 0 once this many messages arrived (default: run until --timeout or Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Give up after this many seconds (exit status 3 if --count was not reached).
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// One JSON object per line: id, from, from_device, to, seq, sent_at_ms, text.
+        #[arg(long)]
+        json: bool,
+        /// Also print delivery receipts for messages this device sent.
+        #[arg(long)]
+        receipts: bool,
+    },
+    /// List a user's devices (default: your own).
+    Devices {
+        /// The handle.
+        user: Option<String>,
+    },
+    /// Show this profile's identity.
+    Whoami,
+    /// For a new device: make this profile's key (if needed) and print its public key.
+    LinkKey,
+    /// Approve another device's public key to join your user; prints a token for `tern link`.
+    Approve {
+        /// The new device's public key (hex, from `tern link-key`).
+        public_key: String,
+        /// How long the approval stays valid, in seconds.
+        #[arg(long, default_value_t = 600)]
+        ttl_secs: u64,
+    },
+    /// Join USER as a new device using an approval token from one of its devices.
+    Link {
+        /// The handle to join.
+        user: String,
+        /// Token printed by `tern approve` on an existing device.
+        token: String,
+    },
+}
+
+fn config(args: &Args) -> anyhow::Result<ClientConfig> {
+    if args.broker.is_empty() {
+        bail!("no broker given: pass --broker HOST:PORT (or set TERN_BROKER)");
+    }
+    let Some(ca) = &args.ca else {
+        bail!("no CA given: pass --ca FILE, the broker's <data-dir>/tls/cert.pem (or set TERN_CA)");
+    };
+    let mut c = ClientConfig::new(args.broker.clone(), ca);
+    c.server_name = args.server_name.clone();
+    c.client_name = concat!("tern-cli/", env!("CARGO_PKG_VERSION")).into();
+    Ok(c)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let level = match args.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt().with_env_filter(level).with_writer(std::io::stderr).init();
+    match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tern: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let profile = Profile::open(args.profile.clone())?;
+    match &args.command {
+        Command::Register { user, token } => {
+            if profile.identity()?.is_some() {
+                bail!("profile {} already holds an identity; use another --profile", profile.dir().display());
+            }
+            let (client, identity) = Client::register(config(&args)?, user, token.as_deref())
+                .await
+                .with_context(|| format!("cannot register {user}"))?;
+            profile.save(&identity)?;
+            client.close().await;
+            println!("registered {} (device {})", identity.handle, identity.device_id);
+        }
+        Command::Send { user, text, json } => {
+            let client = connect(&args, &profile).await?;
+            let receipt =
+                client.send(user, text.clone().into_bytes()).await.with_context(|| format!("send to {user}"))?;
+            client.close().await;
+            if *json {
+                let out = serde_json::json!({
+                    "id": receipt.message_id.to_string(),
+                    "to": user,
+                    "duplicate": receipt.duplicate,
+                    "accepted_at_ms": receipt.accepted_at_ms,
+                    "recipients": receipt.recipients,
+                });
+                println!("{out}");
+            } else {
+                println!("{}", receipt.message_id);
+            }
+        }
+        Command::Recv { count, timeout, json, receipts } => {
+            let client = connect(&args, &profile).await?;
+            return recv(&client, *count, *timeout, *json, *receipts).await;
+        }
+        Command::Devices { user } => {
+            let client = connect(&args, &profile).await?;
+            let handle = user.clone().unwrap_or_else(|| client.identity().handle.clone());
+            let list = client.devices(&handle).await.with_context(|| format!("devices of {handle}"))?;
+            client.close().await;
+            for d in list.devices {
+                println!("{}/{}  {}  added {}", handle, d.device_id, hex::encode(&d.public_key), d.added_at_ms);
+            }
+        }
+        Command::Whoami => match profile.identity()? {
+            Some(id) => println!("{} (device {}) key {}", id.handle, id.device_id, hex::encode(id.public_key())),
+            None => bail!("no identity in {}: run `tern register USER` first", profile.dir().display()),
+        },
+        Command::LinkKey => {
+            if profile.identity()?.is_some() {
+                bail!(
+                    "profile {} is already a device; use a new --profile for the new device",
+                    profile.dir().display()
+                );
+            }
+            let key = profile.key_or_create()?;
+            println!("{}", hex::encode(key.verifying_key().to_bytes()));
+        }
+        Command::Approve { public_key, ttl_secs } => {
+            let identity = profile.require_identity()?;
+            let key: [u8; 32] = hex::decode(public_key.trim())
+                .ok()
+                .and_then(|k| k.try_into().ok())
+                .context("the public key is 64 hex digits (from `tern link-key`)")?;
+            let approval = identity.approve(&key, Duration::from_secs(*ttl_secs));
+            println!("{}", tern_client::approval_to_token(&approval));
+        }
+        Command::Link { user, token } => {
+            let approval = tern_client::approval_from_token(token)?;
+            let key = profile.key_or_create()?;
+            let (client, identity) = Client::link_device(config(&args)?, user, key, &approval)
+                .await
+                .with_context(|| format!("cannot link this device to {user}"))?;
+            profile.save(&identity)?;
+            client.close().await;
+            println!("linked as {} (device {})", identity.handle, identity.device_id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect(args: &Args, profile: &Profile) -> anyhow::Result<Client> {
+    let identity = profile.require_identity()?;
+    Client::connect(config(args)?, identity).await.context("cannot log in")
+}
+
+async fn recv(
+    client: &Client,
+    count: Option<u64>,
+    timeout: Option<f64>,
+    json: bool,
+    receipts: bool,
+) -> anyhow::Result<ExitCode> {
+    let deadline = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let mut got = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    while count.is_none_or(|n| got < n) {
+        let next = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, client.recv()).await.ok(),
+                None => Some(client.recv().await),
+            }
+        };
+        let item = tokio::select! {
+            item = next => item,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(item) = item else {
+            client.close().await;
+            if let Some(n) = count {
+                eprintln!("tern: timed out after {:.1} s with {got} of {n} messages", timeout.unwrap_or(0.0));
+                return Ok(ExitCode::from(3));
+            }
+            return Ok(ExitCode::SUCCESS);
+        };
+        let Some(item) = item else { bail!("the client stopped (login refused or replaced by another connection)") };
+        match &item {
+            Incoming::Message { seq, id, from, from_device, to, sent_at_ms, body } => {
+                let text = String::from_utf8_lossy(body);
+                if json {
+                    let line = serde_json::json!({
+                        "id": id.to_string(), "from": from, "from_device": from_device, "to": to,
+                        "seq": seq, "sent_at_ms": sent_at_ms, "text": text,
+                    });
+                    writeln!(stdout, "{line}")?;
+                } else {
+                    writeln!(stdout, "{from}: {text}")?;
+                }
+                got += 1;
+            }
+            Incoming::Receipt { message_id, handle, device, delivered_at_ms, seq } => {
+                if receipts {
+                    if json {
+                        let line = serde_json::json!({
+                            "receipt": message_id.to_string(), "handle": handle, "device": device,
+                            "seq": seq, "delivered_at_ms": delivered_at_ms,
+                        });
+                        writeln!(stdout, "{line}")?;
+                    } else {
+                        writeln!(stdout, "delivered {message_id} to {handle}/{device}")?;
+                    }
+                }
+            }
+        }
+        stdout.flush()?;
+        client.ack(item.seq()).await;
+    }
+    client.close().await;
+    Ok(ExitCode::SUCCESS)
+}

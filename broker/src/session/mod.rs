@@ -247,7 +247,7 @@ impl Session {
                 Ok(())
             }
             Some(C::Ack(ack)) => {
-                self.ack(ack.up_to_seq);
+                self.ack(ack.up_to_seq).await;
                 Ok(())
             }
             Some(C::Ping(p)) => {
@@ -369,17 +369,13 @@ impl Session {
         }
     }
 
-    fn ack(&mut self, up_to: u64) {
+    async fn ack(&mut self, up_to: u64) {
         let Some(d) = &mut self.device else { return };
         let Some(up_to) = d.delivery.on_ack(up_to) else { return };
         metrics::counter!("tern_acks_total").increment(1);
-        let store = self.ctx.store.clone();
-        let queue = d.delivery.queue.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.ack(queue.clone(), up_to).await {
-                tracing::warn!(%queue, up_to, error = %e, "ack not stored; the entries will be delivered again");
-            }
-        });
+        if let Err(e) = self.ctx.store.ack_detached(d.delivery.queue.clone(), up_to).await {
+            tracing::warn!(queue = %d.delivery.queue, up_to, error = %e, "ack not stored; the entries will be delivered again");
+        }
     }
 
     fn list_devices(&mut self, request_id: u64, handle: &str) {

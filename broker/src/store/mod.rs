@@ -232,6 +232,14 @@ impl Store {
         self.call(|reply| WriteCmd::Ack { queue, up_to, reply }).await
     }
 
+    /// Like [`Store::ack`], without waiting for the write: the request is
+    /// queued behind everything sent to the writer before it, so a later
+    /// login's [`Store::bounds`] sees it. A failed write is logged by the writer.
+    pub async fn ack_detached(&self, queue: QueueKey, up_to: u64) -> Result<(), StoreError> {
+        let (reply, _) = oneshot::channel();
+        self.inner.tx.send(WriteCmd::Ack { queue, up_to, reply }).await.map_err(|_| StoreError::Closed)
+    }
+
     /// The bounds of `queue`.
     pub async fn bounds(&self, queue: QueueKey) -> Result<QueueBounds, StoreError> {
         self.call(|reply| WriteCmd::Bounds { queue, reply }).await

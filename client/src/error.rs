@@ -1,0 +1,106 @@
+//! Client errors: one enum for connecting and logging in, one for sends.
+
+use tern_protocol::ErrorCode;
+
+/// Why connecting, registering or logging in failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No broker address was given.
+    #[error("no broker address given (use --broker HOST:PORT)")]
+    NoBroker,
+    /// A broker address did not resolve.
+    #[error("cannot resolve broker address {addr}: {reason}")]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The CA file could not be read or holds no certificate.
+    #[error("CA certificate {path}: {reason}")]
+    Ca {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The QUIC or TLS handshake failed or timed out.
+    #[error("cannot reach broker {addr}: {reason}")]
+    Connect {
+        /// The broker.
+        addr: String,
+        /// Why (timeout, TLS failure, refused).
+        reason: String,
+    },
+    /// The connection broke during the login exchange.
+    #[error("connection to the broker lost: {0}")]
+    ConnectionLost(String),
+    /// The broker refused the request.
+    #[error("broker refused: {code:?}: {message}")]
+    Refused {
+        /// The typed code.
+        code: ErrorCode,
+        /// The broker's text.
+        message: String,
+    },
+    /// The broker sent something this client does not expect.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Bad input on this side (handle syntax, key length).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// True for failures a reconnect may cure (network, broker draining).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::ConnectionLost(_) | Self::Resolve { .. } => true,
+            Self::Refused { code, .. } => code.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// Why a send failed. Nothing was stored unless the variant says otherwise.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The broker refused the message (unknown recipient, queue full, ...).
+    #[error("send refused: {code:?}: {message}")]
+    Refused {
+        /// The typed code.
+        code: ErrorCode,
+        /// The broker's text.
+        message: String,
+    },
+    /// No durable ack within the request timeout. The message may still be
+    /// stored: resending with the same id is safe.
+    #[error("no acknowledgement within {0:?}; resending with the same id is safe")]
+    Timeout(std::time::Duration),
+    /// The client was closed or failed for good.
+    #[error("client closed: {0}")]
+    Closed(String),
+    /// Bad input on this side.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SendError {
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}

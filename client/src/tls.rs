@@ -1,0 +1,41 @@
+//! The client's QUIC endpoint: TLS 1.3, ALPN `tern/1`, trusting exactly the
+//! certificates in the given CA file (the broker's self-signed certificate,
+//! or a CA's).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ClientError;
+
+/// A client endpoint on an ephemeral port that trusts the PEM file `ca`.
+pub(crate) fn endpoint(ca: &Path, idle_timeout: Duration, ipv6: bool) -> Result<quinn::Endpoint, ClientError> {
+    let bad = |reason: String| ClientError::Ca { path: ca.display().to_string(), reason };
+    let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in the file".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![tern_protocol::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| bad(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(idle_timeout.try_into().ok());
+    transport.keep_alive_interval(Some(idle_timeout / 3));
+    config.transport_config(Arc::new(transport));
+    let bind: std::net::SocketAddr =
+        if ipv6 { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(|_| bad("bad bind address".into()))?;
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| ClientError::Connect { addr: bind.to_string(), reason: e.to_string() })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
