@@ -110,6 +110,31 @@ async fn client_survives_a_broker_restart_without_loss_or_duplicates() {
 }
 
 #[tokio::test]
+async fn deliveries_as_a_stream() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path()).await;
+    let (alice, _) = Client::register(client_config(&broker), "alice", None).await.unwrap();
+    let (bob, _) = Client::register(client_config(&broker), "bob", None).await.unwrap();
+    for n in 0..3 {
+        alice.send("bob", format!("s{n}")).await.unwrap();
+    }
+    let texts: Vec<String> = bob
+        .incoming()
+        .filter_map(|item| async move {
+            match item {
+                Incoming::Message { body, .. } => Some(String::from_utf8(body.to_vec()).unwrap()),
+                Incoming::Receipt { .. } => None,
+            }
+        })
+        .take(3)
+        .collect()
+        .await;
+    assert_eq!(texts, ["s0", "s1", "s2"]);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
 async fn send_errors_are_typed() {
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path()).await;

@@ -286,6 +286,17 @@ impl Client {
         self.incoming.lock().await.recv().await
     }
 
+    /// The deliveries as a [`Stream`](futures::Stream), for `while let
+    /// Some(item) = stream.next().await` or stream combinators. Same items,
+    /// same order as [`Client::recv`].
+    pub fn incoming(&self) -> impl futures::Stream<Item = Incoming> + Send + 'static {
+        let rx = self.incoming.clone();
+        futures::stream::unfold(rx, |rx| async move {
+            let item = rx.lock().await.recv().await?;
+            Some((item, rx))
+        })
+    }
+
     /// Acknowledges every delivered item up to `seq` (cumulative).
     pub async fn ack(&self, seq: u64) {
         let _ = self.cmd.send(Cmd::Ack(seq)).await;
