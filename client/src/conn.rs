@@ -3,6 +3,8 @@
 //! into a channel so the client's actor can `select!` on them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::{ClientError, Identity};
 
 /// How to authenticate a new connection.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) enum Auth<'a> {
     Register { handle: &'a str, key: &'a SigningKey, token: Option<&'a str> },
     Login { identity: &'a Identity },
@@ -32,7 +34,11 @@ pub(crate) struct Conn {
     send: quinn::SendStream,
     pub(crate) frames: mpsc::Receiver<Incoming>,
     next_request: u64,
+    /// Largest `Send.body` the broker accepts (from its `Challenge`).
     pub(crate) max_body_len: usize,
+    /// Largest frame either side accepts (from the `Challenge`); shared with
+    /// the reader task, which starts before the challenge arrives.
+    max_frame_len: Arc<AtomicUsize>,
 }
 
 /// Resolves `addr` (`host:port`).
@@ -56,14 +62,26 @@ impl Conn {
         let name = server_name.unwrap_or(host);
         let connecting = endpoint.connect(sock, name).map_err(|e| fail(e.to_string()))?;
         let conn = match tokio::time::timeout(timeout, connecting).await {
-            Err(_) => return Err(fail(format!("no answer within {timeout:?}; is tern-broker running there?"))),
+            Err(_) => {
+                return Err(fail(format!(
+                    "no answer within {timeout:?}; is tern-broker running there? (check --broker)"
+                )))
+            }
             Ok(Err(e)) => return Err(fail(e.to_string())),
             Ok(Ok(c)) => c,
         };
         let (send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
         let (tx, frames) = mpsc::channel(1024);
-        tokio::spawn(read_frames(recv, tx));
-        Ok(Self { conn, send, frames, next_request: 1, max_body_len: tern_protocol::DEFAULT_MAX_BODY_LEN })
+        let max_frame_len = Arc::new(AtomicUsize::new(tern_protocol::DEFAULT_MAX_FRAME_LEN));
+        tokio::spawn(read_frames(recv, tx, max_frame_len.clone()));
+        Ok(Self {
+            conn,
+            send,
+            frames,
+            next_request: 1,
+            max_body_len: tern_protocol::DEFAULT_MAX_BODY_LEN,
+            max_frame_len,
+        })
     }
 
     /// Writes a request; returns its id.
@@ -74,10 +92,12 @@ impl Conn {
         Ok(id)
     }
 
-    /// Writes a frame.
+    /// Writes a frame. A frame too large to encode is `ClientError::Invalid`
+    /// (the connection is still fine); a failed write is `ConnectionLost`.
     pub(crate) async fn write(&mut self, request_id: u64, kind: C) -> Result<(), ClientError> {
         let frame = pb::ClientFrame { request_id, kind: Some(kind) };
-        let bytes = codec::encode_to_vec(&frame, usize::MAX >> 1).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let max = self.max_frame_len.load(Ordering::Relaxed);
+        let bytes = codec::encode_to_vec(&frame, max).map_err(|e| ClientError::Invalid(e.to_string()))?;
         self.send.write_chunk(bytes.freeze()).await.map_err(|e| ClientError::ConnectionLost(e.to_string()))
     }
 
@@ -107,7 +127,12 @@ impl Conn {
             S::Challenge(c) => c,
             other => return Err(ClientError::Protocol(format!("expected a challenge, got {other:?}"))),
         };
-        self.max_body_len = challenge.max_body_len as usize;
+        if challenge.max_body_len > 0 {
+            self.max_body_len = challenge.max_body_len as usize;
+        }
+        if challenge.max_frame_len > 0 {
+            self.max_frame_len.store(challenge.max_frame_len as usize, Ordering::Relaxed);
+        }
         let nonce: [u8; 32] = challenge
             .nonce
             .as_ref()
@@ -176,14 +201,11 @@ impl Conn {
 }
 
 /// Decodes frames from the session stream until it ends.
-async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>) {
+async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>, max_frame_len: Arc<AtomicUsize>) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    // The client accepts frames up to the protocol's hard ceiling; the
-    // broker's own maximum applies to what it receives.
-    let max = 80 << 20;
     loop {
         loop {
-            match codec::decode::<pb::ServerFrame>(&mut buf, max) {
+            match codec::decode::<pb::ServerFrame>(&mut buf, max_frame_len.load(Ordering::Relaxed)) {
                 Ok(Some(frame)) => {
                     if tx.send(Ok(frame)).await.is_err() {
                         return;

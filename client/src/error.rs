@@ -50,6 +50,10 @@ pub enum ClientError {
     /// Bad input on this side (handle syntax, key length).
     #[error("{0}")]
     Invalid(String),
+    /// A [`ClientConfig`](crate::ClientConfig) field is invalid; the text
+    /// names the field.
+    #[error("invalid client configuration: {0}")]
+    Config(String),
 }
 
 impl ClientError {
@@ -93,6 +97,15 @@ pub enum SendError {
     /// Bad input on this side.
     #[error("{0}")]
     Invalid(String),
+    /// The body is larger than the broker accepts (`Challenge.max_body_len`);
+    /// nothing was sent.
+    #[error("message body of {len} bytes exceeds the broker's maximum of {max}")]
+    TooLarge {
+        /// The body's length.
+        len: usize,
+        /// The broker's maximum.
+        max: usize,
+    },
 }
 
 impl SendError {

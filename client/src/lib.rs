@@ -18,13 +18,16 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: `conn` is one connection and its login; `client` the actor that
-//! reconnects, resends and deduplicates; `backoff`, `dedup`, `identity`,
-//! `tls` its parts.
+//! Modules: `client` is the public handle; `actor` the task behind it that
+//! owns the connection, reconnects, resends and deduplicates; `conn` one
+//! connection and its login; `config`, `backoff`, `dedup`, `identity`, `tls`
+//! their parts.
 #![warn(missing_docs)]
 
+mod actor;
 mod backoff;
 mod client;
+mod config;
 mod conn;
 mod dedup;
 mod error;
@@ -32,7 +35,8 @@ mod identity;
 mod tls;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientConfig, Incoming, SendReceipt};
+pub use client::{Client, Incoming, SendReceipt};
+pub use config::ClientConfig;
 pub use error::{ClientError, SendError};
 pub use identity::{approval_from_token, approval_to_token, generate_key, Identity};
 pub use tern_protocol::{ErrorCode, MessageId};

@@ -25,7 +25,7 @@ struct Args {
     /// fallbacks tried in order.
     #[arg(long, env = "TERN_BROKER", value_delimiter = ',', global = true)]
     broker: Vec<String>,
-    /// PEM certificate to trust: the broker's <data-dir>/tls/cert.pem, or your CA.
+    /// PEM certificate to trust: the broker's `<data-dir>/tls/cert.pem`, or your CA.
     #[arg(long, env = "TERN_CA", global = true)]
     ca: Option<PathBuf>,
     /// Profile directory holding this device's key and handle.

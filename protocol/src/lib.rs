@@ -55,8 +55,9 @@ impl ErrorCode {
         matches!(self, Self::MalformedFrame | Self::FrameTooLarge | Self::UnknownFrame | Self::ProtocolViolation)
     }
 
-    /// True when retrying the same request later may succeed (the client
-    /// library retries these with backoff).
+    /// True when retrying the same request later may succeed. Resend with
+    /// the same message id: it is never stored twice. (`tern-client` retries
+    /// `SHUTTING_DOWN` itself after reconnecting and returns the others.)
     pub fn is_retryable(self) -> bool {
         matches!(
             self,

@@ -308,8 +308,17 @@ impl Store {
     pub fn close(&self) {
         let thread = self.inner.writer.lock().ok().and_then(|mut t| t.take());
         if let Some(thread) = thread {
-            // The writer exits when every sender is gone or on this marker.
-            let _ = self.inner.tx.try_send(WriteCmd::Stop);
+            // The writer stops at this marker, after the requests queued before it.
+            let mut stop = WriteCmd::Stop;
+            loop {
+                match self.inner.tx.try_send(stop) {
+                    Err(mpsc::error::TrySendError::Full(back)) => {
+                        stop = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
             let _ = thread.join();
             let _ = self.inner.db.flush_wal(true);
         }
@@ -332,7 +341,14 @@ fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
 
     let mut queues = Options::default();
     queues.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Point lookups (every send checks its id; logins read accounts): a bloom
+    // filter lets a miss skip SST files instead of reading their blocks.
+    let mut point = rocksdb::BlockBasedOptions::default();
+    point.set_bloom_filter(10.0, false);
+    let mut accounts = Options::default();
+    accounts.set_block_based_table_factory(&point);
     let mut dedup = Options::default();
+    dedup.set_block_based_table_factory(&point);
     let retention_ms = config.retention.as_millis() as u64;
     dedup.set_compaction_filter("tern-dedup-retention", move |_level, _key, value| {
         match writer::dedup_accepted_at(value) {
@@ -341,7 +357,7 @@ fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
         }
     });
     let cfs = vec![
-        ColumnFamilyDescriptor::new(CF_ACCOUNTS, Options::default()),
+        ColumnFamilyDescriptor::new(CF_ACCOUNTS, accounts),
         ColumnFamilyDescriptor::new(CF_QUEUES, queues),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ColumnFamilyDescriptor::new(CF_DEDUP, dedup),

@@ -74,7 +74,7 @@ impl Pending {
 struct Batch {
     write: WriteBatch,
     bounds: HashMap<QueueKey, QueueBounds>,
-    accounts: HashMap<String, Account>,
+    accounts: HashMap<String, Arc<Account>>,
     dedup: HashMap<Vec<u8>, (u64, u32)>,
     replies: Vec<Pending>,
     queued: Vec<(QueueKey, u64, Bytes)>,
@@ -184,7 +184,7 @@ impl WriterActor {
             }
             metrics::gauge!("tern_queue_depth").set(self.total_depth as f64);
             for (handle, account) in accounts {
-                self.accounts.insert(handle, Arc::new(account));
+                self.accounts.insert(handle, account);
             }
         }
         for reply in replies {
@@ -231,22 +231,26 @@ impl WriterActor {
     }
 
     /// The account as this batch sees it.
-    fn account(&self, batch: &Batch, handle: &str) -> Result<Option<Account>, StoreError> {
+    fn account(&self, batch: &Batch, handle: &str) -> Result<Option<Arc<Account>>, StoreError> {
         if let Some(a) = batch.accounts.get(handle) {
             return Ok(Some(a.clone()));
         }
         if let Some(a) = self.accounts.get(handle) {
-            return Ok(Some((*a).clone()));
+            return Ok(Some(a));
         }
         match self.db.get_pinned_cf(cf(&self.db, CF_ACCOUNTS)?, handle.as_bytes())? {
-            Some(bytes) => Account::from_json(&bytes).map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
+            Some(bytes) => {
+                let account = Arc::new(Account::from_json(&bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+                self.accounts.insert(handle.to_owned(), account.clone());
+                Ok(Some(account))
+            }
             None => Ok(None),
         }
     }
 
     fn put_account(&self, batch: &mut Batch, account: Account) -> Result<(), StoreError> {
         batch.write.put_cf(cf(&self.db, CF_ACCOUNTS)?, account.handle.as_bytes(), account.to_json());
-        batch.accounts.insert(account.handle.clone(), account);
+        batch.accounts.insert(account.handle.clone(), Arc::new(account));
         Ok(())
     }
 
@@ -269,7 +273,8 @@ impl WriterActor {
     }
 
     fn add_device(&mut self, batch: &mut Batch, handle: &str, public_key: [u8; 32]) -> Result<u32, StoreError> {
-        let mut account = self.account(batch, handle)?.ok_or_else(|| StoreError::UnknownUser(handle.to_owned()))?;
+        let current = self.account(batch, handle)?.ok_or_else(|| StoreError::UnknownUser(handle.to_owned()))?;
+        let mut account = Account::clone(&current);
         if account.devices.len() as u32 >= self.config.max_devices {
             return Err(StoreError::TooManyDevices(handle.to_owned(), self.config.max_devices));
         }

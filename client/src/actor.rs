@@ -1,0 +1,465 @@
+//! The task behind a [`Client`](crate::Client): it owns the connection.
+//!
+//! Commands from the application (send, ack, call, close) arrive on a bounded
+//! channel; frames from the broker arrive from the connection's reader task.
+//! Sends are written as they come (pipelined) and each `SendAck` or `Error`
+//! is matched to its caller by request id. Deliveries go through
+//! [`Dedup`] and then to the application's buffer, without ever waiting on
+//! it: a full buffer makes the client discard (unacked) and later log in
+//! again to have them pushed again, so a reader that is slow or absent never
+//! stalls sends.
+//!
+//! When the connection drops the actor reconnects with jittered exponential
+//! backoff, trying the brokers a `Redirect` named first and then rotating
+//! through the configured ones, logs in again, repeats its last ack if the
+//! broker is behind, and resends every send still awaiting its ack with the
+//! same message id (the broker stores it once), in the order first sent.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
+use tern_protocol::{ErrorCode, MessageId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backoff::Backoff;
+use crate::conn::{Auth, Conn};
+use crate::dedup::{Dedup, ItemKey, Verdict};
+use crate::{ClientConfig, ClientError, Identity, Incoming, SendError, SendReceipt};
+
+/// Where a send's outcome goes.
+pub(crate) type SendReply = oneshot::Sender<Result<SendReceipt, SendError>>;
+
+/// A request from a [`Client`](crate::Client) handle to the actor.
+pub(crate) enum Cmd {
+    Send { id: MessageId, to: String, body: Bytes, reply: SendReply },
+    Ack(u64),
+    Call(C, oneshot::Sender<Result<S, SendError>>),
+    Close(oneshot::Sender<()>),
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Send { id, to, body, .. } => write!(f, "Send({id} to {to}, {} bytes)", body.len()),
+            Self::Ack(seq) => write!(f, "Ack({seq})"),
+            Self::Call(kind, _) => write!(f, "Call({kind:?})"),
+            Self::Close(_) => f.write_str("Close"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PendingSend {
+    to: String,
+    body: Bytes,
+    reply: SendReply,
+    /// Position in the order of first sending; resends keep it.
+    order: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Actor {
+    config: ClientConfig,
+    endpoint: quinn::Endpoint,
+    identity: Identity,
+    conn: Option<Conn>,
+    cmds: mpsc::Receiver<Cmd>,
+    incoming: mpsc::Sender<Incoming>,
+    /// Sends awaiting their ack, by message id.
+    pending: HashMap<MessageId, PendingSend>,
+    /// Request id on the current connection -> pending send.
+    in_flight: HashMap<u64, MessageId>,
+    next_order: u64,
+    /// Other requests (`ListDevices`, `Ping`) on the current connection.
+    calls: HashMap<u64, oneshot::Sender<Result<S, SendError>>>,
+    dedup: Dedup,
+    backoff: Backoff,
+    /// Brokers named by the last `Redirect`, tried before the configured ones.
+    redirect: VecDeque<String>,
+    next_broker: usize,
+    /// Largest body the broker accepts, as last announced.
+    max_body_len: usize,
+    /// Told once the connection has been closed gracefully.
+    closed: Option<oneshot::Sender<()>>,
+    /// While deliveries are discarded for lack of room: when to look next
+    /// whether the application has made room.
+    room_check: tokio::time::Instant,
+}
+
+enum Step {
+    Continue,
+    Disconnected(String),
+    Stop,
+}
+
+impl Actor {
+    pub(crate) fn new(
+        config: ClientConfig,
+        endpoint: quinn::Endpoint,
+        identity: Identity,
+        conn: Conn,
+        login: &pb::LoginOk,
+        cmds: mpsc::Receiver<Cmd>,
+        incoming: mpsc::Sender<Incoming>,
+    ) -> Self {
+        Self {
+            backoff: Backoff::new(config.backoff_min, config.backoff_max),
+            dedup: Dedup::new(config.dedup_window, login.acked_seq),
+            max_body_len: conn.max_body_len,
+            config,
+            endpoint,
+            identity,
+            conn: Some(conn),
+            cmds,
+            incoming,
+            pending: HashMap::new(),
+            in_flight: HashMap::new(),
+            next_order: 0,
+            calls: HashMap::new(),
+            redirect: VecDeque::new(),
+            next_broker: 0,
+            closed: None,
+            room_check: tokio::time::Instant::now(),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        loop {
+            if self.conn.is_none() && !self.reconnect().await {
+                break;
+            }
+            match self.step().await {
+                Step::Continue => {}
+                Step::Disconnected(reason) => {
+                    tracing::info!(%reason, "connection lost; reconnecting");
+                    self.drop_connection();
+                }
+                Step::Stop => break,
+            }
+        }
+        if let Some(c) = self.conn.take() {
+            c.close_gracefully(Duration::from_secs(2)).await;
+        }
+        for (_, p) in self.pending.drain() {
+            let _ = p.reply.send(Err(SendError::Closed("client stopped".into())));
+        }
+        if let Some(done) = self.closed.take() {
+            let _ = done.send(());
+        }
+    }
+
+    /// Forgets the connection and what was in flight on it (request ids
+    /// start again on the next one); pending sends stay for the resend.
+    fn drop_connection(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.close();
+        }
+        self.in_flight.clear();
+        for (_, reply) in self.calls.drain() {
+            let _ = reply.send(Err(SendError::Closed("connection lost; try again".into())));
+        }
+    }
+
+    async fn step(&mut self) -> Step {
+        let Some(conn) = self.conn.as_mut() else { return Step::Continue };
+        let holding = self.dedup.holding();
+        tokio::select! {
+            cmd = self.cmds.recv() => match cmd {
+                Some(cmd) => self.command(cmd).await,
+                None => Step::Stop,
+            },
+            frame = conn.frames.recv() => match frame {
+                Some(Ok(frame)) => self.frame(frame).await,
+                Some(Err(reason)) => Step::Disconnected(reason),
+                None => Step::Disconnected("reader stopped".into()),
+            },
+            () = tokio::time::sleep_until(self.room_check), if holding => {
+                // Discarded deliveries come back with a fresh login, once
+                // the application has made room for them.
+                self.room_check = tokio::time::Instant::now() + Duration::from_millis(100);
+                if self.incoming.capacity() * 2 >= self.incoming.max_capacity() {
+                    Step::Disconnected("the application caught up; fetching the deliveries it had no room for".into())
+                } else {
+                    Step::Continue
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, request_id: u64, kind: C) -> Step {
+        let Some(conn) = self.conn.as_mut() else { return Step::Continue };
+        match conn.write(request_id, kind).await {
+            Ok(()) => Step::Continue,
+            Err(e) => Step::Disconnected(e.to_string()),
+        }
+    }
+
+    async fn command(&mut self, cmd: Cmd) -> Step {
+        match cmd {
+            Cmd::Send { id, to, body, reply } => match self.enqueue(id, to, body, reply) {
+                Some(id) => self.transmit(id).await,
+                None => Step::Continue,
+            },
+            Cmd::Ack(seq) => match self.dedup.handle_app_ack(seq) {
+                Some(up_to) => self.write(0, C::Ack(pb::Ack { up_to_seq: up_to })).await,
+                None => Step::Continue,
+            },
+            Cmd::Call(kind, reply) => {
+                let Some(conn) = self.conn.as_mut() else { return Step::Continue };
+                match conn.request(kind).await {
+                    Ok(id) => {
+                        self.calls.insert(id, reply);
+                        Step::Continue
+                    }
+                    Err(ClientError::Invalid(e)) => {
+                        let _ = reply.send(Err(SendError::Invalid(e)));
+                        Step::Continue
+                    }
+                    Err(e) => Step::Disconnected(e.to_string()),
+                }
+            }
+            Cmd::Close(done) => {
+                self.closed = Some(done);
+                Step::Stop
+            }
+        }
+    }
+
+    /// Records a new send; returns its id if it should be written now. A
+    /// send whose id is already pending takes over the earlier caller's
+    /// place (that caller gave up waiting) and is not written again.
+    fn enqueue(&mut self, id: MessageId, to: String, body: Bytes, reply: SendReply) -> Option<MessageId> {
+        if body.len() > self.max_body_len {
+            let _ = reply.send(Err(SendError::TooLarge { len: body.len(), max: self.max_body_len }));
+            return None;
+        }
+        if let Some(p) = self.pending.get_mut(&id) {
+            let earlier = std::mem::replace(&mut p.reply, reply);
+            let _ = earlier.send(Err(SendError::Closed(format!("superseded by a resend of {id}"))));
+            return None;
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        self.pending.insert(id, PendingSend { to, body, reply, order });
+        Some(id)
+    }
+
+    /// Writes pending send `id` on the current connection.
+    async fn transmit(&mut self, id: MessageId) -> Step {
+        let Some(conn) = self.conn.as_mut() else { return Step::Continue };
+        let Some(p) = self.pending.get(&id) else { return Step::Continue };
+        let kind =
+            C::Send(pb::Send { message_id: Bytes::copy_from_slice(&id.0), to: p.to.clone(), body: p.body.clone() });
+        match conn.request(kind).await {
+            Ok(request_id) => {
+                self.in_flight.insert(request_id, id);
+                Step::Continue
+            }
+            Err(ClientError::Invalid(e)) => {
+                self.finish_send(id, Err(SendError::Invalid(e)));
+                Step::Continue
+            }
+            Err(e) => Step::Disconnected(e.to_string()),
+        }
+    }
+
+    fn finish_send(&mut self, id: MessageId, result: Result<SendReceipt, SendError>) {
+        if let Some(p) = self.pending.remove(&id) {
+            let _ = p.reply.send(result);
+        }
+    }
+
+    async fn frame(&mut self, frame: pb::ServerFrame) -> Step {
+        let request_id = frame.request_id;
+        match frame.kind {
+            Some(S::SendAck(ack)) => {
+                let Some(id) = self.in_flight.remove(&request_id) else { return Step::Continue };
+                if ack.message_id.as_ref() != id.0.as_slice() {
+                    tracing::warn!(%id, request_id, "SendAck names another message id");
+                }
+                let receipt = SendReceipt {
+                    message_id: id,
+                    duplicate: ack.duplicate,
+                    accepted_at_ms: ack.accepted_at_ms,
+                    recipients: ack.recipients,
+                };
+                self.finish_send(id, Ok(receipt));
+                Step::Continue
+            }
+            Some(S::Deliver(d)) => self.deliver(d).await,
+            Some(S::Error(e)) if request_id == 0 => {
+                let code = e.code();
+                tracing::warn!(?code, message = %e.message, "broker ends the connection");
+                match code {
+                    ErrorCode::PermissionDenied
+                    | ErrorCode::Unauthenticated
+                    | ErrorCode::BadSignature
+                    | ErrorCode::UnknownDevice => Step::Stop,
+                    _ => Step::Disconnected(format!("{code:?}: {}", e.message)),
+                }
+            }
+            Some(S::Error(e)) => {
+                if let Some(reply) = self.calls.remove(&request_id) {
+                    let _ = reply.send(Err(SendError::Refused { code: e.code(), message: e.message }));
+                } else if let Some(id) = self.in_flight.remove(&request_id) {
+                    if e.code() == ErrorCode::ShuttingDown {
+                        // Nothing stored; resent to the next broker after the reconnect.
+                        tracing::debug!(%id, "send refused by a draining broker; will resend");
+                    } else {
+                        self.finish_send(id, Err(SendError::Refused { code: e.code(), message: e.message }));
+                    }
+                }
+                Step::Continue
+            }
+            Some(S::Redirect(r)) => {
+                tracing::info!(brokers = ?r.brokers, reason = %r.reason, "broker redirects");
+                self.redirect = r.brokers.into_iter().filter(|b| !b.is_empty()).collect();
+                Step::Continue
+            }
+            Some(kind) => {
+                if let Some(reply) = self.calls.remove(&request_id) {
+                    let _ = reply.send(Ok(kind));
+                }
+                Step::Continue
+            }
+            None => Step::Continue,
+        }
+    }
+
+    async fn deliver(&mut self, d: pb::Deliver) -> Step {
+        let Some((key, item)) = incoming_item(d) else { return Step::Continue };
+        let room = self.incoming.capacity() > 0;
+        match self.dedup.handle_delivery(item.seq(), key, room) {
+            Verdict::Deliver => {
+                // Only this task sends on the channel, so the room seen above
+                // is still there; a closed channel means nobody reads.
+                let _ = self.incoming.try_send(item);
+                Step::Continue
+            }
+            Verdict::DropAndAck(seq) => self.write(0, C::Ack(pb::Ack { up_to_seq: seq })).await,
+            Verdict::Drop | Verdict::Discard => Step::Continue,
+        }
+    }
+
+    /// Reconnects with backoff until logged in again; false if the client
+    /// should stop (the login itself was refused, or the app closed it).
+    async fn reconnect(&mut self) -> bool {
+        loop {
+            let delay = self.backoff.next_delay();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                cmd = self.cmds.recv() => {
+                    match cmd {
+                        None => return false,
+                        Some(Cmd::Close(done)) => {
+                            self.closed = Some(done);
+                            return false;
+                        }
+                        Some(Cmd::Send { id, to, body, reply }) => {
+                            self.enqueue(id, to, body, reply);
+                        }
+                        Some(Cmd::Ack(seq)) => {
+                            // Sent with the next login (see `Dedup::handle_login`).
+                            self.dedup.handle_app_ack(seq);
+                        }
+                        Some(Cmd::Call(_, reply)) => {
+                            let _ = reply.send(Err(SendError::Closed("not connected; reconnecting".into())));
+                        }
+                    }
+                    continue;
+                }
+            }
+            match self.login().await {
+                Ok(()) => return true,
+                Err(e) if e.is_transient() => tracing::debug!(error = %e, "reconnect failed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "login refused after reconnect; stopping");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// One attempt: connect to the next broker, log in, repeat the ack,
+    /// resend what is pending.
+    async fn login(&mut self) -> Result<(), ClientError> {
+        let addr = self.pick_broker();
+        let server_name = self.config.server_name.as_deref();
+        let mut conn = Conn::open(&self.endpoint, &addr, server_name, self.config.connect_timeout).await?;
+        let ok = conn.authenticate(Auth::Login { identity: &self.identity }, &self.config.client_name).await?;
+        tracing::info!(%addr, pending = ok.pending, resending = self.pending.len(), "reconnected");
+        self.backoff.reset();
+        self.max_body_len = conn.max_body_len;
+        self.conn = Some(conn);
+        if let Some(up_to) = self.dedup.handle_login(ok.acked_seq) {
+            if let Step::Disconnected(reason) = self.write(0, C::Ack(pb::Ack { up_to_seq: up_to })).await {
+                self.drop_connection();
+                return Err(ClientError::ConnectionLost(reason));
+            }
+        }
+        // Callers that gave up waiting were told resending is safe; drop theirs.
+        self.pending.retain(|_, p| !p.reply.is_closed());
+        let mut ids: Vec<(u64, MessageId)> = self.pending.iter().map(|(id, p)| (p.order, *id)).collect();
+        ids.sort_unstable();
+        for (_, id) in ids {
+            if let Some(p) = self.pending.get(&id) {
+                if p.body.len() > self.max_body_len {
+                    let err = SendError::TooLarge { len: p.body.len(), max: self.max_body_len };
+                    self.finish_send(id, Err(err));
+                    continue;
+                }
+            }
+            if let Step::Disconnected(reason) = self.transmit(id).await {
+                self.drop_connection();
+                return Err(ClientError::ConnectionLost(reason));
+            }
+        }
+        Ok(())
+    }
+
+    fn pick_broker(&mut self) -> String {
+        if let Some(addr) = self.redirect.pop_front() {
+            return addr;
+        }
+        let list = &self.config.brokers;
+        let addr = list.get(self.next_broker % list.len().max(1)).cloned().unwrap_or_default();
+        self.next_broker = self.next_broker.wrapping_add(1);
+        addr
+    }
+}
+
+/// The application's view of a `Deliver`, and its dedup identity; `None`
+/// for an item this client cannot read (skipped, acked with the next ack).
+fn incoming_item(d: pb::Deliver) -> Option<(ItemKey, Incoming)> {
+    let seq = d.seq;
+    match d.item? {
+        pb::deliver::Item::Message(m) => {
+            let id = MessageId::from_slice(&m.message_id).ok()?;
+            let key = ItemKey::Message { from: m.from.clone(), from_device: m.from_device, id: id.0 };
+            let item = Incoming::Message {
+                seq,
+                id,
+                from: m.from,
+                from_device: m.from_device,
+                to: m.to,
+                sent_at_ms: m.sent_at_ms,
+                body: m.body,
+            };
+            Some((key, item))
+        }
+        pb::deliver::Item::Receipt(r) => {
+            let id = MessageId::from_slice(&r.message_id).ok()?;
+            let key = ItemKey::Receipt { id: id.0, handle: r.handle.clone(), device: r.device };
+            let item = Incoming::Receipt {
+                seq,
+                message_id: id,
+                handle: r.handle,
+                device: r.device,
+                delivered_at_ms: r.delivered_at_ms,
+            };
+            Some((key, item))
+        }
+    }
+}
