@@ -310,14 +310,9 @@ impl Store {
         if let Some(thread) = thread {
             // The writer stops at this marker, after the requests queued before it.
             let mut stop = WriteCmd::Stop;
-            loop {
-                match self.inner.tx.try_send(stop) {
-                    Err(mpsc::error::TrySendError::Full(back)) => {
-                        stop = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => break,
-                }
+            while let Err(mpsc::error::TrySendError::Full(back)) = self.inner.tx.try_send(stop) {
+                stop = back;
+                std::thread::sleep(Duration::from_millis(1));
             }
             let _ = thread.join();
             let _ = self.inner.db.flush_wal(true);
