@@ -44,13 +44,40 @@ pub struct TlsConfig {
     pub names: Vec<String>,
 }
 
+/// How durable a send is when the broker acknowledges it.
+///
+/// The delivery contract (docs/design.md) is `synced`. `written` exists only
+/// so benchmarks can compare like with like against brokers that ack before
+/// syncing (durability tier T1); the broker warns at start when it is set.
+/// For an in-memory tier (T0), put the data directory on a tmpfs instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Written to the WAL and synced (fdatasync) before the ack; many sends
+    /// share one sync (group commit). Survives a crash of the machine.
+    Synced,
+    /// Written to the WAL, not synced: survives a crash of the broker process
+    /// but not of the machine. Outside the delivery contract; for benchmarks.
+    Written,
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Synced => "synced",
+            Self::Written => "written",
+        })
+    }
+}
+
 /// `[store]`: durability, retention and queue caps.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
-    /// Sync the WAL before each acknowledgement (group commit). Turning this
-    /// off makes acks not crash-safe; it exists for benchmarks.
-    pub sync: bool,
+    /// When a send is acknowledged: after the WAL is synced (`synced`, the
+    /// default, group commit) or after it is written to the OS (`written`, a
+    /// benchmark tier outside the delivery contract).
+    pub durability: Durability,
     /// How long undelivered messages and message ids are kept, in seconds.
     pub retention_secs: u64,
     /// How often expired messages are swept, in seconds.
@@ -115,7 +142,7 @@ impl Default for BrokerConfig {
 impl Default for StoreSection {
     fn default() -> Self {
         Self {
-            sync: true,
+            durability: Durability::Synced,
             retention_secs: 30 * 24 * 3600,
             sweep_interval_secs: 60,
             max_queue_len: 100_000,
@@ -254,7 +281,7 @@ mod tests {
         let c: BrokerConfig = toml::from_str("listen = \"127.0.0.1:9\"\n[store]\nmax_queue_len = 5\n").unwrap();
         assert_eq!(c.store.max_queue_len, 5);
         assert_eq!(c.listen.port(), 9);
-        assert!(c.store.sync, "unset fields keep defaults");
+        assert_eq!(c.store.durability, Durability::Synced, "unset fields keep defaults");
         assert!(toml::from_str::<BrokerConfig>("[store]\nmax_queue_lenn = 5\n").is_err());
     }
 }

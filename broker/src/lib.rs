@@ -14,7 +14,7 @@
 
 mod admin;
 pub mod config;
-mod router;
+pub mod router;
 mod session;
 pub mod store;
 pub mod tls;
@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{BrokerConfig, ConfigError};
+pub use config::{BrokerConfig, ConfigError, Durability};
 use router::Router;
 pub use store::{Store, StoreConfig, StoreError};
 
@@ -93,7 +93,7 @@ impl Broker {
         let store = Store::open(
             StoreConfig {
                 path: config.db_path(),
-                sync: config.store.sync,
+                durability: config.store.durability,
                 retention: config.retention(),
                 max_queue_len: config.store.max_queue_len,
                 max_batch: config.store.max_batch,
@@ -125,6 +125,13 @@ impl Broker {
         ctx.tasks.spawn(sweeper(ctx.clone()));
         ctx.tasks.spawn(disk_monitor(ctx.clone()));
         tracing::info!(%local_addr, node = %config.node, data_dir = %config.data_dir.display(), "broker started");
+        if config.store.durability != Durability::Synced {
+            tracing::warn!(
+                durability = %config.store.durability,
+                "sends are acknowledged before the WAL is synced: a power loss or OS crash can lose \
+                 acknowledged messages. This setting is for benchmarks; use `synced` in production"
+            );
+        }
         Ok(Self { ctx, endpoint, local_addr, admin_addr, cert_path: tls.cert_path })
     }
 

@@ -45,10 +45,11 @@ struct Args {
     /// Extra DNS name or IP for the generated certificate (repeatable).
     #[arg(long = "tls-name", env = "TERN_TLS_NAMES", value_delimiter = ',')]
     tls_names: Vec<String>,
-    /// Sync the WAL before acknowledging sends. `false` is for benchmarks only:
-    /// acknowledged messages may then be lost in a crash.
-    #[arg(long, env = "TERN_SYNC")]
-    sync: Option<bool>,
+    /// When a send is acknowledged: `synced` (WAL synced first; the default
+    /// and the delivery contract) or `written` (WAL written, not synced:
+    /// survives a broker crash, not a power loss; for benchmarks only).
+    #[arg(long, env = "TERN_DURABILITY", value_enum)]
+    durability: Option<tern_broker::Durability>,
     /// How long undelivered messages are kept, in seconds (default 30 days).
     #[arg(long, env = "TERN_RETENTION_SECS")]
     retention_secs: Option<u64>,
@@ -80,7 +81,7 @@ impl Args {
                 $(if let Some(v) = self.$flag { c.$($field).+ = v; })*
             };
         }
-        set!(listen => listen, data_dir => data_dir, node => node, sync => store.sync,
+        set!(listen => listen, data_dir => data_dir, node => node, durability => store.durability,
              retention_secs => store.retention_secs, sweep_interval_secs => store.sweep_interval_secs,
              max_queue_len => store.max_queue_len);
         if self.admin.is_some() {

@@ -23,7 +23,7 @@ pub(crate) type Pushed = (u64, Bytes);
 
 /// Cheap, cloneable handle to the local routing table.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Router {
+pub struct Router {
     inner: Arc<Inner>,
 }
 
@@ -52,7 +52,7 @@ pub(crate) struct Lag {
 
 /// A session's registration; detaches on drop.
 #[derive(Debug)]
-pub(crate) struct Attachment {
+pub struct Attachment {
     pub(crate) lag: Arc<Lag>,
     /// Cancelled when the same device logs in on another connection.
     pub(crate) replaced: CancellationToken,
@@ -86,7 +86,7 @@ impl Drop for Attachment {
 impl Router {
     /// Registers a session for `queue`, replacing (and cancelling) an older
     /// one. Entries stored from now on arrive on the returned receiver.
-    pub(crate) fn attach(&self, queue: QueueKey, capacity: usize) -> (Attachment, mpsc::Receiver<Pushed>) {
+    pub fn attach(&self, queue: QueueKey, capacity: usize) -> (Attachment, mpsc::Receiver<Pushed>) {
         let (tx, rx) = mpsc::channel(capacity);
         let lag = Arc::new(Lag::default());
         let replaced = CancellationToken::new();

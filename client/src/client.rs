@@ -10,7 +10,10 @@
 //! `connect` fail with a typed [`ClientError`] when no broker can be reached
 //! or the broker refuses; later losses are the actor's to repair.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -81,6 +84,26 @@ pub struct SendReceipt {
     pub recipients: u32,
 }
 
+/// The durable ack of a send queued with [`Client::enqueue`]. Resolves like
+/// [`Client::send_with_id`]: with the receipt, a refusal, or a timeout after
+/// [`ClientConfig::request_timeout`].
+#[must_use = "a send's outcome is only known by awaiting its ack"]
+pub struct PendingAck(Pin<Box<dyn Future<Output = Result<SendReceipt, SendError>> + Send>>);
+
+impl std::fmt::Debug for PendingAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingAck")
+    }
+}
+
+impl Future for PendingAck {
+    type Output = Result<SendReceipt, SendError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
 /// A connected client. Cheap to clone: clones share the connection, and
 /// [`Client::recv`] hands each delivery to one of them.
 #[derive(Debug, Clone)]
@@ -120,6 +143,9 @@ async fn open_any(
 
 fn make_endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
     config.validate()?;
+    if let Some(shared) = &config.endpoint {
+        return Ok(shared.0.clone());
+    }
     let ipv6 = config.brokers.first().is_some_and(|b| b.starts_with('['));
     crate::tls::endpoint(&config.ca, config.idle_timeout, ipv6)
 }
@@ -202,15 +228,27 @@ impl Client {
         to: &str,
         body: impl Into<Bytes>,
     ) -> Result<SendReceipt, SendError> {
+        self.enqueue(id, to, body).await?.await
+    }
+
+    /// The first half of [`Client::send_with_id`], for pipelining: resolves
+    /// once the send is queued for the connection (sends queued one after
+    /// another reach the broker, and the recipient, in that order), and
+    /// returns a future of its durable ack. Waiting for the ack is then up to
+    /// the caller, so one task can keep many sends in flight in order.
+    pub async fn enqueue(&self, id: MessageId, to: &str, body: impl Into<Bytes>) -> Result<PendingAck, SendError> {
         validate_handle(to).map_err(|e| SendError::Invalid(format!("recipient: {e}")))?;
         let (reply, rx) = oneshot::channel();
         let cmd = Cmd::Send { id, to: to.to_owned(), body: body.into(), reply };
         self.cmd.send(cmd).await.map_err(|_| SendError::Closed("client stopped".into()))?;
-        match tokio::time::timeout(self.request_timeout, rx).await {
-            Err(_) => Err(SendError::Timeout(self.request_timeout)),
-            Ok(Err(_)) => Err(SendError::Closed("client stopped".into())),
-            Ok(Ok(result)) => result,
-        }
+        let timeout = self.request_timeout;
+        Ok(PendingAck(Box::pin(async move {
+            match tokio::time::timeout(timeout, rx).await {
+                Err(_) => Err(SendError::Timeout(timeout)),
+                Ok(Err(_)) => Err(SendError::Closed("client stopped".into())),
+                Ok(Ok(result)) => result,
+            }
+        })))
     }
 
     /// The next message or receipt, in queue order; `None` once the client

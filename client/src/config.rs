@@ -38,6 +38,9 @@ pub struct ClientConfig {
     /// network cut) is noticed after this long, and the client reconnects.
     /// Keep-alives go out at a third of it.
     pub idle_timeout: Duration,
+    /// Use this endpoint (UDP socket) instead of opening one per client. Its
+    /// trust and idle timeout are the ones it was made with.
+    pub endpoint: Option<crate::SharedEndpoint>,
 }
 
 impl ClientConfig {
@@ -55,6 +58,7 @@ impl ClientConfig {
             dedup_window: 65_536,
             incoming_buffer: 1024,
             idle_timeout: Duration::from_secs(10),
+            endpoint: None,
         }
     }
 

@@ -35,8 +35,9 @@ mod identity;
 mod tls;
 
 pub use backoff::Backoff;
-pub use client::{Client, Incoming, SendReceipt};
+pub use client::{Client, Incoming, PendingAck, SendReceipt};
 pub use config::ClientConfig;
 pub use error::{ClientError, SendError};
 pub use identity::{approval_from_token, approval_to_token, generate_key, Identity};
 pub use tern_protocol::{ErrorCode, MessageId};
+pub use tls::SharedEndpoint;

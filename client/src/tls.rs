@@ -8,6 +8,28 @@ use std::time::Duration;
 
 use crate::ClientError;
 
+/// A QUIC endpoint (one UDP socket) that several [`Client`](crate::Client)s
+/// can share, set in [`ClientConfig::endpoint`](crate::ClientConfig::endpoint).
+/// Programs holding many connections (load generators, bridges) use a few of
+/// these instead of a socket per client. Cloning is cheap and shares the socket.
+#[derive(Debug, Clone)]
+pub struct SharedEndpoint(pub(crate) quinn::Endpoint);
+
+impl SharedEndpoint {
+    /// Binds an ephemeral UDP port (IPv6 if the first broker address is) and
+    /// trusts `config.ca`, with `config.idle_timeout`.
+    pub fn new(config: &crate::ClientConfig) -> Result<Self, ClientError> {
+        config.validate()?;
+        let ipv6 = config.brokers.first().is_some_and(|b| b.starts_with('['));
+        endpoint(&config.ca, config.idle_timeout, ipv6).map(Self)
+    }
+
+    /// The local UDP address.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
 /// A client endpoint on an ephemeral port that trusts the PEM file `ca`.
 pub(crate) fn endpoint(ca: &Path, idle_timeout: Duration, ipv6: bool) -> Result<quinn::Endpoint, ClientError> {
     let bad = |reason: String| ClientError::Ca { path: ca.display().to_string(), reason };

@@ -38,8 +38,8 @@ use writer::{WriteCmd, WriterActor};
 pub struct StoreConfig {
     /// RocksDB directory.
     pub path: PathBuf,
-    /// Sync the WAL before acknowledging (true: durable acks).
-    pub sync: bool,
+    /// When an acknowledged write is durable.
+    pub durability: crate::config::Durability,
     /// How long an undelivered entry and a message id (for idempotent
     /// resends) are kept.
     pub retention: Duration,

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::config::Durability;
+
 use bytes::Bytes;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
 use tern_protocol::pb;
@@ -149,7 +151,7 @@ impl WriterActor {
 
     pub(super) fn run(mut self) {
         let mut write_opts = WriteOptions::default();
-        write_opts.set_sync(self.config.sync);
+        write_opts.set_sync(self.config.durability == Durability::Synced);
         while let Some(first) = self.rx.blocking_recv() {
             let mut batch = Batch::default();
             let mut stop = self.apply(first, &mut batch);

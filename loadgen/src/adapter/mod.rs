@@ -1,0 +1,112 @@
+//! One interface over the brokers a workload can run against. An [`Adapter`]
+//! knows how to make a user known to its broker (so messages to it are kept
+//! while it is offline) and how to connect a user; a [`Connection`] sends
+//! with a durable acknowledgement and feeds what it receives into the
+//! [`Ledger`], acknowledging it to its broker the way that broker expects.
+//!
+//! Each user is one device / session / consumer named after the run id, so
+//! runs against a long-lived broker do not collide:
+//!
+//! | target | user `i` | a send to user `i` | durable ack |
+//! |---|---|---|---|
+//! | `tern://` | handle `lg-RUN-i`, one device | `Send` to that handle | `SendAck` (after the broker's WAL sync, by default) |
+//! | `nats://` | durable pull consumer `lg-RUN-i` on stream `TERNLG_RUN` | JetStream publish to `tern.lg.RUN.i` | the stream's `PubAck` |
+//! | `mqtt://` | client id `lg-RUN-i`, persistent session (clean session off) | QoS 1 publish to `tern/lg/RUN/i` | `PUBACK` |
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::ledger::Ledger;
+use crate::target::{Scheme, Target};
+use crate::LoadError;
+
+mod mqtt;
+mod nats;
+mod tern;
+
+/// Resolves when the broker has acknowledged a send as durable (its own
+/// definition of durable; see the table above).
+pub(crate) type AckFuture = Pin<Box<dyn Future<Output = Result<(), SendFailure>> + Send>>;
+
+/// Why a send failed, by kind (the key in the report's `errors`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {detail}")]
+pub(crate) struct SendFailure {
+    /// Short stable name: `Timeout`, `QueueFull`, `Closed`, ...
+    pub(crate) kind: String,
+    pub(crate) detail: String,
+}
+
+impl SendFailure {
+    pub(crate) fn new(kind: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Self { kind: kind.into(), detail: detail.to_string() }
+    }
+}
+
+/// Settings every adapter uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    /// PEM file to trust (Tern; NATS/MQTT over TLS are not supported).
+    pub(crate) ca: Option<PathBuf>,
+    /// Distinguishes this run's users, subjects and topics from other runs'.
+    pub(crate) run_id: String,
+    /// How long to wait for one durable ack.
+    pub(crate) request_timeout: Duration,
+    /// How long to wait for one connection to be established.
+    pub(crate) connect_timeout: Duration,
+    /// UDP sockets shared by all Tern connections (spread round-robin).
+    pub(crate) endpoints: usize,
+    /// Idle timeout for connections (keep-alives go at a third of it).
+    pub(crate) idle_timeout: Duration,
+}
+
+/// A broker the workload runs against.
+#[async_trait]
+pub(crate) trait Adapter: Send + Sync {
+    /// Makes user `user` known so that messages to it are kept while it is
+    /// offline (registers it, creates its consumer or persistent session).
+    /// `connect` does this itself for a user not prepared yet.
+    async fn prepare(&self, user: u32) -> Result<(), LoadError>;
+
+    /// Connects user `user`: from now on its deliveries go to `ledger`.
+    async fn connect(&self, user: u32, ledger: Arc<Ledger>) -> Result<Box<dyn Connection>, LoadError>;
+
+    /// Removes what the run created on the broker, where that is possible.
+    async fn cleanup(&self) {}
+}
+
+/// One connected user.
+#[async_trait]
+pub(crate) trait Connection: Send + Sync {
+    /// Queues a message to user `to`. Messages submitted one after another
+    /// from one task are sent in that order; the returned future resolves
+    /// on the durable ack.
+    async fn submit(&self, to: u32, body: Bytes) -> Result<AckFuture, SendFailure>;
+
+    /// A round trip to the broker: proves the connection is served.
+    async fn ping(&self) -> Result<(), SendFailure>;
+
+    /// Closes the connection (the user goes offline; its queue stays) and
+    /// stops its receive task. Later calls on it fail.
+    async fn close(&self);
+}
+
+/// The user name for index `i` in run `run_id`.
+pub(crate) fn user_name(run_id: &str, i: u32) -> String {
+    format!("lg-{run_id}-{i}")
+}
+
+/// Opens the adapter for `target`, checking that the broker answers.
+pub(crate) async fn open(target: &Target, opts: &Options, users: u32) -> Result<Arc<dyn Adapter>, LoadError> {
+    Ok(match target.scheme {
+        Scheme::Tern => Arc::new(tern::TernAdapter::open(target, opts, users).await?),
+        Scheme::Nats => Arc::new(nats::NatsAdapter::open(target, opts, users).await?),
+        Scheme::Mqtt => Arc::new(mqtt::MqttAdapter::open(target, opts, users).await?),
+    })
+}

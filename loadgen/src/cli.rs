@@ -1,0 +1,182 @@
+//! Command line: one subcommand per scenario, sharing the target and output
+//! flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::target::Target;
+
+/// Load generator for Tern, and for NATS JetStream and MQTT brokers under the
+/// same workloads. Every acknowledged message is accounted for: the summary
+/// (and `--json`) reports lost, duplicated and reordered messages, and the
+/// exit status is 1 if any acknowledged message was lost.
+///
+/// Exit status: 0 ok; 1 acknowledged messages lost; 2 bad arguments;
+/// 3 broker unreachable; 4 set-up refused or I/O error.
+#[derive(Debug, Parser)]
+#[command(name = "tern-loadgen", version, about, long_about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) scenario: Scenario,
+}
+
+impl Cli {
+    pub(crate) fn common(&self) -> &Common {
+        match &self.scenario {
+            Scenario::Chat(a) => &a.common,
+            Scenario::Max(a) => &a.common,
+            Scenario::Offline(a) => &a.common,
+            Scenario::Connections(a) => &a.common,
+            Scenario::Storm(a) => &a.common,
+        }
+    }
+
+    /// Runtime worker threads (`--threads`, default: the number of CPUs).
+    pub(crate) fn threads(&self) -> usize {
+        self.common()
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+            .max(1)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Scenario {
+    /// Open loop: USERS users in one-to-one conversations send at a fixed
+    /// aggregate RATE. Send times are scheduled in advance and latency is
+    /// measured from the scheduled time, so a slow broker cannot hide its
+    /// latency by slowing the sender (no coordinated omission).
+    Chat(ChatArgs),
+    /// Closed loop: doubles the number of sends in flight each stage until
+    /// p99 send->deliver passes --p99-bound-ms, throughput stops growing or a
+    /// delivery backlog builds; reports the highest rate sustained within bounds.
+    Max(MaxArgs),
+    /// Fills the queues of offline users, then connects them all and measures
+    /// how fast the broker drains the backlog.
+    Offline(OfflineArgs),
+    /// Ramps to USERS idle connections and reports the broker's resident
+    /// memory per connection (from /proc; the broker must run on this machine).
+    Connections(ConnectionsArgs),
+    /// USERS connected clients drop and reconnect, spread over --window
+    /// seconds; reports the time until every one is served again.
+    Storm(StormArgs),
+}
+
+/// Flags every scenario takes.
+#[derive(Debug, Args)]
+pub(crate) struct Common {
+    /// Broker to load: tern://HOST:PORT, nats://HOST:PORT (JetStream) or
+    /// mqtt://HOST:PORT (QoS 1, persistent sessions).
+    #[arg(long, value_name = "URL")]
+    pub(crate) target: Target,
+    /// PEM certificate to trust (tern:// only): the broker's
+    /// DATA_DIR/tls/cert.pem, or the CA that signed its certificate.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ca: Option<PathBuf>,
+    /// Number of users (each one connection).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
+    pub(crate) users: u32,
+    /// Message body size in bytes (at least 23: the load generator's header).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(23..=1_048_576))]
+    pub(crate) body_bytes: u32,
+    /// Write the report as JSON to FILE (`-` for standard output).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json: Option<PathBuf>,
+    /// Broker process to read CPU time and memory of, from /proc. Found
+    /// automatically when the broker listens on this machine.
+    #[arg(long, value_name = "PID")]
+    pub(crate) broker_pid: Option<u32>,
+    /// No progress bar and no summary table (the JSON is still written).
+    #[arg(long, short)]
+    pub(crate) quiet: bool,
+    /// Seconds to wait for each durable ack before counting a Timeout.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub(crate) ack_timeout: f64,
+    /// Seconds to wait, after sending stops, for acks and deliveries to
+    /// arrive before counting the missing ones as lost.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub(crate) drain_timeout: f64,
+    /// Users connecting at once while setting up.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) connect_concurrency: u32,
+    /// UDP sockets the tern:// connections share.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) endpoints: u32,
+    /// Async runtime worker threads (default: number of CPUs).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+}
+
+/// Flags of `chat`.
+#[derive(Debug, Args)]
+pub(crate) struct ChatArgs {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    /// Aggregate messages per second over all users.
+    #[arg(long, value_name = "MSGS_PER_S")]
+    pub(crate) rate: f64,
+    /// Seconds of sending, after the warm-up.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub(crate) duration: f64,
+    /// Seconds of sending at the same rate before measuring (accounted,
+    /// not timed).
+    #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+    pub(crate) warmup: f64,
+    /// Most sends waiting for their ack; beyond it the schedule slips (and
+    /// the slip shows in the latency).
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) max_in_flight: usize,
+}
+
+/// Flags of `max`.
+#[derive(Debug, Args)]
+pub(crate) struct MaxArgs {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    /// Total seconds, split evenly over the stages.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub(crate) duration: f64,
+    /// Sends in flight in the first stage; doubled each stage.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) start_in_flight: usize,
+    /// Sends in flight in the last stage.
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) max_in_flight: usize,
+    /// A stage whose p99 send->deliver latency exceeds this is over the limit.
+    #[arg(long, default_value_t = 100.0, value_name = "MS")]
+    pub(crate) p99_bound_ms: f64,
+}
+
+/// Flags of `offline`.
+#[derive(Debug, Args)]
+pub(crate) struct OfflineArgs {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    /// Messages queued for each offline user (half the users send, half receive).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) messages: u64,
+    /// Sends in flight while filling.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) in_flight: usize,
+}
+
+/// Flags of `connections`.
+#[derive(Debug, Args)]
+pub(crate) struct ConnectionsArgs {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    /// Seconds to hold the connections idle before measuring memory.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    pub(crate) hold: f64,
+}
+
+/// Flags of `storm`.
+#[derive(Debug, Args)]
+pub(crate) struct StormArgs {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    /// Reconnects are spread uniformly over this many seconds.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    pub(crate) window: f64,
+}

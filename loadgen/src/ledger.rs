@@ -1,0 +1,341 @@
+//! The books of a run: every message sent, acknowledged and delivered, so that
+//! at the end each acknowledged message is accounted for as delivered once,
+//! delivered more than once (duplicated), delivered behind a later message of
+//! the same sender (reordered), or not delivered at all (lost). Latencies go
+//! into HdrHistograms, for the whole run and for the current interval (the
+//! `max` scenario's stages).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::payload::Stamp;
+
+/// A growable bit set indexed by sequence number.
+#[derive(Debug, Default)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    /// Sets bit `i`; returns whether it was already set.
+    fn set(&mut self, i: u64) -> bool {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        if w >= self.0.len() {
+            self.0.resize(w + 1, 0);
+        }
+        let was = self.0[w] & (1 << b) != 0;
+        self.0[w] |= 1 << b;
+        was
+    }
+
+    fn get(&self, i: u64) -> bool {
+        self.0.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct SenderBook {
+    next_seq: u64,
+    acked: Bits,
+    delivered: Bits,
+}
+
+#[derive(Debug, Default)]
+struct ReceiverBook {
+    /// Highest sequence number delivered from each sender.
+    last: HashMap<u32, u64>,
+}
+
+/// send->ack and send->deliver histograms, in microseconds.
+#[derive(Debug)]
+pub(crate) struct Latencies {
+    pub(crate) ack: Histogram<u64>,
+    pub(crate) deliver: Histogram<u64>,
+}
+
+impl Latencies {
+    fn new() -> Self {
+        // 1 µs .. 5 min at 3 significant digits; larger values are clamped.
+        let h = || Histogram::new_with_bounds(1, 300_000_000, 3).expect("static bounds are valid");
+        Self { ack: h(), deliver: h() }
+    }
+
+    fn reset(&mut self) {
+        self.ack.reset();
+        self.deliver.reset();
+    }
+}
+
+/// Histogram shards: recording takes one shard's lock, chosen by user.
+const SHARDS: usize = 16;
+
+/// The books; shared by every task of a run.
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    epoch: Instant,
+    senders: Vec<Mutex<SenderBook>>,
+    receivers: Vec<Mutex<ReceiverBook>>,
+    total: Vec<Mutex<Latencies>>,
+    interval: Vec<Mutex<Latencies>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    /// Sends before this (ns since epoch) are accounted but not timed (warm-up).
+    timed_from_ns: AtomicU64,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    failed: AtomicU64,
+    delivered: AtomicU64,
+    duplicated: AtomicU64,
+    reordered: AtomicU64,
+    foreign: AtomicU64,
+    last_delivery_ns: AtomicU64,
+}
+
+/// Counters at one moment, for progress and stage decisions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) sent: u64,
+    pub(crate) acked: u64,
+    pub(crate) failed: u64,
+    pub(crate) delivered: u64,
+}
+
+/// The final accounting of acknowledged messages.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Accounting {
+    /// Sends started.
+    pub(crate) sent: u64,
+    /// Sends the broker acknowledged as durable.
+    pub(crate) acked: u64,
+    /// Sends that failed (see `errors`).
+    pub(crate) failed: u64,
+    /// Distinct messages delivered (first deliveries).
+    pub(crate) delivered: u64,
+    /// Acknowledged messages never delivered.
+    pub(crate) lost: u64,
+    /// Deliveries of a message already delivered.
+    pub(crate) duplicated: u64,
+    /// Deliveries behind a later message of the same sender to the same user.
+    pub(crate) reordered: u64,
+    /// Delivered although the send was not acknowledged (failed or timed
+    /// out on this side but stored by the broker): not an error.
+    pub(crate) delivered_unacked: u64,
+    /// Deliveries that were not load-generator messages.
+    pub(crate) foreign: u64,
+    /// Failed sends by kind.
+    pub(crate) errors: BTreeMap<String, u64>,
+}
+
+impl Ledger {
+    pub(crate) fn new(users: usize) -> Self {
+        let v = |n: usize, f: fn() -> Latencies| (0..n).map(|_| Mutex::new(f())).collect();
+        Self {
+            epoch: Instant::now(),
+            senders: (0..users).map(|_| Mutex::default()).collect(),
+            receivers: (0..users).map(|_| Mutex::default()).collect(),
+            total: v(SHARDS, Latencies::new),
+            interval: v(SHARDS, Latencies::new),
+            errors: Mutex::default(),
+            timed_from_ns: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            duplicated: AtomicU64::new(0),
+            reordered: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Nanoseconds since the run's epoch.
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// The instant `ns` after the epoch.
+    pub(crate) fn instant(&self, ns: u64) -> Instant {
+        self.epoch + Duration::from_nanos(ns)
+    }
+
+    /// Sends intended before `ns` are not timed (warm-up).
+    pub(crate) fn time_from(&self, ns: u64) {
+        self.timed_from_ns.store(ns, Relaxed);
+    }
+
+    /// Stamps the next message of `sender`, intended for `sent_ns`.
+    pub(crate) fn stamp(&self, sender: u32, sent_ns: u64) -> Stamp {
+        let mut book = self.senders[sender as usize].lock().expect("ledger lock");
+        let seq = book.next_seq;
+        book.next_seq += 1;
+        self.sent.fetch_add(1, Relaxed);
+        Stamp { sender, seq, sent_ns }
+    }
+
+    /// Records the durable ack of `stamp`.
+    pub(crate) fn acked(&self, stamp: Stamp) {
+        let now = self.now_ns();
+        self.senders[stamp.sender as usize].lock().expect("ledger lock").acked.set(stamp.seq);
+        self.acked.fetch_add(1, Relaxed);
+        if stamp.sent_ns >= self.timed_from_ns.load(Relaxed) {
+            let us = now.saturating_sub(stamp.sent_ns) / 1000;
+            let shard = stamp.sender as usize % SHARDS;
+            self.total[shard].lock().expect("ledger lock").ack.saturating_record(us.max(1));
+            self.interval[shard].lock().expect("ledger lock").ack.saturating_record(us.max(1));
+        }
+    }
+
+    /// Records a failed send, by kind.
+    pub(crate) fn failed(&self, kind: &str) {
+        self.failed.fetch_add(1, Relaxed);
+        *self.errors.lock().expect("ledger lock").entry(kind.to_owned()).or_default() += 1;
+    }
+
+    /// Records a delivery of `body` to user `receiver`.
+    pub(crate) fn delivered(&self, receiver: u32, body: &[u8]) {
+        let now = self.now_ns();
+        let Some(stamp) = Stamp::decode(body) else {
+            self.foreign.fetch_add(1, Relaxed);
+            return;
+        };
+        let Some(sender) = self.senders.get(stamp.sender as usize) else {
+            self.foreign.fetch_add(1, Relaxed);
+            return;
+        };
+        if sender.lock().expect("ledger lock").delivered.set(stamp.seq) {
+            self.duplicated.fetch_add(1, Relaxed);
+            return;
+        }
+        self.delivered.fetch_add(1, Relaxed);
+        self.last_delivery_ns.fetch_max(now, Relaxed);
+        if let Some(book) = self.receivers.get(receiver as usize) {
+            let mut book = book.lock().expect("ledger lock");
+            let last = book.last.entry(stamp.sender).or_insert(stamp.seq);
+            if stamp.seq < *last {
+                self.reordered.fetch_add(1, Relaxed);
+            } else {
+                *last = stamp.seq;
+            }
+        }
+        if stamp.sent_ns >= self.timed_from_ns.load(Relaxed) {
+            let us = now.saturating_sub(stamp.sent_ns) / 1000;
+            let shard = stamp.sender as usize % SHARDS;
+            self.total[shard].lock().expect("ledger lock").deliver.saturating_record(us.max(1));
+            self.interval[shard].lock().expect("ledger lock").deliver.saturating_record(us.max(1));
+        }
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        Counts {
+            sent: self.sent.load(Relaxed),
+            acked: self.acked.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+        }
+    }
+
+    /// When the last first-delivery happened, ns since the epoch.
+    pub(crate) fn last_delivery_ns(&self) -> u64 {
+        self.last_delivery_ns.load(Relaxed)
+    }
+
+    fn merged(shards: &[Mutex<Latencies>], reset: bool) -> Latencies {
+        let mut out = Latencies::new();
+        for s in shards {
+            let mut s = s.lock().expect("ledger lock");
+            out.ack.add(&s.ack).expect("same bounds");
+            out.deliver.add(&s.deliver).expect("same bounds");
+            if reset {
+                s.reset();
+            }
+        }
+        out
+    }
+
+    /// Latencies of the whole run.
+    pub(crate) fn latencies(&self) -> Latencies {
+        Self::merged(&self.total, false)
+    }
+
+    /// Latencies since the last call (the interval histograms are reset).
+    pub(crate) fn take_interval(&self) -> Latencies {
+        Self::merged(&self.interval, true)
+    }
+
+    /// The final accounting: walks every sender's books.
+    pub(crate) fn accounting(&self) -> Accounting {
+        let mut lost = 0;
+        let mut delivered_unacked = 0;
+        for book in &self.senders {
+            let book = book.lock().expect("ledger lock");
+            for seq in 0..book.next_seq {
+                match (book.acked.get(seq), book.delivered.get(seq)) {
+                    (true, false) => lost += 1,
+                    (false, true) => delivered_unacked += 1,
+                    _ => {}
+                }
+            }
+        }
+        let c = self.counts();
+        Accounting {
+            sent: c.sent,
+            acked: c.acked,
+            failed: c.failed,
+            delivered: c.delivered,
+            lost,
+            duplicated: self.duplicated.load(Relaxed),
+            reordered: self.reordered.load(Relaxed),
+            delivered_unacked,
+            foreign: self.foreign.load(Relaxed),
+            errors: self.errors.lock().expect("ledger lock").clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliver(l: &Ledger, to: u32, s: Stamp) {
+        l.delivered(to, &s.encode(32));
+    }
+
+    #[test]
+    fn counts_lost_duplicated_and_reordered() {
+        let l = Ledger::new(2);
+        let a: Vec<Stamp> = (0..4).map(|_| l.stamp(0, l.now_ns())).collect();
+        for s in &a {
+            l.acked(*s);
+        }
+        deliver(&l, 1, a[0]);
+        deliver(&l, 1, a[2]);
+        deliver(&l, 1, a[1]); // behind a[2]
+        deliver(&l, 1, a[2]); // again
+        let acc = l.accounting();
+        assert_eq!((acc.acked, acc.delivered, acc.lost, acc.duplicated, acc.reordered), (4, 3, 1, 1, 1));
+    }
+
+    #[test]
+    fn unacked_delivery_is_not_lost() {
+        let l = Ledger::new(2);
+        let s = l.stamp(1, 0);
+        l.failed("Timeout");
+        deliver(&l, 0, s);
+        let acc = l.accounting();
+        assert_eq!((acc.lost, acc.delivered_unacked, acc.failed), (0, 1, 1));
+        assert_eq!(acc.errors.get("Timeout"), Some(&1));
+    }
+
+    #[test]
+    fn warm_up_is_accounted_but_not_timed() {
+        let l = Ledger::new(1);
+        l.time_from(u64::MAX);
+        let s = l.stamp(0, 5);
+        l.acked(s);
+        deliver(&l, 0, s);
+        assert_eq!(l.latencies().deliver.len(), 0);
+        assert_eq!(l.accounting().delivered, 1);
+    }
+}

@@ -1,0 +1,277 @@
+//! The run's report: a summary table for people, JSON for machines.
+
+use std::io::Write;
+use std::path::Path;
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::ledger::Accounting;
+use crate::LoadError;
+
+/// Percentiles of one latency histogram, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct LatencySummary {
+    pub(crate) count: u64,
+    pub(crate) mean: f64,
+    pub(crate) p50: u64,
+    pub(crate) p90: u64,
+    pub(crate) p99: u64,
+    pub(crate) p999: u64,
+    pub(crate) max: u64,
+}
+
+impl LatencySummary {
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            mean: (h.mean() * 10.0).round() / 10.0,
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// CPU and memory of the broker process during the run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct BrokerUsage {
+    pub(crate) pid: u32,
+    /// CPU seconds (user + system) the broker used during the measured part.
+    pub(crate) cpu_s: f64,
+    /// Broker CPU per delivered message, in microseconds.
+    pub(crate) cpu_us_per_msg: f64,
+    /// Resident memory at the end.
+    pub(crate) rss_bytes: u64,
+}
+
+/// One stage of the `max` scenario.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Stage {
+    pub(crate) in_flight: usize,
+    pub(crate) seconds: f64,
+    pub(crate) acked_per_s: f64,
+    pub(crate) delivered_per_s: f64,
+    pub(crate) ack_p99_us: u64,
+    pub(crate) deliver_p50_us: u64,
+    pub(crate) deliver_p99_us: u64,
+    /// Acknowledged but not yet delivered at the end of the stage.
+    pub(crate) backlog: u64,
+    pub(crate) within_bounds: bool,
+}
+
+/// Result of `max`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct MaxResult {
+    /// Highest delivered/s of a stage within bounds.
+    pub(crate) max_sustained_per_s: f64,
+    /// Why the ramp stopped.
+    pub(crate) stopped_because: String,
+    pub(crate) stages: Vec<Stage>,
+}
+
+/// Result of `offline`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct OfflineResult {
+    pub(crate) messages: u64,
+    pub(crate) fill_s: f64,
+    pub(crate) fill_per_s: f64,
+    /// From the first reconnect to the last delivery.
+    pub(crate) drain_s: f64,
+    pub(crate) drain_per_s: f64,
+}
+
+/// Result of `connections`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct ConnectionsResult {
+    pub(crate) requested: u32,
+    pub(crate) established: u32,
+    pub(crate) failed: u32,
+    pub(crate) ramp_s: f64,
+    pub(crate) rss_before_bytes: u64,
+    pub(crate) rss_after_bytes: u64,
+    /// (after - before) / established.
+    pub(crate) bytes_per_connection: f64,
+    /// Connections that still answered a ping after the hold.
+    pub(crate) alive_after_hold: u32,
+}
+
+/// Result of `storm`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct StormResult {
+    pub(crate) clients: u32,
+    pub(crate) window_s: f64,
+    pub(crate) served: u32,
+    pub(crate) failed: u32,
+    /// From the first drop until the last client was served again.
+    pub(crate) all_served_s: f64,
+    /// Per client: from its scheduled reconnect to its first answered ping.
+    pub(crate) reconnect_ms: LatencySummary,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Report {
+    pub(crate) scenario: String,
+    pub(crate) target: String,
+    pub(crate) users: u32,
+    pub(crate) body_bytes: u32,
+    /// Chat: the aggregate rate asked for.
+    pub(crate) offered_rate: Option<f64>,
+    /// Seconds of the measured part (sending, then draining).
+    pub(crate) duration_s: f64,
+    #[serde(flatten)]
+    pub(crate) accounting: Accounting,
+    /// First deliveries per second over the measured part.
+    pub(crate) throughput_per_s: f64,
+    /// Durable acks per second over the measured part.
+    pub(crate) acked_per_s: f64,
+    pub(crate) ack_latency_us: LatencySummary,
+    pub(crate) deliver_latency_us: LatencySummary,
+    pub(crate) broker: Option<BrokerUsage>,
+    pub(crate) loadgen_cpu_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max: Option<MaxResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) offline: Option<OfflineResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) connections: Option<ConnectionsResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) storm: Option<StormResult>,
+}
+
+impl Report {
+    /// Writes the JSON to `path` (`-`: standard output).
+    pub(crate) fn write_json(&self, path: &Path) -> Result<(), LoadError> {
+        let json = serde_json::to_string_pretty(self).map_err(|e| LoadError::Io(e.to_string()))?;
+        if path.as_os_str() == "-" {
+            println!("{json}");
+            return Ok(());
+        }
+        let io = |e: std::io::Error| LoadError::Io(format!("writing {}: {e}", path.display()));
+        let mut f = std::fs::File::create(path).map_err(io)?;
+        writeln!(f, "{json}").map_err(io)
+    }
+
+    /// The summary for a terminal.
+    pub(crate) fn table(&self) -> String {
+        let mut out = String::new();
+        let a = &self.accounting;
+        let rate = self.offered_rate.map_or(String::new(), |r| format!(", offered {r:.0} msg/s"));
+        out += &format!(
+            "{} against {}: {} users, {} B bodies{rate}, {:.1} s\n",
+            self.scenario, self.target, self.users, self.body_bytes, self.duration_s
+        );
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header([
+            "sent",
+            "acked",
+            "delivered",
+            "lost",
+            "duplicated",
+            "reordered",
+            "failed",
+            "acked/s",
+            "delivered/s",
+        ]);
+        t.add_row(
+            [a.sent, a.acked, a.delivered, a.lost, a.duplicated, a.reordered, a.failed]
+                .iter()
+                .map(|n| Cell::new(n).set_alignment(CellAlignment::Right))
+                .chain([
+                    Cell::new(format!("{:.0}", self.acked_per_s)).set_alignment(CellAlignment::Right),
+                    Cell::new(format!("{:.0}", self.throughput_per_s)).set_alignment(CellAlignment::Right),
+                ]),
+        );
+        out += &format!("{t}\n");
+        if self.ack_latency_us.count + self.deliver_latency_us.count > 0 {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(["latency (µs)", "count", "p50", "p90", "p99", "p99.9", "max"]);
+            for (name, l) in [("send -> ack", &self.ack_latency_us), ("send -> deliver", &self.deliver_latency_us)] {
+                t.add_row(
+                    std::iter::once(Cell::new(name)).chain(
+                        [l.count, l.p50, l.p90, l.p99, l.p999, l.max]
+                            .iter()
+                            .map(|n| Cell::new(n).set_alignment(CellAlignment::Right)),
+                    ),
+                );
+            }
+            out += &format!("{t}\n");
+        }
+        if !a.errors.is_empty() {
+            let errs: Vec<String> = a.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            out += &format!("errors: {}\n", errs.join(", "));
+        }
+        if let Some(m) = &self.max {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header([
+                "in flight",
+                "acked/s",
+                "delivered/s",
+                "ack p99 µs",
+                "deliver p50 µs",
+                "deliver p99 µs",
+                "backlog",
+                "ok",
+            ]);
+            for s in &m.stages {
+                t.add_row([
+                    s.in_flight.to_string(),
+                    format!("{:.0}", s.acked_per_s),
+                    format!("{:.0}", s.delivered_per_s),
+                    s.ack_p99_us.to_string(),
+                    s.deliver_p50_us.to_string(),
+                    s.deliver_p99_us.to_string(),
+                    s.backlog.to_string(),
+                    if s.within_bounds { "yes" } else { "no" }.to_owned(),
+                ]);
+            }
+            out += &format!("{t}\nmax sustained: {:.0} msg/s ({})\n", m.max_sustained_per_s, m.stopped_because);
+        }
+        if let Some(o) = &self.offline {
+            out += &format!(
+                "offline: {} messages queued in {:.2} s ({:.0}/s); drained in {:.2} s ({:.0}/s)\n",
+                o.messages, o.fill_s, o.fill_per_s, o.drain_s, o.drain_per_s
+            );
+        }
+        if let Some(c) = &self.connections {
+            out += &format!(
+                "connections: {}/{} established in {:.1} s ({} failed), {} alive after the hold; broker RSS {} -> {} MiB: {:.1} KiB per connection\n",
+                c.established,
+                c.requested,
+                c.ramp_s,
+                c.failed,
+                c.alive_after_hold,
+                c.rss_before_bytes >> 20,
+                c.rss_after_bytes >> 20,
+                c.bytes_per_connection / 1024.0
+            );
+        }
+        if let Some(s) = &self.storm {
+            out += &format!(
+                "storm: {}/{} clients served again ({} failed); all served {:.2} s after the drop (window {:.1} s); reconnect p50 {} ms, p99 {} ms, max {} ms\n",
+                s.served, s.clients, s.failed, s.all_served_s, s.window_s, s.reconnect_ms.p50, s.reconnect_ms.p99, s.reconnect_ms.max
+            );
+        }
+        if let Some(b) = &self.broker {
+            out += &format!(
+                "broker pid {}: {:.2} CPU s, {:.1} µs CPU per delivered message, RSS {} MiB; loadgen {:.2} CPU s\n",
+                b.pid,
+                b.cpu_s,
+                b.cpu_us_per_msg,
+                b.rss_bytes >> 20,
+                self.loadgen_cpu_s
+            );
+        }
+        out
+    }
+}

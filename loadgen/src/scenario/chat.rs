@@ -1,0 +1,76 @@
+//! `chat`: open loop at a fixed aggregate rate. Send `k` is scheduled at
+//! `start + k / rate` and stamped with that time, so when the broker (or the
+//! in-flight bound) holds the sender back, the delay shows in the latency
+//! instead of silently lowering the offered load.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::positive;
+use crate::cli::ChatArgs;
+use crate::progress::Progress;
+use crate::report::Report;
+use crate::run::{partner, Job, Run};
+use crate::LoadError;
+
+/// Wake this long before a send is due. Tokio's timer fires on the first
+/// millisecond tick at or after the deadline, so waking a millisecond early
+/// means a send is never late because of the timer; sends that go out early
+/// are stamped with the time they actually leave, so latency is never
+/// flattered either.
+const TIMER_SLACK_NS: u64 = 1_000_000;
+
+pub(crate) async fn run(a: ChatArgs) -> Result<Report, LoadError> {
+    let rate = positive("rate", a.rate)?;
+    let duration = positive("duration", a.duration)?;
+    if !(a.warmup.is_finite() && a.warmup >= 0.0) {
+        return Err(LoadError::Args(format!("--warmup must be zero or more seconds, not {}", a.warmup)));
+    }
+    if a.max_in_flight == 0 {
+        return Err(LoadError::Args("--max-in-flight must be at least 1".into()));
+    }
+    let users = a.common.users;
+    let mut run = Run::open(&a.common, users).await?;
+    let all: Vec<u32> = (0..users).collect();
+    let conns = run.connect_all(&all, "connecting").await?;
+    let senders: Vec<_> = conns.iter().map(|c| run.spawn_sender(c.clone())).collect();
+    let in_flight = Arc::new(Semaphore::new(a.max_in_flight));
+    let ledger = run.ledger.clone();
+
+    run.start_measuring();
+    let start_ns = ledger.now_ns() + 1_000_000;
+    ledger.time_from(start_ns + (a.warmup * 1e9) as u64);
+    let total = ((a.warmup + duration) * rate).round() as u64;
+    let bar = Progress::bar(run.quiet, total, "sending");
+    for k in 0..total {
+        let due_ns = start_ns + (k as f64 * 1e9 / rate) as u64;
+        if due_ns > ledger.now_ns() + TIMER_SLACK_NS {
+            tokio::time::sleep_until(ledger.instant(due_ns - TIMER_SLACK_NS).into()).await;
+        }
+        let permit = in_flight.clone().acquire_owned().await.expect("never closed");
+        let from = (k % u64::from(users)) as u32;
+        let stamp = ledger.stamp(from, due_ns.min(ledger.now_ns()));
+        if senders[from as usize].send(Job { to: partner(from, users), stamp, permit }).await.is_err() {
+            ledger.failed("Closed");
+        }
+        if k % 1024 == 0 {
+            bar.set_position(k);
+            let c = ledger.counts();
+            bar.set_message(format!("{} acked, {} delivered, {} failed", c.acked, c.delivered, c.failed));
+        }
+    }
+    bar.set_position(total);
+    let sent_until_ns = ledger.now_ns();
+    drop(senders);
+    run.drain(&bar).await;
+    bar.finish();
+    let end_ns = ledger.last_delivery_ns().max(sent_until_ns);
+    let mut report = run.report("chat", start_ns, end_ns);
+    report.offered_rate = Some(rate);
+    run.finish(conns).await;
+    // Let close frames go out before the runtime stops.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(report)
+}
