@@ -100,6 +100,9 @@ pub struct StoreSection {
 pub struct LimitsConfig {
     /// Largest frame accepted, in bytes (length prefix excluded).
     pub max_frame_len: usize,
+    /// Kernel receive and send buffer of the UDP socket, in bytes (capped by
+    /// `net.core.rmem_max` / `wmem_max`).
+    pub udp_buffer_bytes: usize,
     /// Largest message body accepted, in bytes.
     pub max_body_len: usize,
     /// Most simultaneous client connections.
@@ -158,6 +161,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_frame_len: tern_protocol::DEFAULT_MAX_FRAME_LEN,
+            udp_buffer_bytes: 4 << 20,
             max_body_len: tern_protocol::DEFAULT_MAX_BODY_LEN,
             max_connections: 200_000,
             max_inflight: 512,
@@ -231,6 +235,9 @@ impl BrokerConfig {
                 )
             },
         )?;
+        check((64 << 10..=1 << 30).contains(&l.udp_buffer_bytes), "limits.udp_buffer_bytes", || {
+            format!("{} is outside 65536..=1073741824", l.udp_buffer_bytes)
+        })?;
         check(l.max_connections >= 1, "limits.max_connections", || "must be at least 1".into())?;
         check(l.max_inflight >= 1, "limits.max_inflight", || "must be at least 1".into())?;
         check(l.max_pending_sends >= 1, "limits.max_pending_sends", || "must be at least 1".into())?;

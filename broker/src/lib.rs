@@ -104,7 +104,13 @@ impl Broker {
         )?;
         let mut server = quinn::ServerConfig::with_crypto(tls.server_crypto(tern_protocol::ALPN)?);
         server.transport_config(Arc::new(transport::transport_config(config.limits.idle_timeout_secs)));
-        let endpoint = quinn::Endpoint::server(server, config.listen)
+        let socket = transport::bind_udp(config.listen, config.limits.udp_buffer_bytes)
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| StartError::Bind {
+            addr: config.listen,
+            source: std::io::Error::other("no async runtime"),
+        })?;
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let ctx = Context {

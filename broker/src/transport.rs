@@ -22,6 +22,37 @@ pub(crate) fn transport_config(idle_timeout_secs: u64) -> quinn::TransportConfig
     t
 }
 
+/// Binds the broker's UDP socket with `buffer` bytes of kernel receive and
+/// send buffer. Every client shares this one socket, and the default buffer
+/// (about 200 KiB) overflows under bursts, which QUIC sees as loss: latency
+/// spikes while it recovers. The kernel caps the size at
+/// `net.core.rmem_max` / `wmem_max`; a warning says when it did.
+pub(crate) fn bind_udp(addr: std::net::SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Accept IPv4-mapped addresses too on `[::]`, like the OS default.
+        let _ = socket.set_only_v6(false);
+    }
+    if let Err(e) = socket.set_recv_buffer_size(buffer) {
+        tracing::warn!(error = %e, "cannot set the UDP receive buffer size");
+    }
+    if let Err(e) = socket.set_send_buffer_size(buffer) {
+        tracing::warn!(error = %e, "cannot set the UDP send buffer size");
+    }
+    // Linux reports twice what it grants (its bookkeeping included).
+    let got = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if got < buffer / 2 {
+        tracing::warn!(
+            wanted = buffer,
+            got,
+            "UDP receive buffer capped by the kernel; raise net.core.rmem_max (sysctl) to avoid loss under bursts"
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Accepts connections until cancelled.
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, ctx: Context) {
     loop {

@@ -56,8 +56,28 @@ pub(crate) fn endpoint(ca: &Path, idle_timeout: Duration, ipv6: bool) -> Result<
     config.transport_config(Arc::new(transport));
     let bind: std::net::SocketAddr =
         if ipv6 { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(|_| bad("bad bind address".into()))?;
-    let mut endpoint = quinn::Endpoint::client(bind)
-        .map_err(|e| ClientError::Connect { addr: bind.to_string(), reason: e.to_string() })?;
+    let fail = |e: std::io::Error| ClientError::Connect { addr: bind.to_string(), reason: e.to_string() };
+    let socket = bind_udp(bind).map_err(fail)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| fail(std::io::Error::other("no async runtime")))?;
+    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).map_err(fail)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// Kernel buffer asked for on the client's UDP socket: a shared endpoint
+/// carries many connections, and an overflowing buffer drops datagrams that
+/// QUIC then has to retransmit. The kernel caps it at `net.core.rmem_max`.
+const UDP_BUFFER_BYTES: usize = 2 << 20;
+
+fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a capped buffer still works, with more loss under bursts.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
