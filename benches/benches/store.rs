@@ -1,6 +1,7 @@
 //! Store: `Store::enqueue` and `Store::ack` through the group-commit writer,
-//! for each durability tier (`synced`: WAL fsynced before the answer, the
-//! default; `written`: WAL written, not synced; `memory`: no WAL).
+//! for each durability setting (`synced`: WAL synced before the answer, the
+//! default; `written`: WAL written, not synced). For the in-memory tier run
+//! it with `TMPDIR` on a tmpfs (e.g. `TMPDIR=/dev/shm`), where a sync is free.
 //!
 //! - `enqueue_one`: one send at a time, `alice/1` to `bob` (one device), body
 //!   256 B: the latency of one durable enqueue when nothing else is waiting,
@@ -14,7 +15,7 @@
 //! - `enqueue256_ack`: 256 concurrent sends to `frank`, then one cumulative
 //!   ack of all 256 (256 deletes and 256 receipts in one write).
 //!
-//! Each tier gets a fresh store on a temporary directory (`$TMPDIR`).
+//! Each setting gets a fresh store on a temporary directory (`$TMPDIR`).
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};

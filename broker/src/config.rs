@@ -210,8 +210,10 @@ impl BrokerConfig {
         check(self.tls.cert.is_some() == self.tls.key.is_some(), "tls.cert", || {
             "tls.cert and tls.key must be given together".into()
         })?;
-        check(s.retention_secs >= 1, "store.retention_secs", || "must be at least 1".into())?;
-        check(s.sweep_interval_secs >= 1, "store.sweep_interval_secs", || "must be at least 1".into())?;
+        // Upper bounds keep every value a duration or a channel size can
+        // hold: nothing a config sets may panic later.
+        within(s.retention_secs, 1, 100 * YEAR_SECS, "store.retention_secs")?;
+        within(s.sweep_interval_secs, 1, 7 * DAY_SECS, "store.sweep_interval_secs")?;
         check(s.max_queue_len >= 1, "store.max_queue_len", || "must be at least 1".into())?;
         check((1..=65_536).contains(&s.max_batch), "store.max_batch", || {
             format!("{} is outside 1..=65536", s.max_batch)
@@ -238,12 +240,12 @@ impl BrokerConfig {
         check((64 << 10..=1 << 30).contains(&l.udp_buffer_bytes), "limits.udp_buffer_bytes", || {
             format!("{} is outside 65536..=1073741824", l.udp_buffer_bytes)
         })?;
-        check(l.max_connections >= 1, "limits.max_connections", || "must be at least 1".into())?;
-        check(l.max_inflight >= 1, "limits.max_inflight", || "must be at least 1".into())?;
-        check(l.max_pending_sends >= 1, "limits.max_pending_sends", || "must be at least 1".into())?;
-        check(l.handshake_timeout_secs >= 1, "limits.handshake_timeout_secs", || "must be at least 1".into())?;
-        check(l.idle_timeout_secs >= 1, "limits.idle_timeout_secs", || "must be at least 1".into())?;
-        check(l.max_login_attempts >= 1, "limits.max_login_attempts", || "must be at least 1".into())?;
+        within(l.max_connections as u64, 1, 100_000_000, "limits.max_connections")?;
+        within(l.max_inflight as u64, 1, 1 << 20, "limits.max_inflight")?;
+        within(l.max_pending_sends as u64, 1, 1 << 20, "limits.max_pending_sends")?;
+        within(l.handshake_timeout_secs, 1, 3600, "limits.handshake_timeout_secs")?;
+        within(l.idle_timeout_secs, 1, DAY_SECS, "limits.idle_timeout_secs")?;
+        within(u64::from(l.max_login_attempts), 1, 1000, "limits.max_login_attempts")?;
         if let Some(token) = &self.registration.token {
             check(!token.is_empty(), "registration.token", || "must not be empty when set".into())?;
         }
@@ -259,6 +261,14 @@ impl BrokerConfig {
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.store.retention_secs)
     }
+}
+
+const DAY_SECS: u64 = 86_400;
+const YEAR_SECS: u64 = 365 * DAY_SECS;
+
+/// `value` must lie in `lo..=hi`.
+fn within(value: u64, lo: u64, hi: u64, field: &'static str) -> Result<(), ConfigError> {
+    check((lo..=hi).contains(&value), field, || format!("{value} is outside {lo}..={hi}"))
 }
 
 #[cfg(test)]
@@ -281,6 +291,16 @@ mod tests {
         let mut c = BrokerConfig::default();
         c.tls.cert = Some("x.pem".into());
         assert_eq!(c.validate().unwrap_err().field, "tls.cert");
+        // Values that would overflow a duration or a channel later.
+        let mut c = BrokerConfig::default();
+        c.limits.handshake_timeout_secs = u64::MAX;
+        assert_eq!(c.validate().unwrap_err().field, "limits.handshake_timeout_secs");
+        let mut c = BrokerConfig::default();
+        c.limits.max_inflight = usize::MAX;
+        assert_eq!(c.validate().unwrap_err().field, "limits.max_inflight");
+        let mut c = BrokerConfig::default();
+        c.store.sweep_interval_secs = u64::MAX;
+        assert_eq!(c.validate().unwrap_err().field, "store.sweep_interval_secs");
     }
 
     #[test]

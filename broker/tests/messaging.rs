@@ -268,3 +268,66 @@ async fn every_device_gets_the_message_and_the_senders_other_devices_a_copy() {
     assert!(alice1.maybe_next(Duration::from_millis(200)).await.is_none(), "no copy to the sending device");
     broker.shutdown().await;
 }
+
+/// Pipelined sends keep their order when the store writer's queue is full:
+/// each device's sends are queued for the writer in the order they arrived,
+/// however many wait for room at once. Regression: sends used to wait for
+/// room concurrently, and whichever was polled first after room freed up
+/// went first, so an overloaded broker stored some out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_keep_their_order_when_the_writer_is_saturated() {
+    const SENDERS: usize = 6;
+    const EACH: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // A writer queue of 4 requests: nearly every send waits for room.
+    cfg.store.max_batch = 1;
+    cfg.limits.max_pending_sends = 256;
+    let broker = tern_broker::Broker::spawn(cfg).await.unwrap();
+    let (bob, bkey) = user(&broker, "bob").await;
+    drop(bob);
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        senders.push(user(&broker, &format!("sender{s}")).await.0);
+    }
+    let pipelines = senders.into_iter().enumerate().map(|(s, mut raw)| async move {
+        let mut bytes = Vec::new();
+        for n in 1..=EACH {
+            let send = pb::Send {
+                message_id: bytes::Bytes::copy_from_slice(&mid(s as u64 * 1_000_000 + n)),
+                to: "bob".into(),
+                body: bytes::Bytes::from(format!("{s}:{n}")),
+            };
+            let frame = pb::ClientFrame { request_id: 1000 + n, kind: Some(pb::client_frame::Kind::Send(send)) };
+            bytes.extend(tern_protocol::codec::encode_to_vec(&frame, 1 << 20).unwrap());
+        }
+        raw.write_raw(&bytes).await;
+        let mut acked = 0;
+        while acked < EACH {
+            match raw.next().await.expect("an answer").kind {
+                Some(S::SendAck(_)) => acked += 1,
+                other => panic!("sender{s}: {other:?}"),
+            }
+        }
+        raw
+    });
+    let _senders = futures::future::join_all(pipelines).await;
+
+    let mut bob = Raw::connect(&broker).await;
+    assert!(matches!(bob.login("bob", 1, &bkey).await, S::LoginOk(_)));
+    let mut last = [0u64; SENDERS];
+    let mut got = 0;
+    while got < SENDERS as u64 * EACH {
+        let d = bob.deliver().await.expect("delivery");
+        let body = String::from_utf8(message_of(&d).body.to_vec()).unwrap();
+        let (s, n) = body.split_once(':').unwrap();
+        let (s, n): (usize, u64) = (s.parse().unwrap(), n.parse().unwrap());
+        assert_eq!(n, last[s] + 1, "sender{s}'s message {n} arrived after {}", last[s]);
+        last[s] = n;
+        got += 1;
+        if got % 256 == 0 {
+            bob.ack(d.seq).await;
+        }
+    }
+    broker.shutdown().await;
+}

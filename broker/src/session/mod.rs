@@ -70,8 +70,9 @@ impl Session {
             conn,
             send,
             recv,
-            inbuf: BytesMut::with_capacity(4096),
-            out: BytesMut::with_capacity(4096),
+            // Small until used: an idle connection should cost little.
+            inbuf: BytesMut::new(),
+            out: BytesMut::new(),
             challenge: None,
             failed_logins: 0,
             device: None,
@@ -242,10 +243,7 @@ impl Session {
                 self.write_error(id, ErrorCode::Unauthenticated, "log in first");
                 Ok(())
             }
-            Some(C::Send(req)) => {
-                self.start_send(id, req);
-                Ok(())
-            }
+            Some(C::Send(req)) => self.start_send(id, req).await,
             Some(C::Ack(ack)) => {
                 self.ack(ack.up_to_seq).await;
                 Ok(())
@@ -324,27 +322,42 @@ impl Session {
         Ok(())
     }
 
-    fn start_send(&mut self, request_id: u64, req: pb::Send) {
-        let Some(d) = &self.device else { return };
+    /// Validates a `Send` and queues it for the store before the next frame
+    /// is read, so one device's sends get their seqs in the order it sent
+    /// them; the durable outcome is awaited with the other pending sends.
+    async fn start_send(&mut self, request_id: u64, req: pb::Send) -> Result<(), End> {
+        let Some(d) = &self.device else { return Ok(()) };
         let limits = &self.ctx.config.limits;
         let id = match MessageId::from_slice(&req.message_id) {
             Ok(id) => id,
-            Err(e) => return self.write_error(request_id, ErrorCode::InvalidArgument, &e.to_string()),
+            Err(e) => {
+                self.write_error(request_id, ErrorCode::InvalidArgument, &e.to_string());
+                return Ok(());
+            }
         };
         if let Err(e) = tern_protocol::validate_handle(&req.to) {
-            return self.write_error(request_id, ErrorCode::InvalidHandle, &format!("recipient: {e}"));
+            self.write_error(request_id, ErrorCode::InvalidHandle, &format!("recipient: {e}"));
+            return Ok(());
         }
         if req.body.len() > limits.max_body_len {
             let text = format!("body of {} bytes exceeds the maximum of {}", req.body.len(), limits.max_body_len);
-            return self.write_error(request_id, ErrorCode::PayloadTooLarge, &text);
+            self.write_error(request_id, ErrorCode::PayloadTooLarge, &text);
+            return Ok(());
         }
-        let store = self.ctx.store.clone();
         let sender = d.delivery.queue.clone();
         let started = Instant::now();
-        self.pending.push(Box::pin(async move {
-            let result = store.enqueue(sender, id.0, req.to, req.body).await;
-            (request_id, id, started, result)
-        }));
+        let outcome = tokio::select! {
+            biased;
+            () = self.ctx.cancel.cancelled() => {
+                return Err(End::Fatal(ErrorCode::ShuttingDown, "the broker is shutting down; reconnect".into()));
+            }
+            submitted = self.ctx.store.submit_enqueue(sender, id.0, req.to, req.body) => submitted,
+        };
+        match outcome {
+            Ok(outcome) => self.pending.push(Box::pin(async move { (request_id, id, started, outcome.await) })),
+            Err(e) => self.send_done(request_id, id, started, Err(e)),
+        }
+        Ok(())
     }
 
     fn send_done(&mut self, request_id: u64, id: MessageId, started: Instant, result: Result<Enqueued, StoreError>) {
@@ -399,11 +412,13 @@ impl Session {
 }
 
 /// Makes room for the next read: enough for the frame being received (as its
-/// prefix announces, within the maximum), never more than 64 KiB at a time.
+/// prefix announces, within the maximum), never more than 64 KiB at a time;
+/// 1 KiB between frames (most chat frames are smaller), so an idle
+/// connection holds little.
 fn reserve(buf: &mut BytesMut, max_frame: usize) -> &mut BytesMut {
     let want = match codec::peek_len(buf, max_frame) {
         Ok(Some(len)) => (len + codec::LEN_PREFIX).saturating_sub(buf.len()).clamp(512, 64 * 1024),
-        _ => 4096,
+        _ => 1024,
     };
     if buf.capacity() - buf.len() < want {
         buf.reserve(want);

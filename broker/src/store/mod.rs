@@ -172,6 +172,18 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// The durable outcome of a send queued by [`Store::submit_enqueue`].
+#[derive(Debug)]
+pub struct EnqueueOutcome(oneshot::Receiver<Result<Enqueued, StoreError>>);
+
+impl std::future::Future for EnqueueOutcome {
+    type Output = Result<Enqueued, StoreError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
 impl Store {
     /// Opens (or creates) the database and starts the writer thread.
     pub fn open(config: StoreConfig, listener: Arc<dyn QueueListener>) -> Result<Self, StoreError> {
@@ -223,7 +235,29 @@ impl Store {
         to: String,
         body: Bytes,
     ) -> Result<Enqueued, StoreError> {
-        self.call(|reply| WriteCmd::Enqueue { sender, message_id, to, body, reply }).await
+        self.submit_enqueue(sender, message_id, to, body).await?.await
+    }
+
+    /// The first half of [`Store::enqueue`]: resolves once the send is queued
+    /// for the writer, and returns a future of its durable outcome.
+    ///
+    /// Sends submitted one after another by one task are stored (and get
+    /// their seqs) in that order, so a session submits each `Send` before it
+    /// reads the next frame and waits for the outcomes concurrently. Awaiting
+    /// several [`Store::enqueue`] futures at once gives no such promise: when
+    /// the writer's channel is full, whichever future is polled first after
+    /// room frees up goes first.
+    pub async fn submit_enqueue(
+        &self,
+        sender: QueueKey,
+        message_id: [u8; 16],
+        to: String,
+        body: Bytes,
+    ) -> Result<EnqueueOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = WriteCmd::Enqueue { sender, message_id, to, body, reply };
+        self.inner.tx.send(cmd).await.map_err(|_| StoreError::Closed)?;
+        Ok(EnqueueOutcome(rx))
     }
 
     /// Deletes the entries of `queue` up to `up_to` (cumulative) and queues
