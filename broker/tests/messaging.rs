@@ -276,13 +276,15 @@ async fn every_device_gets_the_message_and_the_senders_other_devices_a_copy() {
 /// went first, so an overloaded broker stored some out of order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_sends_keep_their_order_when_the_writer_is_saturated() {
-    const SENDERS: usize = 6;
-    const EACH: u64 = 400;
+    const SENDERS: usize = 12;
+    const EACH: u64 = 1000;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
-    // A writer queue of 4 requests: nearly every send waits for room.
-    cfg.store.max_batch = 1;
-    cfg.limits.max_pending_sends = 256;
+    // The writer's queue holds 4 x 64 requests and the senders pipeline
+    // 12 x 1000: most sends wait for room, and each commit frees room for
+    // up to 64 of them at once.
+    cfg.store.max_batch = 64;
+    cfg.limits.max_pending_sends = 1000;
     let broker = tern_broker::Broker::spawn(cfg).await.unwrap();
     let (bob, bkey) = user(&broker, "bob").await;
     drop(bob);
