@@ -133,6 +133,11 @@ def table(header: list[str], rows: list[list[str]], align: str | None = None) ->
     return "\n".join(lines)
 
 
+def fenced(lines: list[str], lang: str = "") -> list[str]:
+    """A Markdown code block of `lines`, followed by a blank line."""
+    return [f"```{lang}", *lines, "```", ""]
+
+
 def exit_cell(run: dict) -> str:
     rc = run.get("exit")
     if rc == 0:
@@ -537,13 +542,11 @@ def render(meta: dict, events: list[dict], reports: dict, data: Path, out: Path,
     md.append("")
     md.append("`$TMP` is the run's temporary directory. Brokers:")
     md.append("")
-    md.append("```sh")
+    started = []
     for ev in events:
         if ev.get("event") == "started":
-            md.append(f"# {BROKER_NAMES.get(ev['broker'])} {TIER_NAMES.get(ev['tier'])}")
-            md.append(ev.get("command", ""))
-    md.append("```")
-    md.append("")
+            started += [f"# {BROKER_NAMES.get(ev['broker'])} {TIER_NAMES.get(ev['tier'])}", ev.get("command", "")]
+    md += fenced(started, "sh")
     confs = sorted((data / "configs").glob("*.conf")) if (data / "configs").is_dir() else []
     if confs:
         md.append("<details><summary>Peer configuration files</summary>")
@@ -551,20 +554,12 @@ def render(meta: dict, events: list[dict], reports: dict, data: Path, out: Path,
         for c in confs:
             md.append(f"`{c.name}`:")
             md.append("")
-            md.append("```")
-            md.append(c.read_text().rstrip())
-            md.append("```")
-            md.append("")
+            md += fenced([c.read_text().rstrip()])
         md.append("</details>")
         md.append("")
     md.append("<details><summary>Load generator commands</summary>")
     md.append("")
-    md.append("```sh")
-    for ev in events:
-        if ev.get("event") == "run":
-            md.append(ev.get("command", ""))
-    md.append("```")
-    md.append("")
+    md += fenced([ev.get("command", "") for ev in events if ev.get("event") == "run"], "sh")
     md.append("</details>")
     md.append("")
 

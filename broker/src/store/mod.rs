@@ -172,12 +172,13 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// The durable outcome of a send queued by [`Store::submit_enqueue`].
+/// The outcome of a request queued for the writer by [`Store::submit_enqueue`]
+/// (or any other request), once its batch is durable.
 #[derive(Debug)]
-pub struct EnqueueOutcome(oneshot::Receiver<Result<Enqueued, StoreError>>);
+pub struct WriteOutcome<T>(oneshot::Receiver<Result<T, StoreError>>);
 
-impl std::future::Future for EnqueueOutcome {
-    type Output = Result<Enqueued, StoreError>;
+impl<T> std::future::Future for WriteOutcome<T> {
+    type Output = Result<T, StoreError>;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(StoreError::Closed)))
@@ -204,13 +205,23 @@ impl Store {
         &self.inner.config
     }
 
+    /// Queues a request for the writer (waiting for room in its channel);
+    /// returns the future of its outcome.
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteCmd,
+    ) -> Result<WriteOutcome<T>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
+        Ok(WriteOutcome(rx))
+    }
+
+    /// Queues a request and waits for its outcome.
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteCmd,
     ) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.inner.tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.submit(make).await?.await
     }
 
     /// Claims `handle` with its first device. Durable when it returns.
@@ -253,11 +264,8 @@ impl Store {
         message_id: [u8; 16],
         to: String,
         body: Bytes,
-    ) -> Result<EnqueueOutcome, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let cmd = WriteCmd::Enqueue { sender, message_id, to, body, reply };
-        self.inner.tx.send(cmd).await.map_err(|_| StoreError::Closed)?;
-        Ok(EnqueueOutcome(rx))
+    ) -> Result<WriteOutcome<Enqueued>, StoreError> {
+        self.submit(|reply| WriteCmd::Enqueue { sender, message_id, to, body, reply }).await
     }
 
     /// Deletes the entries of `queue` up to `up_to` (cumulative) and queues
@@ -270,8 +278,7 @@ impl Store {
     /// queued behind everything sent to the writer before it, so a later
     /// login's [`Store::bounds`] sees it. A failed write is logged by the writer.
     pub async fn ack_detached(&self, queue: QueueKey, up_to: u64) -> Result<(), StoreError> {
-        let (reply, _) = oneshot::channel();
-        self.inner.tx.send(WriteCmd::Ack { queue, up_to, reply }).await.map_err(|_| StoreError::Closed)
+        self.submit(|reply| WriteCmd::Ack { queue, up_to, reply }).await.map(drop)
     }
 
     /// The bounds of `queue`.
