@@ -6,7 +6,9 @@ set -euo pipefail
 have_libclang() {
   [ -n "${LIBCLANG_PATH:-}" ] && return 0
   local pattern
-  for pattern in /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*-linux-gnu/libclang*.so*; do
+  # libclang itself, not libclang-cpp (which some images carry without it).
+  for pattern in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+    /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so*; do
     compgen -G "$pattern" >/dev/null && return 0
   done
   return 1

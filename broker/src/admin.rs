@@ -1,4 +1,5 @@
-//! The admin HTTP port: Prometheus `/metrics` and `/healthz`.
+//! The admin HTTP port: Prometheus `/metrics`, `/healthz` and `/mesh` (this
+//! broker's view of the mesh, JSON).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -37,7 +38,11 @@ pub(crate) fn recorder() -> Option<PrometheusHandle> {
 pub(crate) async fn serve(addr: SocketAddr, ctx: Context) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(ctx.clone());
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/mesh", get(mesh))
+        .with_state(ctx.clone());
     let cancel = ctx.cancel.clone();
     ctx.tasks.spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await;
@@ -66,4 +71,13 @@ async fn healthz(State(ctx): State<Context>) -> (StatusCode, String) {
     });
     let status = if ctx.cancel.is_cancelled() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, format!("{body}\n"))
+}
+
+async fn mesh(State(ctx): State<Context>) -> (StatusCode, String) {
+    match &ctx.mesh {
+        Some(mesh) => {
+            (StatusCode::OK, format!("{}\n", serde_json::to_string_pretty(&mesh.status()).unwrap_or_default()))
+        }
+        None => (StatusCode::NOT_FOUND, "this broker is not a mesh member (start it with --cluster NODEDIR)\n".into()),
+    }
 }

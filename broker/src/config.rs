@@ -29,6 +29,42 @@ pub struct BrokerConfig {
     pub limits: LimitsConfig,
     /// Who may claim a handle.
     pub registration: RegistrationConfig,
+    /// Mesh membership; a standalone broker when `cluster.dir` is unset.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: joining a mesh of brokers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Node directory made by `tern-broker cluster-cert` (`cert.pem`,
+    /// `key.pem`, `ca.pem`). Unset: a standalone broker that accepts no peers.
+    pub dir: Option<PathBuf>,
+    /// Members to join at start, as `HOST:PORT` (their listen addresses).
+    pub join: Vec<String>,
+    /// Address peers (and redirected clients) reach this broker at. Default:
+    /// the listen address, which must then be a specific IP, not 0.0.0.0.
+    pub advertise: Option<SocketAddr>,
+    /// Device locations cached per broker.
+    pub location_cache_entries: u64,
+    /// Seconds a cached location is trusted before it is looked up again.
+    pub location_cache_ttl_secs: u64,
+    /// On shutdown, seconds to keep shipping held messages to the brokers
+    /// the clients reconnect to before leaving the mesh.
+    pub drain_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            join: Vec::new(),
+            advertise: None,
+            location_cache_entries: 100_000,
+            location_cache_ttl_secs: 60,
+            drain_secs: 5,
+        }
+    }
 }
 
 /// `[tls]`: the certificate clients see.
@@ -138,6 +174,7 @@ impl Default for BrokerConfig {
             store: StoreSection::default(),
             limits: LimitsConfig::default(),
             registration: RegistrationConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -246,6 +283,28 @@ impl BrokerConfig {
         within(l.handshake_timeout_secs, 1, 3600, "limits.handshake_timeout_secs")?;
         within(l.idle_timeout_secs, 1, DAY_SECS, "limits.idle_timeout_secs")?;
         within(u64::from(l.max_login_attempts), 1, 1000, "limits.max_login_attempts")?;
+        let c = &self.cluster;
+        check(c.dir.is_some() || c.join.is_empty(), "cluster.join", || {
+            "joining a mesh needs cluster.dir (--cluster NODEDIR) with this broker's cluster certificate".into()
+        })?;
+        if c.dir.is_some() {
+            let advertise = c.advertise.unwrap_or(self.listen);
+            check(
+                !advertise.ip().is_unspecified() && advertise.port() != 0 || c.advertise.is_none(),
+                "cluster.advertise",
+                || format!("{advertise} is not an address peers can reach"),
+            )?;
+        }
+        for seed in &c.join {
+            check(
+                seed.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                "cluster.join",
+                || format!("{seed:?} is not HOST:PORT"),
+            )?;
+        }
+        within(c.location_cache_entries, 1, 100_000_000, "cluster.location_cache_entries")?;
+        within(c.location_cache_ttl_secs, 1, DAY_SECS, "cluster.location_cache_ttl_secs")?;
+        within(c.drain_secs, 0, 3600, "cluster.drain_secs")?;
         if let Some(token) = &self.registration.token {
             check(!token.is_empty(), "registration.token", || "must not be empty when set".into())?;
         }

@@ -7,13 +7,15 @@
 //! - [`store`]: RocksDB queues, accounts and idempotency, behind one
 //!   group-commit writer;
 //! - [`router`]: hands newly stored entries to online devices' sessions;
-//! - [`admin`]: `/metrics` and `/healthz`.
+//! - [`mesh`]: membership, peer links and delivery across brokers;
+//! - [`admin`]: `/metrics`, `/healthz` and `/mesh`.
 //!
 //! [`Broker::spawn`] starts everything from a [`BrokerConfig`]; the binary in
 //! `main.rs` only parses flags, loads the config and waits for a signal.
 
 mod admin;
 pub mod config;
+pub mod mesh;
 pub mod router;
 mod session;
 pub mod store;
@@ -64,6 +66,8 @@ pub(crate) struct Context {
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) connections: Arc<AtomicUsize>,
+    /// Set when the broker is a mesh member (`--cluster`).
+    pub(crate) mesh: Option<mesh::Mesh>,
 }
 
 /// A running broker.
@@ -74,6 +78,9 @@ pub struct Broker {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     cert_path: PathBuf,
+    /// Stops the mesh's tasks, after the sessions (so held messages can
+    /// still be shipped while clients move to other brokers).
+    mesh_cancel: CancellationToken,
 }
 
 impl Broker {
@@ -102,7 +109,11 @@ impl Broker {
             },
             Arc::new(router.clone()),
         )?;
-        let mut server = quinn::ServerConfig::with_crypto(tls.server_crypto(tern_protocol::ALPN)?);
+        let cluster = match &config.cluster.dir {
+            Some(dir) => Some(mesh::ClusterIdentity::load(dir, &config.node)?),
+            None => None,
+        };
+        let mut server = quinn::ServerConfig::with_crypto(tls.server_crypto(cluster.as_ref())?);
         server.transport_config(Arc::new(transport::transport_config(config.limits.idle_timeout_secs)));
         let socket = transport::bind_udp(config.listen, config.limits.udp_buffer_bytes)
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -113,13 +124,41 @@ impl Broker {
         let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let cancel = CancellationToken::new();
+        let mesh_cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let mesh = match &cluster {
+            Some(identity) => {
+                let advertise = config.cluster.advertise.unwrap_or(local_addr);
+                if advertise.ip().is_unspecified() {
+                    return Err(StartError::Config(ConfigError {
+                        field: "cluster.advertise",
+                        reason: format!("listening on {advertise}: set the address peers reach this broker at"),
+                    }));
+                }
+                Some(mesh::Mesh::start(mesh::MeshSetup {
+                    identity,
+                    endpoint: endpoint.clone(),
+                    advertise,
+                    seeds: config.cluster.join.clone(),
+                    cancel: mesh_cancel.clone(),
+                    tasks: tasks.clone(),
+                    store: store.clone(),
+                    router: router.clone(),
+                    cache_entries: config.cluster.location_cache_entries,
+                    cache_ttl: Duration::from_secs(config.cluster.location_cache_ttl_secs),
+                })?)
+            }
+            None => None,
+        };
         let ctx = Context {
             config: config.clone(),
             store,
             router,
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            cancel,
+            tasks,
             connections: Arc::new(AtomicUsize::new(0)),
+            mesh,
         };
         let admin_addr = match config.admin {
             Some(addr) => {
@@ -138,7 +177,7 @@ impl Broker {
                  acknowledged messages. This setting is for benchmarks; use `synced` in production"
             );
         }
-        Ok(Self { ctx, endpoint, local_addr, admin_addr, cert_path: tls.cert_path })
+        Ok(Self { ctx, endpoint, local_addr, admin_addr, cert_path: tls.cert_path, mesh_cancel })
     }
 
     /// The bound QUIC address.
@@ -156,6 +195,25 @@ impl Broker {
         &self.cert_path
     }
 
+    /// Keeps shipping held messages for up to `cluster.drain_secs`, while
+    /// the clients of this broker reconnect elsewhere.
+    async fn drain(&self, mesh: &mesh::Mesh) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.ctx.config.cluster.drain_secs);
+        while tokio::time::Instant::now() < deadline && !mesh.members().is_empty() {
+            match self.ctx.store.waiting().await {
+                Ok(w) if w.is_empty() => return,
+                Ok(w) => tracing::debug!(queues = w.len(), "draining: queues still held here"),
+                Err(_) => return,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// This broker's view of the mesh; `None` for a standalone broker.
+    pub fn mesh_status(&self) -> Option<mesh::MeshStatus> {
+        self.ctx.mesh.as_ref().map(mesh::Mesh::status)
+    }
+
     /// The store (for tests and tools).
     pub fn store(&self) -> &Store {
         &self.ctx.store
@@ -166,7 +224,13 @@ impl Broker {
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
         self.endpoint.set_server_config(None);
+        // Sessions end first, each client told where else to connect.
         self.ctx.cancel.cancel();
+        if let Some(mesh) = &self.ctx.mesh {
+            self.drain(mesh).await;
+            mesh.leave().await;
+        }
+        self.mesh_cancel.cancel();
         self.ctx.tasks.close();
         if tokio::time::timeout(Duration::from_secs(5), self.ctx.tasks.wait()).await.is_err() {
             tracing::warn!("sessions still running after 5 s; closing anyway");

@@ -1,6 +1,7 @@
 //! `tern-broker`: parses flags, builds the configuration (defaults, then the
 //! TOML file, then `TERN_*` environment variables and flags), starts the
-//! broker and waits for SIGINT or SIGTERM to shut it down gracefully.
+//! broker and waits for SIGINT or SIGTERM to shut it down gracefully. Its
+//! subcommands make cluster certificates and show a running mesh.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,8 +20,10 @@ use tern_broker::{Broker, BrokerConfig};
 /// file, which overrides the defaults. An invalid value exits with status 2
 /// naming the field.
 #[derive(Debug, Parser)]
-#[command(name = "tern-broker", version)]
+#[command(name = "tern-broker", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (see docs/operations.md for every field).
     #[arg(long, env = "TERN_CONFIG")]
     config: Option<PathBuf>,
@@ -62,12 +65,68 @@ struct Args {
     /// Require this token to register a new handle.
     #[arg(long, env = "TERN_REGISTRATION_TOKEN")]
     registration_token: Option<String>,
+    /// Join a mesh: the node directory made by `tern-broker cluster-cert`
+    /// (this broker's certificate, key and the cluster CA).
+    #[arg(long = "cluster", env = "TERN_CLUSTER", value_name = "NODEDIR")]
+    cluster_dir: Option<PathBuf>,
+    /// A mesh member to join at start, as HOST:PORT (its --listen address).
+    /// Repeat for more; one reachable member is enough.
+    #[arg(long, env = "TERN_JOIN", value_delimiter = ',', value_name = "HOST:PORT")]
+    join: Vec<String>,
+    /// The address peers reach this broker at (default: --listen; needed
+    /// when listening on 0.0.0.0).
+    #[arg(long, env = "TERN_ADVERTISE")]
+    advertise: Option<SocketAddr>,
     /// Log format.
     #[arg(long, env = "TERN_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tern_broker=debug`.
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Make a cluster CA: DIR/ca.pem (give it to every broker) and DIR/ca.key
+    /// (keep it off the brokers; it makes new members).
+    ClusterCa {
+        /// Directory to write to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make one broker's cluster certificate, signed by the CA in --ca, into
+    /// NODEDIR (cert.pem, key.pem and a copy of ca.pem); start the broker
+    /// with --node NAME --cluster NODEDIR.
+    ClusterCert {
+        /// The CA directory made by `cluster-ca`.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The broker's node name (its --node).
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        /// Directory to write to.
+        #[arg(long, value_name = "NODEDIR")]
+        out: PathBuf,
+    },
+    /// Inspect a running mesh.
+    Mesh {
+        #[command(subcommand)]
+        command: MeshCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum MeshCommand {
+    /// Members, peer links and queued frames as one broker sees them (read
+    /// from its admin port).
+    Status {
+        /// The broker's admin address (its --admin).
+        #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:9433")]
+        admin: String,
+        /// Print the JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Args {
@@ -97,6 +156,15 @@ impl Args {
         if self.registration_token.is_some() {
             c.registration.token = self.registration_token;
         }
+        if self.cluster_dir.is_some() {
+            c.cluster.dir = self.cluster_dir;
+        }
+        if !self.join.is_empty() {
+            c.cluster.join = self.join;
+        }
+        if self.advertise.is_some() {
+            c.cluster.advertise = self.advertise;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -114,7 +182,10 @@ fn init_logging(format: &str, filter: &str) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(command) = args.command.take() {
+        return run_command(command);
+    }
     init_logging(&args.log_format, &args.log);
     let config = match args.into_config() {
         Ok(c) => c,
@@ -140,6 +211,82 @@ async fn main() -> ExitCode {
     }
     wait_for_signal().await;
     broker.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+fn run_command(command: Command) -> ExitCode {
+    let result = match command {
+        Command::ClusterCa { out } => tern_broker::mesh::create_ca(&out).map(|cert| {
+            println!("cluster CA written: {} (trust) and {} (secret)", cert.display(), out.join("ca.key").display());
+        }),
+        Command::ClusterCert { ca, node, out } => tern_broker::mesh::create_node_cert(&ca, &node, &out).map(|()| {
+            println!(
+                "certificate of node {node} written to {}; start it with --node {node} --cluster {}",
+                out.display(),
+                out.display()
+            );
+        }),
+        Command::Mesh { command: MeshCommand::Status { admin, json } } => return mesh_status(&admin, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn mesh_status(admin: &str, json: bool) -> ExitCode {
+    let url = format!("http://{admin}/mesh");
+    let body = match ureq::get(&url).call().and_then(|mut r| r.body_mut().read_to_string()) {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!(
+                "tern-broker: cannot read {url}: {e} (is the broker running with --admin {admin} and --cluster?)"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        print!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    let status: tern_broker::mesh::MeshStatus = match serde_json::from_str(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tern-broker: {url} answered something else than a mesh status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("node {} at {} (incarnation {})", status.node, status.addr, status.incarnation);
+    println!(
+        "{:<16} {:<22} {:<6} {:<6} {:>9} {:>8} {:>10} {:>10}",
+        "MEMBER", "ADDRESS", "ALIVE", "LINK", "RTT(us)", "QUEUED", "FRAMES_OUT", "FRAMES_IN"
+    );
+    for m in &status.members {
+        let (link, rtt, queued, out, inn) = match &m.link {
+            Some(l) => (
+                "up",
+                l.rtt_us.to_string(),
+                l.queued_frames.to_string(),
+                l.frames_out.to_string(),
+                l.frames_in.to_string(),
+            ),
+            None => ("down", "-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:<16} {:<22} {:<6} {:<6} {:>9} {:>8} {:>10} {:>10}",
+            m.node,
+            m.addr,
+            if m.alive { "yes" } else { "no" },
+            link,
+            rtt,
+            queued,
+            out,
+            inn
+        );
+    }
     ExitCode::SUCCESS
 }
 

@@ -7,10 +7,13 @@
 //! woken, and reads the entries from the store instead. So the channel is only
 //! a fast path: the store is the source of truth and nothing depends on the
 //! channel having room.
+//!
+//! In a mesh, an entry for a device with no session here is announced to the
+//! ship actor (the `remote` hook), which moves it to the device's broker.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
@@ -33,6 +36,8 @@ struct Inner {
     /// Highest seq pushed to each device by any session, to count redeliveries.
     pushed: Mutex<HashMap<QueueKey, u64>>,
     next_id: AtomicU64,
+    /// Told of entries for devices not connected here (mesh members only).
+    remote: OnceLock<mpsc::Sender<crate::mesh::ShipMsg>>,
 }
 
 #[derive(Debug)]
@@ -100,6 +105,26 @@ impl Router {
         (Attachment { lag, replaced, previously_pushed, router: self.clone(), queue, id }, rx)
     }
 
+    /// Sends entries for devices not connected here to the mesh's ship actor.
+    pub(crate) fn set_remote(&self, ship: mpsc::Sender<crate::mesh::ShipMsg>) {
+        let _ = self.inner.remote.set(ship);
+    }
+
+    /// True when `queue`'s device has a session here.
+    pub(crate) fn is_attached(&self, queue: &QueueKey) -> bool {
+        self.inner.sessions.lock().is_ok_and(|s| s.contains_key(queue))
+    }
+
+    /// Ends the session of `queue`'s device here: it logged in at another
+    /// broker since.
+    pub(crate) fn replace_remotely(&self, queue: &QueueKey) {
+        if let Ok(sessions) = self.inner.sessions.lock() {
+            if let Some(slot) = sessions.get(queue) {
+                slot.replaced.cancel();
+            }
+        }
+    }
+
     /// Devices with a session on this broker.
     pub(crate) fn online(&self) -> usize {
         self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0)
@@ -114,6 +139,9 @@ impl QueueListener for Router {
                 slot.lag.lagged.store(true, Ordering::Release);
                 slot.lag.wake.notify_one();
             }
+        } else if let Some(ship) = self.inner.remote.get() {
+            // A full channel is caught up by the ship actor's sweep.
+            let _ = ship.try_send(crate::mesh::ShipMsg::Queued(queue.clone()));
         }
     }
 }

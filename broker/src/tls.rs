@@ -62,32 +62,63 @@ impl TlsIdentity {
                 (c, k)
             }
         };
-        let certs = rustls_pemfile::certs(&mut std::fs::read(&cert_path).map_err(io(&cert_path))?.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io(&cert_path))?;
-        if certs.is_empty() {
-            return Err(TlsError::Pem(format!("{}: no certificate found", cert_path.display())));
-        }
-        let key = rustls_pemfile::private_key(&mut std::fs::read(&key_path).map_err(io(&key_path))?.as_slice())
-            .map_err(io(&key_path))?
-            .ok_or_else(|| TlsError::Pem(format!("{}: no private key found", key_path.display())))?;
+        let certs = read_certs(&cert_path)?;
+        let key = read_key(&key_path)?;
         Ok(Self { certs, key, cert_path })
     }
 
-    /// A quinn server configuration presenting this identity with ALPN `alpn`.
-    pub fn server_crypto(&self, alpn: &[u8]) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+    /// The quinn server configuration: ALPN `tern/1` for clients, presenting
+    /// this identity; with `cluster`, also ALPN `tern-peer/1` for peer
+    /// brokers, presenting the node certificate and asking for theirs.
+    pub(crate) fn server_crypto(
+        &self,
+        cluster: Option<&crate::mesh::ClusterIdentity>,
+    ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Crypto(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(self.certs.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Crypto(e.to_string()))?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
+        let mut tls = match cluster {
+            None => builder
+                .with_no_client_auth()
+                .with_single_cert(self.certs.clone(), self.key.clone_key())
+                .map_err(|e| TlsError::Crypto(e.to_string()))?,
+            Some(cluster) => {
+                let signer = provider
+                    .key_provider
+                    .load_private_key(self.key.clone_key())
+                    .map_err(|e| TlsError::Crypto(e.to_string()))?;
+                let clients = Arc::new(rustls::sign::CertifiedKey::new(self.certs.clone(), signer));
+                let resolver = crate::mesh::cluster_tls::AlpnCertResolver { clients, peers: cluster.certified_key()? };
+                builder.with_client_cert_verifier(cluster.client_verifier()?).with_cert_resolver(Arc::new(resolver))
+            }
+        };
+        tls.alpn_protocols = vec![tern_protocol::ALPN.to_vec()];
+        if cluster.is_some() {
+            tls.alpn_protocols.push(tern_protocol::ALPN_PEER.to_vec());
+        }
         let quic =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Crypto(e.to_string()))?;
         Ok(Arc::new(quic))
     }
+}
+
+/// Reads every certificate of a PEM file.
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut std::fs::read(path).map_err(io(path))?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io(path))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem(format!("{}: no certificate found", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Reads the private key of a PEM file.
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    rustls_pemfile::private_key(&mut std::fs::read(path).map_err(io(path))?.as_slice())
+        .map_err(io(path))?
+        .ok_or_else(|| TlsError::Pem(format!("{}: no private key found", path.display())))
 }
 
 fn generate(dir: &Path, cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), TlsError> {
@@ -101,7 +132,7 @@ fn generate(dir: &Path, cert_path: &Path, key_path: &Path, names: &[String]) -> 
     Ok(())
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f =

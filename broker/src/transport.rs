@@ -92,6 +92,13 @@ impl Drop for ConnGuard {
 async fn serve_connection(incoming: quinn::Incoming, ctx: Context) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(ctx.config.limits.handshake_timeout_secs);
     let conn = tokio::time::timeout(timeout, incoming).await??;
+    if crate::mesh::cluster_tls::negotiated_alpn(&conn).as_deref() == Some(tern_protocol::ALPN_PEER) {
+        // Offered only when the broker has a cluster identity.
+        if let Some(mesh) = &ctx.mesh {
+            mesh.accept(conn).await;
+        }
+        return Ok(());
+    }
     let (send, recv) = tokio::select! {
         () = ctx.cancel.cancelled() => return Ok(()),
         r = tokio::time::timeout(timeout, conn.accept_bi()) => r??,

@@ -27,6 +27,13 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/tern.v1.rs"));
 }
 
+/// Generated protobuf types for `tern.peer.v1`, the broker-to-broker protocol
+/// (see `proto/peer.proto`).
+#[allow(missing_docs, clippy::all, unreachable_pub, missing_debug_implementations)]
+pub mod peer {
+    include!(concat!(env!("OUT_DIR"), "/tern.peer.v1.rs"));
+}
+
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use handle::{validate_handle, HandleError};
 pub use message_id::{MessageId, MessageIdError};
@@ -34,6 +41,10 @@ pub use pb::ErrorCode;
 
 /// ALPN protocol identifier for client connections.
 pub const ALPN: &[u8] = b"tern/1";
+
+/// ALPN protocol identifier for broker-to-broker links (mutual TLS under the
+/// cluster CA).
+pub const ALPN_PEER: &[u8] = b"tern-peer/1";
 
 /// Protocol version spoken by this crate (`Hello.version`, `Challenge.version`).
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -66,6 +77,7 @@ impl ErrorCode {
                 | Self::StorageError
                 | Self::ShuttingDown
                 | Self::RateLimited
+                | Self::MeshUnavailable
                 | Self::Internal
         )
     }

@@ -8,7 +8,52 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use tern_protocol::auth::{self, Purpose};
 use tern_protocol::{pb, validate_handle, ErrorCode};
 
-use crate::store::{now_ms, Store, StoreError};
+use std::sync::Arc;
+
+use crate::mesh::Mesh;
+use crate::store::{now_ms, Account, Store, StoreError};
+
+/// Where account records come from: the local store, and in a mesh the
+/// handle's primary (writes) and the other members (records missing here).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Accounts<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) mesh: Option<&'a Mesh>,
+}
+
+impl Accounts<'_> {
+    async fn register(&self, handle: &str, key: [u8; 32]) -> Result<Account, StoreError> {
+        match self.mesh {
+            Some(mesh) => mesh.register(handle, key).await,
+            None => self.store.register(handle, key).await,
+        }
+    }
+
+    async fn add_device(&self, handle: &str, key: [u8; 32]) -> Result<u32, StoreError> {
+        match self.mesh {
+            Some(mesh) => mesh.add_device(handle, key).await,
+            None => self.store.add_device(handle, key).await,
+        }
+    }
+
+    /// The account of `handle`.
+    pub(crate) async fn account(&self, handle: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        match self.mesh {
+            Some(mesh) => mesh.account(handle).await,
+            None => self.store.account(handle),
+        }
+    }
+
+    /// The account of `handle` with device `device`, fetched again from the
+    /// mesh when the copy here does not have it (added at another broker).
+    async fn account_with(&self, handle: &str, device: u32) -> Result<Option<Arc<Account>>, StoreError> {
+        let found = self.account(handle).await?;
+        match (found, self.mesh) {
+            (Some(a), Some(mesh)) if a.device(device).is_none() => mesh.refresh_account(handle).await,
+            (found, _) => Ok(found),
+        }
+    }
+}
 
 /// A failed request: the code and text sent back.
 pub(crate) type Refusal = (ErrorCode, String);
@@ -54,13 +99,14 @@ pub(crate) fn store_refusal(e: &StoreError) -> Refusal {
         StoreError::Full(_) => ErrorCode::StorageFull,
         StoreError::Db(_) | StoreError::Corrupt(_) => ErrorCode::StorageError,
         StoreError::Closed => ErrorCode::ShuttingDown,
+        StoreError::Unavailable(_) => ErrorCode::MeshUnavailable,
     };
     (code, e.to_string())
 }
 
 /// `Register`: claim a handle with device 1.
 pub(crate) async fn register(
-    store: &Store,
+    accounts: Accounts<'_>,
     challenge: Option<&Challenge>,
     required_token: Option<&str>,
     req: &pb::Register,
@@ -76,16 +122,21 @@ pub(crate) async fn register(
     let c = challenge.ok_or((ErrorCode::InvalidChallenge, String::new()))?;
     let transcript = auth::transcript(Purpose::Register, &c.exporter, &c.nonce, &req.handle, 0, &key);
     verify(&key, &transcript, &req.signature)?;
-    let account = store.register(&req.handle, key).await.map_err(|e| store_refusal(&e))?;
+    let account = accounts.register(&req.handle, key).await.map_err(|e| store_refusal(&e))?;
     Ok((account.handle, 1))
 }
 
 /// `Login`: act as an existing device.
-pub(crate) fn login(store: &Store, challenge: Option<&Challenge>, req: &pb::Login) -> Result<(String, u32), Refusal> {
+pub(crate) async fn login(
+    accounts: Accounts<'_>,
+    challenge: Option<&Challenge>,
+    req: &pb::Login,
+) -> Result<(String, u32), Refusal> {
     check_nonce(challenge, &req.nonce)?;
     check_handle(&req.handle)?;
     let unknown = || (ErrorCode::UnknownDevice, format!("no device {} of {:?}", req.device_id, req.handle));
-    let account = store.account(&req.handle).map_err(|e| store_refusal(&e))?.ok_or_else(unknown)?;
+    let account =
+        accounts.account_with(&req.handle, req.device_id).await.map_err(|e| store_refusal(&e))?.ok_or_else(unknown)?;
     let device = account.device(req.device_id).ok_or_else(unknown)?;
     let c = challenge.ok_or((ErrorCode::InvalidChallenge, String::new()))?;
     let transcript = auth::transcript(Purpose::Login, &c.exporter, &c.nonce, &req.handle, req.device_id, &[0; 32]);
@@ -95,7 +146,7 @@ pub(crate) fn login(store: &Store, challenge: Option<&Challenge>, req: &pb::Logi
 
 /// `LinkDevice`: add a device approved by an existing one.
 pub(crate) async fn link_device(
-    store: &Store,
+    accounts: Accounts<'_>,
     challenge: Option<&Challenge>,
     req: &pb::LinkDevice,
 ) -> Result<(String, u32), Refusal> {
@@ -110,8 +161,9 @@ pub(crate) async fn link_device(
     if approval.expires_at_ms < now_ms() {
         return Err(bad("the approval has expired".into()));
     }
-    let account = store
-        .account(&req.handle)
+    let account = accounts
+        .account_with(&req.handle, approval.approver_device_id)
+        .await
         .map_err(|e| store_refusal(&e))?
         .ok_or_else(|| (ErrorCode::UnknownDevice, format!("no user {:?}", req.handle)))?;
     let approver = account
@@ -123,6 +175,6 @@ pub(crate) async fn link_device(
     if account.devices.iter().any(|d| d.public_key == key) {
         return Err((ErrorCode::InvalidArgument, "this key is already a device of the user".into()));
     }
-    let device = store.add_device(&req.handle, key).await.map_err(|e| store_refusal(&e))?;
+    let device = accounts.add_device(&req.handle, key).await.map_err(|e| store_refusal(&e))?;
     Ok((req.handle.clone(), device))
 }

@@ -28,7 +28,7 @@ use tokio::io::AsyncReadExt;
 use crate::router::Attachment;
 use crate::store::{Enqueued, QueueKey, StoreError};
 use crate::Context;
-use auth::{Challenge, Refusal};
+use auth::{Accounts, Challenge, Refusal};
 use delivery::Delivery;
 
 type SendDone = Pin<Box<dyn Future<Output = (u64, MessageId, Instant, Result<Enqueued, StoreError>)> + Send>>;
@@ -45,6 +45,8 @@ enum End {
 struct LoggedIn {
     delivery: Delivery,
     attachment: Attachment,
+    /// The epoch of this login in the mesh's directory.
+    epoch: Option<u64>,
 }
 
 pub(crate) struct Session {
@@ -87,6 +89,9 @@ impl Session {
         let end = self.serve().await;
         if let Some(d) = &self.device {
             d.attachment.record_pushed(d.delivery.last_pushed());
+            if let (Some(mesh), Some(epoch)) = (&self.ctx.mesh, d.epoch) {
+                mesh.device_offline(&d.delivery.queue, epoch);
+            }
         }
         match end {
             End::Closed => self.conn.close(0u32.into(), b"bye"),
@@ -111,6 +116,7 @@ impl Session {
             tokio::select! {
                 biased;
                 () = self.ctx.cancel.cancelled() => {
+                    self.redirect();
                     return End::Fatal(ErrorCode::ShuttingDown, "the broker is shutting down; reconnect".into());
                 }
                 () = replaced(&self.device) => {
@@ -185,6 +191,17 @@ impl Session {
         }
     }
 
+    /// Names the other live members of the mesh, for the client to
+    /// reconnect to while this broker drains.
+    fn redirect(&mut self) {
+        let Some(mesh) = &self.ctx.mesh else { return };
+        let brokers: Vec<String> = mesh.members().values().map(|m| m.addr.to_string()).collect();
+        if !brokers.is_empty() {
+            let reason = "this broker is shutting down".to_owned();
+            self.write(0, S::Redirect(pb::Redirect { brokers, reason }));
+        }
+    }
+
     fn write_error(&mut self, request_id: u64, code: ErrorCode, text: &str) {
         self.write(request_id, S::Error(pb::Error { code: code as i32, message: text.to_owned() }));
     }
@@ -227,16 +244,18 @@ impl Session {
             Some(C::Hello(hello)) => self.hello(id, &hello),
             Some(C::Register(req)) => {
                 let token = self.ctx.config.registration.token.clone();
-                let result =
-                    auth::register(&self.ctx.store, self.challenge.take().as_ref(), token.as_deref(), &req).await;
+                let challenge = self.challenge.take();
+                let result = auth::register(self.accounts(), challenge.as_ref(), token.as_deref(), &req).await;
                 self.logged_in(id, result).await
             }
             Some(C::Login(req)) => {
-                let result = auth::login(&self.ctx.store, self.challenge.take().as_ref(), &req);
+                let challenge = self.challenge.take();
+                let result = auth::login(self.accounts(), challenge.as_ref(), &req).await;
                 self.logged_in(id, result).await
             }
             Some(C::LinkDevice(req)) => {
-                let result = auth::link_device(&self.ctx.store, self.challenge.take().as_ref(), &req).await;
+                let challenge = self.challenge.take();
+                let result = auth::link_device(self.accounts(), challenge.as_ref(), &req).await;
                 self.logged_in(id, result).await
             }
             Some(_) if !logged_in => {
@@ -253,10 +272,14 @@ impl Session {
                 Ok(())
             }
             Some(C::ListDevices(req)) => {
-                self.list_devices(id, &req.handle);
+                self.list_devices(id, &req.handle).await;
                 Ok(())
             }
         }
+    }
+
+    fn accounts(&self) -> Accounts<'_> {
+        Accounts { store: &self.ctx.store, mesh: self.ctx.mesh.as_ref() }
     }
 
     fn hello(&mut self, request_id: u64, hello: &pb::Hello) -> Result<(), End> {
@@ -314,8 +337,9 @@ impl Session {
         metrics::counter!("tern_logins_total", "result" => "ok").increment(1);
         tracing::debug!(%queue, pending = bounds.depth(), "logged in");
         let window = self.ctx.config.limits.max_inflight;
+        let epoch = self.ctx.mesh.as_ref().map(|mesh| mesh.device_online(&queue));
         let delivery = Delivery::new(queue, bounds.head, window, attachment.previously_pushed);
-        self.device = Some(LoggedIn { delivery, attachment });
+        self.device = Some(LoggedIn { delivery, attachment, epoch });
         self.inbox = Some(inbox);
         let ok = pb::LoginOk { handle, device_id: device, acked_seq: bounds.head, pending: bounds.depth() };
         self.write(request_id, S::LoginOk(ok));
@@ -346,6 +370,19 @@ impl Session {
         }
         let sender = d.delivery.queue.clone();
         let started = Instant::now();
+        if let Some(mesh) = &self.ctx.mesh {
+            // A recipient registered at another broker: fetch the record
+            // (and keep it) before the store looks for its devices.
+            match self.ctx.store.account(&req.to) {
+                Ok(Some(_)) => {}
+                _ => {
+                    if let Err(e) = mesh.account(&req.to).await {
+                        self.send_done(request_id, id, started, Err(e));
+                        return Ok(());
+                    }
+                }
+            }
+        }
         let outcome = tokio::select! {
             biased;
             () = self.ctx.cancel.cancelled() => {
@@ -391,8 +428,9 @@ impl Session {
         }
     }
 
-    fn list_devices(&mut self, request_id: u64, handle: &str) {
-        match self.ctx.store.account(handle) {
+    async fn list_devices(&mut self, request_id: u64, handle: &str) {
+        let found = self.accounts().account(handle).await;
+        match found {
             Ok(Some(account)) => {
                 let devices = account
                     .devices
@@ -409,6 +447,11 @@ impl Session {
             Err(e) => self.refuse(request_id, auth::store_refusal(&e)),
         }
     }
+}
+
+/// The error code a store failure is reported with.
+pub(crate) fn store_error_code(e: &StoreError) -> ErrorCode {
+    auth::store_refusal(e).0
 }
 
 /// Makes room for the next read: enough for the frame being received (as its

@@ -11,6 +11,8 @@
 //! | `queues` | queue key + seq (u64 BE) | [`StoredItem`](super::item::StoredItem) |
 //! | `meta` | queue key | head: highest seq deleted (u64 BE) |
 //! | `dedup` | sender queue key + message id | accepted_at_ms (u64 BE), recipients (u32 BE) |
+//! | `mesh` | `id` | this store's random 16-byte id (names it as the origin of shipped entries) |
+//! | `mesh` | `shipped` + origin id + queue key | highest origin seq stored from that origin's queue (u64 BE) |
 
 use std::fmt;
 
@@ -19,6 +21,19 @@ pub(crate) const CF_ACCOUNTS: &str = "accounts";
 pub(crate) const CF_QUEUES: &str = "queues";
 pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_DEDUP: &str = "dedup";
+pub(crate) const CF_MESH: &str = "mesh";
+
+/// Key of the store id in `mesh`.
+pub(crate) const STORE_ID_KEY: &[u8] = b"id";
+
+/// Key of the highest seq stored from `origin`'s copy of `queue`.
+pub(crate) fn shipped_key(origin: &[u8; 16], queue: &QueueKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(7 + 16 + queue.as_bytes().len());
+    k.extend_from_slice(b"shipped");
+    k.extend_from_slice(origin);
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
 
 /// One device's queue: `handle \0 device_be32`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -30,7 +30,7 @@ pub use accounts::{Account, Device};
 pub(crate) use item::{enqueued_at, split_item, KIND_RECEIPT};
 pub use item::{CorruptItem, StoredItem};
 pub use keys::QueueKey;
-use keys::{CF_ACCOUNTS, CF_DEDUP, CF_META, CF_QUEUES};
+use keys::{CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES, STORE_ID_KEY};
 use writer::{WriteCmd, WriterActor};
 
 /// Store settings (the `[store]` part of the broker configuration).
@@ -84,6 +84,10 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("store is closed")]
     Closed,
+    /// The mesh member that must take part (an account's primary) could not
+    /// be reached. Nothing was stored.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<rocksdb::Error> for StoreError {
@@ -159,6 +163,7 @@ struct Inner {
     disk_low: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     config: StoreConfig,
+    id: [u8; 16],
 }
 
 impl std::fmt::Debug for Inner {
@@ -189,6 +194,7 @@ impl Store {
     /// Opens (or creates) the database and starts the writer thread.
     pub fn open(config: StoreConfig, listener: Arc<dyn QueueListener>) -> Result<Self, StoreError> {
         let db = Arc::new(open_db(&config)?);
+        let id = store_id(&db)?;
         let accounts = moka::sync::Cache::new(config.account_cache_entries);
         let disk_low = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
@@ -197,7 +203,44 @@ impl Store {
             .name("tern-store-writer".into())
             .spawn(move || actor.run())
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { inner: Arc::new(Inner { db, tx, accounts, disk_low, writer: Mutex::new(Some(thread)), config }) })
+        Ok(Self { inner: Arc::new(Inner { db, tx, accounts, disk_low, writer: Mutex::new(Some(thread)), config, id }) })
+    }
+
+    /// This database's random id, made when it was created: with a queue
+    /// seq it names an entry shipped to another broker uniquely.
+    pub fn id(&self) -> [u8; 16] {
+        self.inner.id
+    }
+
+    /// Stores entries shipped by the broker whose store is `origin`, from
+    /// its copy of `queue`, in order; an entry whose origin seq was stored
+    /// before is skipped, so a resend is stored once. Resolves, once
+    /// durable, to the highest origin seq stored so far (for the ship ack).
+    pub async fn submit_ship(
+        &self,
+        origin: [u8; 16],
+        queue: QueueKey,
+        entries: Vec<(u64, Bytes)>,
+    ) -> Result<WriteOutcome<u64>, StoreError> {
+        self.submit(|reply| WriteCmd::ApplyShip { origin, queue, entries, reply }).await
+    }
+
+    /// Deletes the entries of `queue` up to `up_to` once another broker has
+    /// stored them (no delivery receipts: nothing was delivered).
+    pub async fn shipped(&self, queue: QueueKey, up_to: u64) -> Result<QueueBounds, StoreError> {
+        self.call(|reply| WriteCmd::Shipped { queue, up_to, reply }).await
+    }
+
+    /// Stores an account record from another broker, unless the one held
+    /// here is as new or newer (it has as many devices). Returns the record
+    /// now held.
+    pub async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
+        self.call(|reply| WriteCmd::PutAccount { account, reply }).await
+    }
+
+    /// Every queue holding entries, with its bounds.
+    pub async fn waiting(&self) -> Result<Vec<(QueueKey, QueueBounds)>, StoreError> {
+        self.call(|reply| WriteCmd::Waiting { reply }).await
     }
 
     /// The configuration the store was opened with.
@@ -365,6 +408,19 @@ fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StoreErro
     db.cf_handle(name).ok_or_else(|| StoreError::Db(format!("column family {name} missing")))
 }
 
+/// Reads this database's id, making it on first open.
+fn store_id(db: &DB) -> Result<[u8; 16], StoreError> {
+    let mesh = cf(db, CF_MESH)?;
+    if let Some(v) = db.get_pinned_cf(mesh, STORE_ID_KEY)? {
+        return v.as_ref().try_into().map_err(|_| StoreError::Corrupt("store id is not 16 bytes".into()));
+    }
+    let id: [u8; 16] = rand::random();
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.put_cf_opt(mesh, STORE_ID_KEY, id, &opts)?;
+    Ok(id)
+}
+
 fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
     std::fs::create_dir_all(&config.path)
         .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", config.path.display())))?;
@@ -397,6 +453,7 @@ fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
         ColumnFamilyDescriptor::new(CF_QUEUES, queues),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ColumnFamilyDescriptor::new(CF_DEDUP, dedup),
+        ColumnFamilyDescriptor::new(CF_MESH, Options::default()),
     ];
     Ok(DB::open_cf_descriptors(&opts, &config.path, cfs)?)
 }

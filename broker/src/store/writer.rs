@@ -19,7 +19,7 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
 use tern_protocol::pb;
 use tokio::sync::{mpsc, oneshot};
 
-use super::keys::{CF_ACCOUNTS, CF_DEDUP, CF_META, CF_QUEUES};
+use super::keys::{shipped_key, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES};
 use super::{
     cf, now_ms, Account, Device, Enqueued, Expired, QueueBounds, QueueKey, QueueListener, StoreConfig, StoreError,
     StoredItem,
@@ -38,6 +38,10 @@ pub(super) enum WriteCmd {
     Ack { queue: QueueKey, up_to: u64, reply: Reply<QueueBounds> },
     Bounds { queue: QueueKey, reply: Reply<QueueBounds> },
     Expire { cutoff_ms: u64, reply: Reply<Expired> },
+    ApplyShip { origin: [u8; 16], queue: QueueKey, entries: Vec<(u64, Bytes)>, reply: Reply<u64> },
+    Shipped { queue: QueueKey, up_to: u64, reply: Reply<QueueBounds> },
+    PutAccount { account: Account, reply: Reply<Account> },
+    Waiting { reply: Reply<Vec<(QueueKey, QueueBounds)>> },
     Stop,
 }
 
@@ -48,6 +52,8 @@ enum Pending {
     Enqueued(Reply<Enqueued>, Result<Enqueued, StoreError>),
     Bounds(Reply<QueueBounds>, Result<QueueBounds, StoreError>),
     Expired(Reply<Expired>, Result<Expired, StoreError>),
+    Seq(Reply<u64>, Result<u64, StoreError>),
+    Waiting(Reply<Vec<(QueueKey, QueueBounds)>>, Result<Vec<(QueueKey, QueueBounds)>, StoreError>),
 }
 
 impl Pending {
@@ -67,6 +73,8 @@ impl Pending {
             Self::Enqueued(r, v) => answer!(r, v),
             Self::Bounds(r, v) => answer!(r, v),
             Self::Expired(r, v) => answer!(r, v),
+            Self::Seq(r, v) => answer!(r, v),
+            Self::Waiting(r, v) => answer!(r, v),
         }
     }
 }
@@ -78,6 +86,8 @@ struct Batch {
     bounds: HashMap<QueueKey, QueueBounds>,
     accounts: HashMap<String, Arc<Account>>,
     dedup: HashMap<Vec<u8>, (u64, u32)>,
+    /// Highest origin seq stored per shipped-from queue, in this batch.
+    shipped: HashMap<Vec<u8>, u64>,
     replies: Vec<Pending>,
     queued: Vec<(QueueKey, u64, Bytes)>,
     requests: usize,
@@ -227,6 +237,25 @@ impl WriterActor {
                 let result = self.expire(batch, cutoff_ms);
                 batch.replies.push(Pending::Expired(reply, result));
             }
+            WriteCmd::ApplyShip { origin, queue, entries, reply } => {
+                let result = self.apply_ship(batch, &origin, &queue, entries);
+                batch.replies.push(Pending::Seq(reply, result));
+            }
+            WriteCmd::Shipped { queue, up_to, reply } => {
+                let result = self.delete_up_to(batch, &queue, up_to, false);
+                batch.replies.push(Pending::Bounds(reply, result));
+            }
+            WriteCmd::PutAccount { account, reply } => {
+                let result = self.put_newer_account(batch, account);
+                batch.replies.push(Pending::Account(reply, result));
+            }
+            WriteCmd::Waiting { reply } => {
+                let mut waiting: HashMap<QueueKey, QueueBounds> =
+                    self.bounds.iter().map(|(q, b)| (q.clone(), *b)).collect();
+                waiting.extend(batch.bounds.iter().map(|(q, b)| (q.clone(), *b)));
+                let list = waiting.into_iter().filter(|(_, b)| b.depth() > 0).collect();
+                batch.replies.push(Pending::Waiting(reply, Ok(list)));
+            }
             WriteCmd::Stop => return true,
         }
         false
@@ -310,6 +339,11 @@ impl WriterActor {
 
     /// Appends `value` to `queue` in this batch; returns its seq.
     fn push(&self, batch: &mut Batch, queue: &QueueKey, value: Bytes) -> Result<u64, StoreError> {
+        if !batch.bounds.contains_key(queue) && !self.bounds.contains_key(queue) {
+            // Its meta record makes the queue known at restart (to be
+            // delivered or shipped on).
+            self.create_queue(batch, queue.clone())?;
+        }
         let mut b = self.bounds_of(batch, queue)?;
         b.tail += 1;
         batch.write.put_cf(cf(&self.db, CF_QUEUES)?, queue.entry(b.tail), &value);
@@ -378,6 +412,18 @@ impl WriterActor {
     }
 
     fn ack(&mut self, batch: &mut Batch, queue: &QueueKey, up_to: u64) -> Result<QueueBounds, StoreError> {
+        self.delete_up_to(batch, queue, up_to, true)
+    }
+
+    /// Deletes entries of `queue` up to `up_to`; with `receipts`, queues a
+    /// delivery receipt for the sender of each message deleted.
+    fn delete_up_to(
+        &mut self,
+        batch: &mut Batch,
+        queue: &QueueKey,
+        up_to: u64,
+        receipts_wanted: bool,
+    ) -> Result<QueueBounds, StoreError> {
         let mut b = self.bounds_of(batch, queue)?;
         let up_to = up_to.min(b.tail);
         if up_to <= b.head {
@@ -387,6 +433,9 @@ impl WriterActor {
         let mut receipts = Vec::new();
         for (seq, value) in self.range(queue, b.head + 1, up_to)? {
             batch.write.delete_cf(queues, queue.entry(seq));
+            if !receipts_wanted {
+                continue;
+            }
             if let Ok(StoredItem { item: pb::deliver::Item::Message(m), .. }) = StoredItem::decode(&value) {
                 if m.from != queue.handle() {
                     receipts.push((QueueKey::new(&m.from, m.from_device), m.message_id));
@@ -410,6 +459,59 @@ impl WriterActor {
             self.push(batch, &to, receipt.encode())?;
         }
         Ok(b)
+    }
+
+    fn apply_ship(
+        &mut self,
+        batch: &mut Batch,
+        origin: &[u8; 16],
+        queue: &QueueKey,
+        entries: Vec<(u64, Bytes)>,
+    ) -> Result<u64, StoreError> {
+        let key = shipped_key(origin, queue);
+        let mut done = match batch.shipped.get(&key) {
+            Some(seq) => *seq,
+            None => self.db.get_pinned_cf(cf(&self.db, CF_MESH)?, &key)?.map_or(0, |v| decode_u64(&v)),
+        };
+        let fresh: Vec<(u64, Bytes)> = entries.into_iter().filter(|(seq, _)| *seq > done).collect();
+        if fresh.is_empty() {
+            return Ok(done);
+        }
+        if self.disk_low.load(Ordering::Relaxed) {
+            return Err(StoreError::Full("free disk space is below the configured minimum".into()));
+        }
+        if self.bounds_of(batch, queue)?.depth() + fresh.len() as u64 > self.config.max_queue_len {
+            return Err(StoreError::QueueFull(queue.to_string(), self.config.max_queue_len));
+        }
+        for (seq, value) in fresh {
+            if StoredItem::decode(&value).is_err() {
+                return Err(StoreError::Corrupt(format!("shipped entry {seq} of {queue} does not decode")));
+            }
+            self.push(batch, queue, value)?;
+            done = seq;
+        }
+        batch.write.put_cf(cf(&self.db, CF_MESH)?, &key, done.to_be_bytes());
+        batch.shipped.insert(key, done);
+        Ok(done)
+    }
+
+    fn put_newer_account(&mut self, batch: &mut Batch, account: Account) -> Result<Account, StoreError> {
+        if let Some(current) = self.account(batch, &account.handle)? {
+            if current.next_device_id >= account.next_device_id {
+                return Ok(Account::clone(&current));
+            }
+        }
+        let had_devices: HashSet<u32> = match self.account(batch, &account.handle)? {
+            Some(a) => a.devices.iter().map(|d| d.id).collect(),
+            None => HashSet::new(),
+        };
+        for d in &account.devices {
+            if !had_devices.contains(&d.id) {
+                self.create_queue(batch, QueueKey::new(&account.handle, d.id))?;
+            }
+        }
+        self.put_account(batch, account.clone())?;
+        Ok(account)
     }
 
     /// Entries `from ..= to` of `queue` as stored now (not counting this batch).

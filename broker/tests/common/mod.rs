@@ -16,6 +16,8 @@ use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
 use tern_protocol::{codec, ErrorCode};
 use tokio::io::AsyncReadExt;
 
+pub mod cluster;
+
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A config for a test broker in `dir`, on an ephemeral loopback port.

@@ -1,0 +1,207 @@
+//! Accounts across the mesh.
+//!
+//! Each handle has a primary: the rendezvous winner for the handle among the
+//! live members. Claims and new devices are decided there (so a handle is
+//! claimed once while the member list is stable), and the primary copies
+//! the record to every other live member before it answers, so any broker
+//! can log the user in and route to their devices, and losing one broker
+//! locks nobody out. Before it lets a handle be claimed, the primary asks
+//! the other members whether one of them holds it already (it may have been
+//! down when the handle was registered). A broker that misses a record (it
+//! was down, or joined later) fetches it from the others on first use.
+
+use std::sync::Arc;
+
+use tern_protocol::peer::{self as pp, reply, request};
+use tern_protocol::ErrorCode;
+
+use super::{failure, Mesh, REQUEST_TIMEOUT};
+use crate::store::{Account, StoreError};
+
+fn account_key(handle: &str) -> Vec<u8> {
+    let mut key = b"account\0".to_vec();
+    key.extend_from_slice(handle.as_bytes());
+    key
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("account service: {e}; retry"))
+}
+
+fn store_code(e: &StoreError) -> ErrorCode {
+    crate::session::store_error_code(e)
+}
+
+fn from_failure(code: ErrorCode, message: String, handle: &str) -> StoreError {
+    match code {
+        ErrorCode::HandleTaken => StoreError::HandleTaken(handle.to_owned()),
+        ErrorCode::UnknownRecipient | ErrorCode::UnknownDevice => StoreError::UnknownUser(handle.to_owned()),
+        ErrorCode::TooManyDevices => StoreError::TooManyDevices(handle.to_owned(), 0),
+        ErrorCode::StorageFull => StoreError::Full(message),
+        _ => StoreError::Unavailable(message),
+    }
+}
+
+impl Mesh {
+    fn account_primary(&self, handle: &str) -> String {
+        self.owner_of(&account_key(handle))
+    }
+
+    /// Claims `handle` with its first device, at the handle's primary.
+    pub(crate) async fn register(&self, handle: &str, public_key: [u8; 32]) -> Result<Account, StoreError> {
+        self.account_write(handle, public_key, false).await.map(|(account, _)| account)
+    }
+
+    /// Adds a device to `handle`, at the handle's primary; returns its number.
+    pub(crate) async fn add_device(&self, handle: &str, public_key: [u8; 32]) -> Result<u32, StoreError> {
+        self.account_write(handle, public_key, true).await.map(|(_, device)| device)
+    }
+
+    async fn account_write(
+        &self,
+        handle: &str,
+        public_key: [u8; 32],
+        add_device: bool,
+    ) -> Result<(Account, u32), StoreError> {
+        let primary = self.account_primary(handle);
+        if primary == self.node() {
+            return self.write_as_primary(handle, public_key, add_device).await;
+        }
+        let link = self.link(&primary).ok_or_else(|| unavailable(format!("no link to broker {primary}")))?;
+        let write = pp::AccountWrite {
+            handle: handle.to_owned(),
+            public_key: bytes::Bytes::copy_from_slice(&public_key),
+            add_device,
+        };
+        match link.request(request::Kind::AccountWrite(write), REQUEST_TIMEOUT).await {
+            Ok(reply::Kind::Account(a)) => {
+                let account = Account::from_json(&a.account)
+                    .map_err(|e| StoreError::Corrupt(format!("account from {primary}: {e}")))?;
+                let account = self.inner.store.put_account(account).await?;
+                Ok((account, a.device))
+            }
+            Ok(_) => Err(unavailable(format!("broker {primary} answered something else"))),
+            Err(super::PeerError::Failure { code, message, .. }) => Err(from_failure(code, message, handle)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// As primary: checks the other members for an existing claim, writes,
+    /// and copies the record to every live member before answering.
+    async fn write_as_primary(
+        &self,
+        handle: &str,
+        public_key: [u8; 32],
+        add_device: bool,
+    ) -> Result<(Account, u32), StoreError> {
+        if self.inner.store.account(handle)?.is_none() {
+            if let Some(found) = self.fetch_account(handle).await? {
+                self.inner.store.put_account(Account::clone(&found)).await?;
+            }
+        }
+        let (account, device) = if add_device {
+            let device = self.inner.store.add_device(handle, public_key).await?;
+            let account =
+                self.inner.store.account(handle)?.ok_or_else(|| StoreError::UnknownUser(handle.to_owned()))?;
+            (Account::clone(&account), device)
+        } else {
+            (self.inner.store.register(handle, public_key).await?, 1)
+        };
+        self.replicate(&account).await;
+        Ok((account, device))
+    }
+
+    /// Copies `account` to every live member (waiting for each, briefly).
+    async fn replicate(&self, account: &Account) {
+        let json = bytes::Bytes::from(account.to_json());
+        let links: Vec<_> = self.members().keys().filter_map(|m| self.link(m)).collect();
+        let puts = links.iter().map(|link| {
+            let put = pp::AccountPut { account: json.clone() };
+            link.request(request::Kind::AccountPut(put), REQUEST_TIMEOUT)
+        });
+        for (link, result) in links.iter().zip(futures::future::join_all(puts).await) {
+            if let Err(e) = result {
+                tracing::warn!(handle = %account.handle, peer = %link.peer.name, error = %e, "account not copied; the member will fetch it on first use");
+            }
+        }
+    }
+
+    /// The account of `handle`: the copy held here, else fetched from the
+    /// other members (and kept).
+    pub(crate) async fn account(&self, handle: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        if let Some(a) = self.inner.store.account(handle)? {
+            return Ok(Some(a));
+        }
+        self.refresh_account(handle).await
+    }
+
+    /// Fetches the newest record of `handle` from the other members and
+    /// keeps it here (when the copy here is missing or stale).
+    pub(crate) async fn refresh_account(&self, handle: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        match self.fetch_account(handle).await? {
+            Some(found) => Ok(Some(Arc::new(self.inner.store.put_account(Account::clone(&found)).await?))),
+            None => self.inner.store.account(handle),
+        }
+    }
+
+    /// Asks every live member for `handle`; returns the newest record.
+    async fn fetch_account(&self, handle: &str) -> Result<Option<Arc<Account>>, StoreError> {
+        let links: Vec<_> = self.members().keys().filter_map(|m| self.link(m)).collect();
+        let gets = links.iter().map(|link| {
+            let get = pp::AccountGet { handle: handle.to_owned() };
+            link.request(request::Kind::AccountGet(get), REQUEST_TIMEOUT)
+        });
+        let mut newest: Option<Account> = None;
+        for result in futures::future::join_all(gets).await {
+            if let Ok(reply::Kind::Account(a)) = result {
+                if a.account.is_empty() {
+                    continue;
+                }
+                if let Ok(account) = Account::from_json(&a.account) {
+                    if account.handle == handle
+                        && newest.as_ref().is_none_or(|n| account.next_device_id > n.next_device_id)
+                    {
+                        newest = Some(account);
+                    }
+                }
+            }
+        }
+        Ok(newest.map(Arc::new))
+    }
+
+    pub(super) fn serve_account_get(&self, handle: &str) -> reply::Kind {
+        match self.inner.store.account(handle) {
+            Ok(found) => reply::Kind::Account(pp::AccountReply {
+                account: found.map(|a| a.to_json().into()).unwrap_or_default(),
+                device: 0,
+            }),
+            Err(e) => reply::Kind::Failure(failure(store_code(&e), e.to_string())),
+        }
+    }
+
+    pub(super) async fn serve_account_write(&self, w: pp::AccountWrite) -> reply::Kind {
+        if tern_protocol::validate_handle(&w.handle).is_err() {
+            return reply::Kind::Failure(failure(ErrorCode::InvalidHandle, "invalid handle"));
+        }
+        let Ok(key) = <[u8; 32]>::try_from(w.public_key.as_ref()) else {
+            return reply::Kind::Failure(failure(ErrorCode::InvalidArgument, "a public key is 32 bytes"));
+        };
+        match self.write_as_primary(&w.handle, key, w.add_device).await {
+            Ok((account, device)) => {
+                reply::Kind::Account(pp::AccountReply { account: account.to_json().into(), device })
+            }
+            Err(e) => reply::Kind::Failure(failure(store_code(&e), e.to_string())),
+        }
+    }
+
+    pub(super) async fn serve_account_put(&self, json: &[u8]) -> reply::Kind {
+        let account = match Account::from_json(json) {
+            Ok(a) if tern_protocol::validate_handle(&a.handle).is_ok() => a,
+            _ => return reply::Kind::Failure(failure(ErrorCode::InvalidArgument, "not an account record")),
+        };
+        match self.inner.store.put_account(account).await {
+            Ok(_) => reply::Kind::Account(pp::AccountReply::default()),
+            Err(e) => reply::Kind::Failure(failure(store_code(&e), e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The location directory: which broker each device is connected to.
+//!
+//! A device's entry lives at its shard owner, the live member (this broker
+//! included) with the highest rendezvous score for the device's key, so
+//! every broker computes the same owner from the same member list without
+//! asking anyone. Entries are soft state: the broker a device logs in at
+//! sends the owner a `Location` with an epoch (the login time in
+//! microseconds, kept increasing per broker), and re-sends every hosted
+//! device's location whenever membership changes, so an owner that restarts
+//! or a shard that moves is filled again within one gossip round.
+//!
+//! Lookups are cached per broker in moka (bounded, with a TTL). When the
+//! owner accepts a newer location it tells every member (`Moved`), which
+//! updates their caches: a stale cache entry lives at most until then, and a
+//! message sent on one is never lost (the broker it reaches stores it and
+//! ships it on).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::store::QueueKey;
+
+/// Where a device was last seen logging in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Location {
+    pub(crate) node: String,
+    pub(crate) epoch: u64,
+}
+
+/// The owner's table and every broker's cache.
+#[derive(Debug)]
+pub(crate) struct Directory {
+    /// Entries this broker holds as shard owner (and, for its own devices,
+    /// as their host).
+    table: Mutex<HashMap<QueueKey, Location>>,
+    /// Cached lookups; `None`: the directory knows no location.
+    cache: moka::sync::Cache<QueueKey, Option<Location>>,
+    last_epoch: AtomicU64,
+}
+
+impl Directory {
+    pub(crate) fn new(cache_entries: u64, ttl: Duration) -> Self {
+        Self {
+            table: Mutex::new(HashMap::new()),
+            cache: moka::sync::Cache::builder().max_capacity(cache_entries).time_to_live(ttl).build(),
+            last_epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// A fresh epoch: microseconds since the Unix epoch, above every epoch
+    /// this broker gave before.
+    pub(crate) fn next_epoch(&self) -> u64 {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let mut last = self.last_epoch.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_epoch.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    /// Records a location as owner. Returns the location it replaced when
+    /// the device moved to another broker; `None` when it is stale (an equal
+    /// or newer epoch is known), new, or on the same broker.
+    pub(crate) fn record(&self, queue: &QueueKey, location: Location) -> Recorded {
+        let mut table = self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match table.get(queue) {
+            Some(known) if known.epoch >= location.epoch => Recorded::Stale,
+            known => {
+                let moved_from = known.filter(|k| k.node != location.node).map(|k| k.node.clone());
+                let known = known.is_some();
+                table.insert(queue.clone(), location);
+                Recorded::Fresh { moved_from, known }
+            }
+        }
+    }
+
+    /// The owner's entry.
+    pub(crate) fn owned(&self, queue: &QueueKey) -> Option<Location> {
+        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(queue).cloned()
+    }
+
+    /// Entries held as owner.
+    pub(crate) fn owned_len(&self) -> usize {
+        self.table.lock().map(|t| t.len()).unwrap_or(0)
+    }
+
+    pub(crate) fn cached(&self, queue: &QueueKey) -> Option<Option<Location>> {
+        let hit = self.cache.get(queue);
+        metrics::counter!("tern_location_cache_total", "result" => if hit.is_some() { "hit" } else { "miss" })
+            .increment(1);
+        hit
+    }
+
+    pub(crate) fn forget(&self, queue: &QueueKey) {
+        self.cache.invalidate(queue);
+    }
+
+    pub(crate) fn cache(&self, queue: QueueKey, location: Option<Location>) {
+        self.cache.insert(queue, location);
+    }
+
+    /// Applies a `Moved` notice: the cache now points at the new broker,
+    /// unless it already knows a newer location.
+    pub(crate) fn invalidate(&self, queue: &QueueKey, location: Location) {
+        if let Some(Some(known)) = self.cache.get(queue) {
+            if known.epoch >= location.epoch {
+                return;
+            }
+        }
+        metrics::counter!("tern_location_invalidations_total").increment(1);
+        self.cache.insert(queue.clone(), Some(location));
+    }
+}
+
+/// What [`Directory::record`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    Stale,
+    /// Recorded; `known`: the device had an entry before.
+    Fresh {
+        moved_from: Option<String>,
+        known: bool,
+    },
+}
+
+/// The rendezvous (highest random weight) winner for `key` among `nodes`:
+/// every broker with the same member list picks the same one, and when a
+/// member leaves only the keys it owned move.
+pub(crate) fn rendezvous<'a>(key: &[u8], nodes: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    nodes.into_iter().max_by_key(|node| (score(node, key), *node))
+}
+
+fn score(node: &str, key: &[u8]) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(node.as_bytes());
+    ctx.update(&[0xff]);
+    ctx.update(key);
+    let digest = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_be_bytes(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_moves_only_the_keys_of_a_member_that_leaves() {
+        let all = ["a", "b", "c", "d"];
+        let keys: Vec<Vec<u8>> = (0..2000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        let before: Vec<&str> = keys.iter().map(|k| rendezvous(k, all).unwrap()).collect();
+        let mut per_node = HashMap::new();
+        for owner in &before {
+            *per_node.entry(*owner).or_insert(0) += 1;
+        }
+        for node in all {
+            let n = per_node[node];
+            assert!((350..650).contains(&n), "{node} owns {n} of 2000: not spread evenly");
+        }
+        let after: Vec<&str> = keys.iter().map(|k| rendezvous(k, ["a", "b", "d"]).unwrap()).collect();
+        for (b, a) in before.iter().zip(&after) {
+            if *b != "c" {
+                assert_eq!(b, a, "a key not owned by the leaver moved");
+            }
+        }
+    }
+
+    #[test]
+    fn newer_epochs_win_and_moves_are_reported() {
+        let d = Directory::new(10, Duration::from_secs(60));
+        let q = QueueKey::new("bob", 1);
+        let at = |node: &str, epoch| Location { node: node.into(), epoch };
+        assert_eq!(d.record(&q, at("a", 5)), Recorded::Fresh { moved_from: None, known: false });
+        assert_eq!(d.record(&q, at("b", 4)), Recorded::Stale);
+        assert_eq!(d.record(&q, at("b", 6)), Recorded::Fresh { moved_from: Some("a".into()), known: true });
+        assert_eq!(d.record(&q, at("b", 7)), Recorded::Fresh { moved_from: None, known: true });
+        assert_eq!(d.owned(&q), Some(at("b", 7)));
+        d.cache(q.clone(), Some(at("b", 7)));
+        d.invalidate(&q, at("a", 6));
+        assert_eq!(d.cached(&q), Some(Some(at("b", 7))), "an older move does not overwrite");
+        d.invalidate(&q, at("c", 9));
+        assert_eq!(d.cached(&q), Some(Some(at("c", 9))));
+        assert!(d.next_epoch() < d.next_epoch());
+    }
+}

@@ -1,0 +1,328 @@
+//! One peer link: a QUIC connection to another broker of the mesh.
+//!
+//! Either end may dial (ALPN `tern-peer/1`, mutual TLS under the cluster CA).
+//! The dialer opens the link stream and both ends send a `PeerHello` first;
+//! the name in it must be the common name of the certificate the peer proved
+//! it holds. Then the link task reads frames and datagrams and hands them to
+//! the [`Mesh`], and writes what the mesh queues for the peer: it blocks for
+//! one outgoing frame, drains every other one already queued, and writes them
+//! with one call, so frames share packets.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tern_protocol::peer::{peer_frame::Kind as P, reply, request, Gossip, PeerFrame, PeerHello, Reply, Request};
+use tern_protocol::{codec, DecodeError};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::cluster_tls::{peer_node_name, PEER_SERVER_NAME};
+use super::membership::{MembershipMsg, NodeId};
+use super::Mesh;
+
+/// Largest peer frame: a batch of shipped entries up to this size.
+pub(crate) const MAX_PEER_FRAME: usize = 8 << 20;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames queued for one link before senders wait.
+const OUTBOX_FRAMES: usize = 4096;
+
+/// Why a link could not be set up, or ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the peer presented no cluster certificate")]
+    NoCertificate,
+    #[error("the peer's certificate names {cert:?} but it says it is {hello:?}")]
+    NameMismatch { cert: String, hello: String },
+    #[error("dialed ourselves")]
+    SelfLink,
+    #[error("peer protocol: {0}")]
+    Protocol(String),
+    #[error("no hello within {HELLO_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Why a request to a peer got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum PeerError {
+    #[error("broker {0} did not answer in time")]
+    Timeout(String),
+    #[error("the link to broker {0} went down")]
+    LinkDown(String),
+    #[error("broker {node} refused: {message}")]
+    Failure { node: String, code: tern_protocol::ErrorCode, message: String },
+}
+
+type PendingReplies = Arc<Mutex<HashMap<u64, oneshot::Sender<reply::Kind>>>>;
+
+/// What the rest of the broker holds of a live link.
+#[derive(Clone, Debug)]
+pub(crate) struct LinkHandle {
+    pub(crate) id: u64,
+    pub(crate) peer: NodeId,
+    /// The node that dialed this connection (duplicate links keep the one
+    /// dialed by the lower node name).
+    pub(crate) dialer: String,
+    pub(crate) since: Instant,
+    conn: quinn::Connection,
+    out: mpsc::Sender<PeerFrame>,
+    stats: Arc<LinkStats>,
+    pending: PendingReplies,
+}
+
+/// Counters of one link, for `/mesh` and metrics.
+#[derive(Debug, Default)]
+pub(crate) struct LinkStats {
+    pub(crate) frames_out: AtomicU64,
+    pub(crate) frames_in: AtomicU64,
+    pub(crate) writes: AtomicU64,
+}
+
+impl LinkHandle {
+    /// Queues a frame; false when the link is gone or its queue is full.
+    pub(crate) fn send(&self, frame: PeerFrame) -> bool {
+        self.out.try_send(frame).is_ok()
+    }
+
+    /// Queues a frame, waiting for room; false when the link is gone.
+    pub(crate) async fn send_wait(&self, frame: PeerFrame) -> bool {
+        self.out.send(frame).await.is_ok()
+    }
+
+    /// Sends a gossip packet: as a datagram when it fits, else as a frame.
+    pub(crate) fn send_packet(&self, packet: Bytes) {
+        if self.conn.max_datagram_size().is_some_and(|max| packet.len() <= max) {
+            if self.conn.send_datagram(packet).is_ok() {
+                return;
+            }
+        } else {
+            self.send(PeerFrame { kind: Some(P::Gossip(Gossip { packet })) });
+        }
+    }
+
+    /// Round-trip time QUIC measures on the link.
+    pub(crate) fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
+    pub(crate) fn stats(&self) -> &LinkStats {
+        &self.stats
+    }
+
+    /// Frames waiting to be written.
+    pub(crate) fn queued(&self) -> usize {
+        OUTBOX_FRAMES - self.out.capacity()
+    }
+
+    /// Sends a request and waits up to `timeout` for its reply.
+    pub(crate) async fn request(&self, kind: request::Kind, timeout: Duration) -> Result<reply::Kind, PeerError> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, tx);
+        let node = &self.peer.name;
+        if !self.send_wait(PeerFrame { kind: Some(P::Request(Request { id, kind: Some(kind) })) }).await {
+            return Err(PeerError::LinkDown(node.clone()));
+        }
+        let answer = tokio::time::timeout(timeout, rx).await;
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+        match answer {
+            Err(_) => Err(PeerError::Timeout(node.clone())),
+            Ok(Err(_)) => Err(PeerError::LinkDown(node.clone())),
+            Ok(Ok(reply::Kind::Failure(f))) => Err(PeerError::Failure {
+                node: node.clone(),
+                code: tern_protocol::ErrorCode::try_from(f.code).unwrap_or(tern_protocol::ErrorCode::Internal),
+                message: f.message,
+            }),
+            Ok(Ok(kind)) => Ok(kind),
+        }
+    }
+
+    /// Answers request `id` of the peer.
+    pub(crate) fn reply(&self, id: u64, kind: reply::Kind) {
+        self.send(PeerFrame { kind: Some(P::Reply(Reply { id, kind: Some(kind) })) });
+    }
+
+    /// Completes a request this end made.
+    pub(crate) fn on_reply(&self, reply: Reply) {
+        let waiter = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&reply.id);
+        if let (Some(waiter), Some(kind)) = (waiter, reply.kind) {
+            let _ = waiter.send(kind);
+        }
+    }
+
+    pub(crate) fn close(&self, reason: &'static str) {
+        self.conn.close(1u32.into(), reason.as_bytes());
+    }
+}
+
+/// Dials `addr` and runs the link until it ends.
+pub(crate) async fn dial(mesh: Mesh, addr: SocketAddr) -> Result<(), LinkError> {
+    let conn = mesh.endpoint().connect_with(mesh.client_config(), addr, PEER_SERVER_NAME)?.await?;
+    let cert_name = peer_node_name(&conn).ok_or(LinkError::NoCertificate)?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut inbuf = BytesMut::new();
+    let hello = mesh.hello();
+    write_frames(&mut send, &[PeerFrame { kind: Some(P::Hello(hello)) }]).await?;
+    let peer = read_hello(&mut recv, &mut inbuf, &cert_name).await?;
+    if peer.name == mesh.node() {
+        conn.close(2u32.into(), b"self");
+        return Err(LinkError::SelfLink);
+    }
+    run(mesh.clone(), conn, send, recv, inbuf, peer, mesh.node().to_owned()).await;
+    Ok(())
+}
+
+/// Serves a connection a peer dialed, until the link ends.
+pub(crate) async fn accept(mesh: Mesh, conn: quinn::Connection) -> Result<(), LinkError> {
+    let Some(cert_name) = peer_node_name(&conn) else {
+        conn.close(3u32.into(), b"a cluster certificate is required");
+        return Err(LinkError::NoCertificate);
+    };
+    let (mut send, mut recv) =
+        tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await.map_err(|_| LinkError::Timeout)??;
+    let mut inbuf = BytesMut::new();
+    let peer = read_hello(&mut recv, &mut inbuf, &cert_name).await?;
+    if peer.name == mesh.node() {
+        conn.close(2u32.into(), b"self");
+        return Err(LinkError::SelfLink);
+    }
+    write_frames(&mut send, &[PeerFrame { kind: Some(P::Hello(mesh.hello())) }]).await?;
+    let dialer = peer.name.clone();
+    run(mesh, conn, send, recv, inbuf, peer, dialer).await;
+    Ok(())
+}
+
+async fn read_hello(recv: &mut quinn::RecvStream, inbuf: &mut BytesMut, cert_name: &str) -> Result<NodeId, LinkError> {
+    let read = async {
+        loop {
+            match codec::decode::<PeerFrame>(inbuf, MAX_PEER_FRAME) {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(e) => return Err(LinkError::Protocol(e.to_string())),
+            }
+            inbuf.reserve(4096);
+            match recv.read_buf(inbuf).await {
+                Ok(0) => return Err(LinkError::Protocol("link stream closed before the hello".into())),
+                Ok(_) => {}
+                Err(e) => return Err(LinkError::Protocol(e.to_string())),
+            }
+        }
+    };
+    let frame = tokio::time::timeout(HELLO_TIMEOUT, read).await.map_err(|_| LinkError::Timeout)??;
+    let Some(P::Hello(PeerHello { node, addr, incarnation })) = frame.kind else {
+        return Err(LinkError::Protocol("the first frame is not a hello".into()));
+    };
+    if node != cert_name {
+        return Err(LinkError::NameMismatch { cert: cert_name.to_owned(), hello: node });
+    }
+    let addr = addr.parse().map_err(|e| LinkError::Protocol(format!("hello address {addr:?}: {e}")))?;
+    Ok(NodeId { name: node, addr, incarnation })
+}
+
+async fn write_frames(send: &mut quinn::SendStream, frames: &[PeerFrame]) -> Result<(), LinkError> {
+    let mut buf = BytesMut::new();
+    for frame in frames {
+        codec::encode(frame, MAX_PEER_FRAME, &mut buf).map_err(|e| LinkError::Protocol(e.to_string()))?;
+    }
+    send.write_chunk(buf.freeze()).await.map_err(|e| LinkError::Protocol(e.to_string()))
+}
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+
+/// The link's life: registered with the mesh (or closed as a duplicate), then
+/// frames in both directions until either end goes away.
+async fn run(
+    mesh: Mesh,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut inbuf: BytesMut,
+    peer: NodeId,
+    dialer: String,
+) {
+    let (tx, mut rx) = mpsc::channel(OUTBOX_FRAMES);
+    let handle = LinkHandle {
+        id: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
+        peer: peer.clone(),
+        dialer,
+        since: Instant::now(),
+        conn: conn.clone(),
+        out: tx,
+        stats: Arc::new(LinkStats::default()),
+        pending: PendingReplies::default(),
+    };
+    if !mesh.register_link(handle.clone()) {
+        conn.close(4u32.into(), b"duplicate link");
+        return;
+    }
+    let cancel = mesh.cancel_token();
+    let mut out = BytesMut::new();
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break "shutdown".to_owned(),
+            datagram = conn.read_datagram() => match datagram {
+                Ok(packet) => mesh.membership(MembershipMsg::Packet(packet)),
+                Err(e) => break e.to_string(),
+            },
+            frame = rx.recv() => {
+                let Some(frame) = frame else { break "link dropped".to_owned() };
+                let mut frames = vec![frame];
+                while frames.len() < 1024 {
+                    match rx.try_recv() {
+                        Ok(f) => frames.push(f),
+                        Err(_) => break,
+                    }
+                }
+                for f in &frames {
+                    if let Err(e) = codec::encode(f, MAX_PEER_FRAME, &mut out) {
+                        tracing::error!(error = %e, "peer frame not sent");
+                    }
+                }
+                handle.stats.frames_out.fetch_add(frames.len() as u64, Ordering::Relaxed);
+                handle.stats.writes.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = send.write_chunk(out.split().freeze()).await {
+                    break e.to_string();
+                }
+            }
+            read = recv.read_buf(reserve(&mut inbuf)) => match read {
+                Ok(0) => break "stream closed".to_owned(),
+                Err(e) => break e.to_string(),
+                Ok(_) => loop {
+                    match codec::decode::<PeerFrame>(&mut inbuf, MAX_PEER_FRAME) {
+                        Ok(Some(frame)) => {
+                            handle.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                            mesh.on_frame(&handle, frame).await;
+                        }
+                        Ok(None) => break,
+                        Err(e @ (DecodeError::TooLarge { .. } | DecodeError::Malformed(_))) => {
+                            tracing::warn!(peer = %peer.name, error = %e, "bad frame from peer; closing the link");
+                            conn.close(5u32.into(), b"bad frame");
+                            break;
+                        }
+                    }
+                },
+            },
+        }
+    };
+    tracing::info!(peer = ?peer, reason = %end, "peer link down");
+    mesh.unregister_link(&handle);
+    // Waiters see the link go down instead of waiting for their timeout.
+    handle.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    conn.close(0u32.into(), b"bye");
+}
+
+fn reserve(buf: &mut BytesMut) -> &mut BytesMut {
+    if buf.capacity() - buf.len() < 16 * 1024 {
+        buf.reserve(64 * 1024);
+    }
+    buf
+}

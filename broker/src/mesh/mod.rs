@@ -1,0 +1,623 @@
+//! The broker mesh: brokers that know each other, hold one QUIC link per
+//! pair, and deliver messages to devices connected anywhere in it.
+//!
+//! - [`cluster_tls`]: the cluster CA, node certificates and mutual TLS;
+//! - [`membership`]: who is alive, by SWIM gossip (foca) over the links;
+//! - [`link`]: one persistent connection per broker pair, batched frames;
+//! - [`directory`]: device -> broker, sharded by rendezvous hashing, cached;
+//! - [`ship`]: the outbox that moves queue entries to the device's broker;
+//! - [`accounts`]: account records, written at a primary and replicated.
+//!
+//! Data flow: a broker started with `--cluster` accepts ALPN `tern-peer/1`
+//! on its client port and dials its `--join` seeds; each link announces the
+//! peer to foca, and foca's view of the live members (published on a watch
+//! channel) drives which links are kept up. Frames arriving on a link are
+//! dispatched by [`Mesh::on_frame`].
+
+mod accounts;
+pub mod cluster_tls;
+mod directory;
+mod link;
+mod membership;
+mod ship;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tern_protocol::peer::{self as pp, peer_frame::Kind as P, reply, request, PeerFrame, PeerHello};
+use tern_protocol::ErrorCode;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use cluster_tls::{create_ca, create_node_cert, ClusterIdentity};
+use directory::{Directory, Location, Recorded};
+use link::{LinkHandle, PeerError};
+use membership::{Members, MembershipActor, MembershipMsg, NodeId};
+use ship::ShipActor;
+pub(crate) use ship::ShipMsg;
+
+use crate::router::Router;
+use crate::store::{QueueKey, Store};
+
+/// Cheap, cloneable handle to this broker's part of the mesh.
+#[derive(Clone, Debug)]
+pub(crate) struct Mesh {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    me: NodeId,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    links: Mutex<HashMap<String, LinkHandle>>,
+    dialing: Mutex<HashSet<SocketAddr>>,
+    members: watch::Receiver<Members>,
+    membership: mpsc::Sender<MembershipMsg>,
+    seeds: Vec<String>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    store: Store,
+    router: Router,
+    directory: Directory,
+    /// Devices connected here, with the epoch of their login.
+    hosted: Mutex<HashMap<QueueKey, u64>>,
+    ship: mpsc::Sender<ShipMsg>,
+}
+
+/// Transport settings for peer links: quick keep-alives so a dead peer is
+/// noticed in seconds, and large windows for shipped batches.
+fn peer_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Duration::from_secs(5).try_into().ok());
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.send_window(32 << 20);
+    t
+}
+
+/// What a broker needs to join a mesh.
+#[derive(Debug)]
+pub(crate) struct MeshSetup<'a> {
+    pub(crate) identity: &'a ClusterIdentity,
+    pub(crate) endpoint: quinn::Endpoint,
+    /// The address peers reach this broker at.
+    pub(crate) advertise: SocketAddr,
+    /// Members to join (`HOST:PORT`).
+    pub(crate) seeds: Vec<String>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) store: Store,
+    pub(crate) router: Router,
+    pub(crate) cache_entries: u64,
+    pub(crate) cache_ttl: Duration,
+}
+
+/// How long a peer has to answer a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Mesh {
+    /// Starts membership and the link keeper, and dials the seeds.
+    pub(crate) fn start(setup: MeshSetup<'_>) -> Result<Self, crate::tls::TlsError> {
+        let client_config = setup.identity.client_config(Arc::new(peer_transport()))?;
+        let me = NodeId {
+            name: setup.identity.node.clone(),
+            addr: setup.advertise,
+            // Grows across restarts, so peers take a restarted broker for a new
+            // incarnation rather than the one they declared down.
+            incarnation: crate::store::now_ms(),
+        };
+        let (tx, rx) = mpsc::channel(4096);
+        let (ship_tx, ship_rx) = mpsc::channel(65_536);
+        let (members_tx, members_rx) = watch::channel(Members::new());
+        let mesh = Self {
+            inner: Arc::new(Inner {
+                me: me.clone(),
+                endpoint: setup.endpoint,
+                client_config,
+                links: Mutex::new(HashMap::new()),
+                dialing: Mutex::new(HashSet::new()),
+                members: members_rx,
+                membership: tx.clone(),
+                seeds: setup.seeds,
+                cancel: setup.cancel.clone(),
+                tasks: setup.tasks.clone(),
+                store: setup.store.clone(),
+                router: setup.router.clone(),
+                directory: Directory::new(setup.cache_entries, setup.cache_ttl),
+                hosted: Mutex::new(HashMap::new()),
+                ship: ship_tx.clone(),
+            }),
+        };
+        setup.router.set_remote(ship_tx.clone());
+        let actor = MembershipActor::new(me, rx, &tx, members_tx, mesh.clone(), setup.cancel.clone());
+        setup.tasks.spawn(actor.run());
+        let shipper = ShipActor::new(mesh.clone(), setup.store, setup.router, ship_rx, &ship_tx, setup.cancel);
+        setup.tasks.spawn(shipper.run());
+        setup.tasks.spawn(mesh.clone().keep_links());
+        setup.tasks.spawn(mesh.clone().reregister_on_change());
+        Ok(mesh)
+    }
+
+    pub(crate) fn node(&self) -> &str {
+        &self.inner.me.name
+    }
+
+    fn endpoint(&self) -> &quinn::Endpoint {
+        &self.inner.endpoint
+    }
+
+    fn client_config(&self) -> quinn::ClientConfig {
+        self.inner.client_config.clone()
+    }
+
+    fn cancel_token(&self) -> CancellationToken {
+        self.inner.cancel.clone()
+    }
+
+    fn hello(&self) -> PeerHello {
+        let me = &self.inner.me;
+        PeerHello { node: me.name.clone(), addr: me.addr.to_string(), incarnation: me.incarnation }
+    }
+
+    fn membership(&self, msg: MembershipMsg) {
+        if self.inner.membership.try_send(msg).is_err() {
+            metrics::counter!("tern_mesh_gossip_dropped_total").increment(1);
+        }
+    }
+
+    /// The live members other than this broker.
+    pub(crate) fn members(&self) -> Members {
+        self.inner.members.borrow().clone()
+    }
+
+    /// Serves a connection that negotiated the peer ALPN.
+    pub(crate) async fn accept(&self, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        if let Err(e) = link::accept(self.clone(), conn).await {
+            metrics::counter!("tern_mesh_links_refused_total").increment(1);
+            tracing::warn!(%remote, error = %e, "peer link refused");
+        }
+    }
+
+    /// Dials `addr` unless a dial to it is under way already.
+    fn connect(&self, addr: SocketAddr) {
+        if self.inner.cancel.is_cancelled() || !lock(&self.inner.dialing).insert(addr) {
+            return;
+        }
+        let mesh = self.clone();
+        self.inner.tasks.spawn(async move {
+            if let Err(e) = link::dial(mesh.clone(), addr).await {
+                tracing::debug!(%addr, error = %e, "cannot link to peer");
+            }
+            lock(&mesh.inner.dialing).remove(&addr);
+        });
+    }
+
+    /// Adds a link that finished its hello, or refuses it as a duplicate.
+    /// Of two links with one peer, the one of the peer's newer incarnation
+    /// wins; for the same incarnation, the one dialed by the lower node name,
+    /// so both ends keep the same connection.
+    fn register_link(&self, new: LinkHandle) -> bool {
+        let peer = new.peer.clone();
+        let mut links = lock(&self.inner.links);
+        if let Some(old) = links.get(&peer.name) {
+            let preferred = self.node().min(peer.name.as_str());
+            let newer = new.peer.incarnation > old.peer.incarnation;
+            let same = new.peer.incarnation == old.peer.incarnation;
+            if !(newer || same && new.dialer == preferred && old.dialer != preferred) {
+                return false;
+            }
+            old.close("replaced by another link");
+        }
+        links.insert(peer.name.clone(), new);
+        metrics::gauge!("tern_mesh_links").set(links.len() as f64);
+        drop(links);
+        tracing::info!(peer = ?peer, "peer link up");
+        let _ = self.inner.ship.try_send(ShipMsg::LinkUp(peer.name.clone()));
+        self.membership(MembershipMsg::Announce(peer));
+        true
+    }
+
+    fn unregister_link(&self, link: &LinkHandle) {
+        let mut links = lock(&self.inner.links);
+        if links.get(&link.peer.name).is_some_and(|l| l.id == link.id) {
+            links.remove(&link.peer.name);
+            let _ = self.inner.ship.try_send(ShipMsg::LinkDown(link.peer.name.clone()));
+        }
+        metrics::gauge!("tern_mesh_links").set(links.len() as f64);
+    }
+
+    pub(crate) fn link(&self, node: &str) -> Option<LinkHandle> {
+        lock(&self.inner.links).get(node).cloned()
+    }
+
+    /// Sends a gossip packet to `to`, dialing it if there is no link yet (the
+    /// packet is then dropped; SWIM retries).
+    fn send_gossip(&self, to: &NodeId, packet: Bytes) {
+        match self.link(&to.name) {
+            Some(link) => link.send_packet(packet),
+            None => self.connect(to.addr),
+        }
+    }
+
+    /// Handles a frame from a peer. Runs on the link's task: anything that
+    /// waits on another broker is spawned, and shipped entries are queued for
+    /// the store here, in link order.
+    async fn on_frame(&self, from: &LinkHandle, frame: PeerFrame) {
+        match frame.kind {
+            Some(P::Gossip(g)) => self.membership(MembershipMsg::Packet(g.packet)),
+            Some(P::Ship(ship)) => self.on_ship(from, ship).await,
+            Some(P::ShipAck(ack)) => {
+                let Ok(queue) = queue_key(&ack.handle, ack.device) else { return };
+                let node = from.peer.name.clone();
+                let _ = self.inner.ship.send(ShipMsg::Acked { node, queue, up_to: ack.up_to }).await;
+            }
+            Some(P::Location(loc)) => {
+                let Ok(queue) = queue_key(&loc.handle, loc.device) else { return };
+                self.record_location(queue, Location { node: loc.node, epoch: loc.epoch });
+            }
+            Some(P::Moved(moved)) => {
+                let Ok(queue) = queue_key(&moved.handle, moved.device) else { return };
+                self.on_moved(queue, Location { node: moved.node, epoch: moved.epoch });
+            }
+            Some(P::Request(req)) => {
+                let (mesh, link) = (self.clone(), from.clone());
+                self.inner.tasks.spawn(async move {
+                    let answer = match req.kind {
+                        Some(kind) => mesh.serve(kind).await,
+                        None => reply::Kind::Failure(failure(ErrorCode::UnknownFrame, "empty request")),
+                    };
+                    link.reply(req.id, answer);
+                });
+            }
+            Some(P::Reply(r)) => from.on_reply(r),
+            Some(P::Hello(_)) => tracing::debug!(peer = %from.peer.name, "second hello ignored"),
+            None => metrics::counter!("tern_mesh_frames_ignored_total").increment(1),
+        }
+    }
+
+    /// Stores shipped entries (queued for the writer before the next frame
+    /// is read, so in link order) and acknowledges them once durable.
+    async fn on_ship(&self, from: &LinkHandle, ship: pp::Ship) {
+        let Ok(queue) = queue_key(&ship.handle, ship.device) else { return };
+        let Ok(origin) = <[u8; 16]>::try_from(ship.origin.as_ref()) else { return };
+        // The sender thought the device is here. If it is not, the next
+        // lookup for it asks the directory owner instead of this cache, so
+        // entries move on only on the owner's word, never between two stale
+        // caches.
+        self.inner.directory.forget(&queue);
+        let entries = ship.entries.into_iter().map(|e| (e.seq, e.value)).collect();
+        let outcome = match self.inner.store.submit_ship(origin, queue.clone(), entries).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(queue = %queue, error = %e, "shipped entries not stored; the sender will resend");
+                return;
+            }
+        };
+        let link = from.clone();
+        self.inner.tasks.spawn(async move {
+            match outcome.await {
+                Ok(up_to) => {
+                    let ack = pp::ShipAck { handle: queue.handle().to_owned(), device: queue.device(), up_to };
+                    link.send_wait(PeerFrame { kind: Some(P::ShipAck(ack)) }).await;
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, "shipped entries not stored; the sender will resend")
+                }
+            }
+        });
+    }
+
+    /// Answers a peer's request.
+    async fn serve(&self, kind: request::Kind) -> reply::Kind {
+        match kind {
+            request::Kind::Lookup(l) => {
+                let location = queue_key(&l.handle, l.device).ok().and_then(|q| self.inner.directory.owned(&q));
+                let (node, epoch) = location.map_or((String::new(), 0), |l| (l.node, l.epoch));
+                reply::Kind::Lookup(pp::LookupReply { node, epoch })
+            }
+            request::Kind::AccountGet(g) => self.serve_account_get(&g.handle),
+            request::Kind::AccountWrite(w) => self.serve_account_write(w).await,
+            request::Kind::AccountPut(p) => self.serve_account_put(&p.account).await,
+        }
+    }
+
+    /// Keeps a link to every live member, and dials the seeds while no
+    /// member is known. Of a pair, the lower node name dials first; the
+    /// other dials too when a member has had no link for a few seconds.
+    async fn keep_links(self) {
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        let mut members = self.inner.members.clone();
+        let mut missing_since: HashMap<String, tokio::time::Instant> = HashMap::new();
+        let mut seed_backoff = Duration::from_millis(250);
+        let mut next_seed_dial = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = self.inner.cancel.cancelled() => return,
+                _ = every.tick() => {}
+                changed = members.changed() => if changed.is_err() { return },
+            }
+            let now = tokio::time::Instant::now();
+            let live = self.members();
+            missing_since.retain(|name, _| live.contains_key(name));
+            for (name, id) in &live {
+                if self.link(name).is_some() {
+                    missing_since.remove(name);
+                    continue;
+                }
+                let since = *missing_since.entry(name.clone()).or_insert(now);
+                if self.node() < name.as_str() || now - since > Duration::from_secs(2) {
+                    self.connect(id.addr);
+                }
+            }
+            if live.is_empty() && now >= next_seed_dial && !self.inner.seeds.is_empty() {
+                for seed in &self.inner.seeds {
+                    match tokio::net::lookup_host(seed).await {
+                        Ok(addrs) => addrs.filter(|a| *a != self.inner.me.addr).for_each(|a| self.connect(a)),
+                        Err(e) => tracing::warn!(seed = %seed, error = %e, "cannot resolve --join address"),
+                    }
+                }
+                next_seed_dial = now + seed_backoff;
+                seed_backoff = (seed_backoff * 2).min(Duration::from_secs(5));
+            } else if !live.is_empty() {
+                seed_backoff = Duration::from_millis(250);
+            }
+        }
+    }
+
+    /// The node owning `key` among the live members and this broker.
+    fn owner_of(&self, key: &[u8]) -> String {
+        let members = self.members();
+        let names = members.keys().map(String::as_str).chain(std::iter::once(self.node()));
+        directory::rendezvous(key, names).unwrap_or(self.node()).to_owned()
+    }
+
+    /// A device logged in here: record it with its directory owner. Returns
+    /// the epoch of this login.
+    pub(crate) fn device_online(&self, queue: &QueueKey) -> u64 {
+        let epoch = self.inner.directory.next_epoch();
+        lock(&self.inner.hosted).insert(queue.clone(), epoch);
+        self.send_location(queue, epoch);
+        epoch
+    }
+
+    /// A device's session here ended (unless a newer one replaced it).
+    pub(crate) fn device_offline(&self, queue: &QueueKey, epoch: u64) {
+        let mut hosted = lock(&self.inner.hosted);
+        if hosted.get(queue) == Some(&epoch) {
+            hosted.remove(queue);
+        }
+    }
+
+    fn send_location(&self, queue: &QueueKey, epoch: u64) {
+        let owner = self.owner_of(queue.as_bytes());
+        let location = Location { node: self.node().to_owned(), epoch };
+        if owner == self.node() {
+            self.record_location(queue.clone(), location);
+            return;
+        }
+        let frame = pp::Location {
+            handle: queue.handle().to_owned(),
+            device: queue.device(),
+            node: location.node,
+            epoch,
+            online: true,
+        };
+        match self.link(&owner) {
+            Some(link) => {
+                link.send(PeerFrame { kind: Some(P::Location(frame)) });
+            }
+            None => {
+                tracing::debug!(%queue, %owner, "no link to the directory owner; location sent on the next membership change")
+            }
+        }
+    }
+
+    /// As directory owner: records a location; when the device came from
+    /// elsewhere (or was unknown), tells every member, so holders ship to it
+    /// and caches follow.
+    fn record_location(&self, queue: QueueKey, location: Location) {
+        match self.inner.directory.record(&queue, location.clone()) {
+            Recorded::Stale => {}
+            Recorded::Fresh { moved_from, known } => {
+                metrics::gauge!("tern_location_directory_entries").set(self.inner.directory.owned_len() as f64);
+                if known && moved_from.is_none() {
+                    return;
+                }
+                let moved = pp::Moved {
+                    handle: queue.handle().to_owned(),
+                    device: queue.device(),
+                    node: location.node.clone(),
+                    epoch: location.epoch,
+                };
+                for link in lock(&self.inner.links).values() {
+                    link.send(PeerFrame { kind: Some(P::Moved(moved.clone())) });
+                }
+                self.on_moved(queue, location);
+            }
+        }
+    }
+
+    /// A device logged in at `location`: update the cache, close an older
+    /// session here, and ship what is held here for it.
+    fn on_moved(&self, queue: QueueKey, location: Location) {
+        self.inner.directory.invalidate(&queue, location.clone());
+        if location.node == self.node() {
+            return;
+        }
+        let older_here = lock(&self.inner.hosted).get(&queue).is_some_and(|e| *e < location.epoch);
+        if older_here {
+            self.inner.router.replace_remotely(&queue);
+        }
+        let _ = self.inner.ship.try_send(ShipMsg::Moved(queue, location));
+    }
+
+    /// Where `queue`'s device is: this broker if connected here, else the
+    /// cache, else its directory owner (the answer is cached).
+    pub(crate) async fn locate(&self, queue: &QueueKey) -> Option<Location> {
+        if let Some(epoch) = lock(&self.inner.hosted).get(queue) {
+            return Some(Location { node: self.node().to_owned(), epoch: *epoch });
+        }
+        if let Some(hit) = self.inner.directory.cached(queue) {
+            return hit;
+        }
+        let owner = self.owner_of(queue.as_bytes());
+        let found = if owner == self.node() {
+            self.inner.directory.owned(queue)
+        } else {
+            metrics::counter!("tern_location_lookups_total").increment(1);
+            let link = self.link(&owner)?;
+            let lookup = pp::Lookup { handle: queue.handle().to_owned(), device: queue.device() };
+            match link.request(request::Kind::Lookup(lookup), REQUEST_TIMEOUT).await {
+                Ok(reply::Kind::Lookup(r)) if !r.node.is_empty() => Some(Location { node: r.node, epoch: r.epoch }),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(%queue, error = %e, "location lookup failed");
+                    return None;
+                }
+            }
+        };
+        self.inner.directory.cache(queue.clone(), found.clone());
+        found
+    }
+
+    /// Drops the cached location of `queue`.
+    pub(crate) fn forget_location(&self, queue: &QueueKey) {
+        self.inner.directory.forget(queue);
+    }
+
+    /// Sends every hosted device's location to its owner whenever the member
+    /// list changes (owners change with it; a restarted owner lost its table).
+    async fn reregister_on_change(self) {
+        let mut members = self.inner.members.clone();
+        loop {
+            tokio::select! {
+                () = self.inner.cancel.cancelled() => return,
+                changed = members.changed() => if changed.is_err() { return },
+            }
+            // Let links to new members come up first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let hosted: Vec<(QueueKey, u64)> = lock(&self.inner.hosted).iter().map(|(q, e)| (q.clone(), *e)).collect();
+            for (queue, epoch) in hosted {
+                self.send_location(&queue, epoch);
+            }
+        }
+    }
+
+    /// Tells the other members this broker is leaving (best effort, on
+    /// shutdown), so they stop probing it at once.
+    pub(crate) async fn leave(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.inner.membership.send(MembershipMsg::Leave(done)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+            // Let the datagrams go out before the links close.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A snapshot for `/mesh` and `tern-broker mesh status`.
+    pub(crate) fn status(&self) -> MeshStatus {
+        let members = self.members();
+        let links = lock(&self.inner.links).clone();
+        let mut names: Vec<&String> = members.keys().chain(links.keys()).collect();
+        names.sort();
+        names.dedup();
+        let me = &self.inner.me;
+        MeshStatus {
+            node: me.name.clone(),
+            addr: me.addr.to_string(),
+            incarnation: me.incarnation,
+            members: names
+                .into_iter()
+                .map(|name| {
+                    let link = links.get(name);
+                    let id = members.get(name).or(link.map(|l| &l.peer));
+                    MemberStatus {
+                        node: name.clone(),
+                        addr: id.map(|i| i.addr.to_string()).unwrap_or_default(),
+                        incarnation: id.map_or(0, |i| i.incarnation),
+                        alive: members.contains_key(name),
+                        link: link.map(|l| LinkStatus {
+                            dialed_by: l.dialer.clone(),
+                            up_secs: l.since.elapsed().as_secs(),
+                            rtt_us: l.rtt().as_micros() as u64,
+                            queued_frames: l.queued() as u64,
+                            frames_out: l.stats().frames_out.load(std::sync::atomic::Ordering::Relaxed),
+                            frames_in: l.stats().frames_in.load(std::sync::atomic::Ordering::Relaxed),
+                            writes: l.stats().writes.load(std::sync::atomic::Ordering::Relaxed),
+                        }),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// This broker's view of the mesh.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct MeshStatus {
+    /// This broker's node name.
+    pub node: String,
+    /// The address it advertises.
+    pub addr: String,
+    /// Its gossip incarnation.
+    pub incarnation: u64,
+    /// Every other member it knows as alive or holds a link to.
+    pub members: Vec<MemberStatus>,
+}
+
+/// One other broker as this one sees it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct MemberStatus {
+    /// Node name.
+    pub node: String,
+    /// Advertised address.
+    pub addr: String,
+    /// Gossip incarnation.
+    pub incarnation: u64,
+    /// Alive (or suspected) by gossip.
+    pub alive: bool,
+    /// The peer link, when up.
+    pub link: Option<LinkStatus>,
+}
+
+/// A peer link's state.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    /// Which end dialed it.
+    pub dialed_by: String,
+    /// Seconds since it came up.
+    pub up_secs: u64,
+    /// QUIC's smoothed round-trip time, microseconds.
+    pub rtt_us: u64,
+    /// Frames waiting to be written.
+    pub queued_frames: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Stream writes (frames per write = batching).
+    pub writes: u64,
+}
+
+/// A peer-supplied device name, checked.
+fn queue_key(handle: &str, device: u32) -> Result<QueueKey, tern_protocol::HandleError> {
+    tern_protocol::validate_handle(handle)?;
+    Ok(QueueKey::new(handle, device))
+}
+
+fn failure(code: ErrorCode, message: impl Into<String>) -> pp::Failure {
+    pp::Failure { code: code as i32, message: message.into() }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,308 @@
+//! The outbox: moving queue entries to the broker where their device is.
+//!
+//! Every send is stored at the sender's broker first (durable before the
+//! ack), in the recipient device's queue there. When that device is not
+//! connected here, the queue *is* the outbox: the ship actor finds where
+//! the device is (directory), sends the entries in seq order on the peer
+//! link (`Ship`), and deletes them here only when the other broker answers
+//! with a `ShipAck` after its own durable write. So a SIGKILL of either end
+//! loses nothing: unacknowledged entries are still here and are sent again;
+//! the receiver stores each `(origin store, queue, seq)` once.
+//!
+//! The same mechanism hands a queue held for an offline device to the
+//! broker where the device reconnects (the new broker writes, then this one
+//! deletes).
+//!
+//! Inputs: the router's notice that an entry was queued for a device not
+//! connected here, ship acks, `Moved` notices, link changes, and a periodic
+//! sweep that re-sends what was not acknowledged and picks up queues left
+//! over from before a restart.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tern_protocol::peer::{peer_frame::Kind as P, PeerFrame, Ship, ShipEntry};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::directory::Location;
+use super::Mesh;
+use crate::router::Router;
+use crate::store::{QueueKey, Store};
+
+/// Entries in flight (shipped, not yet acknowledged) per queue.
+const WINDOW: u64 = 4096;
+/// Entries and bytes per `Ship` frame.
+const BATCH_ITEMS: usize = 512;
+const BATCH_BYTES: usize = 1 << 20;
+/// Unacknowledged entries are sent again after this long without progress.
+const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// How often queues with no known destination are looked up again, and the
+/// store is swept for queues this actor does not know of.
+const SWEEP_EVERY: Duration = Duration::from_secs(3);
+
+/// Input to the ship actor.
+#[derive(Debug)]
+pub(crate) enum ShipMsg {
+    /// An entry was queued here for a device not connected here.
+    Queued(QueueKey),
+    /// `node` stored this queue's entries up to `up_to`.
+    Acked {
+        node: String,
+        queue: QueueKey,
+        up_to: u64,
+    },
+    /// The device logged in at another broker.
+    Moved(QueueKey, Location),
+    /// A location lookup finished; `head` is the queue's current head.
+    Resolved {
+        queue: QueueKey,
+        location: Option<Location>,
+        head: u64,
+    },
+    LinkUp(String),
+    LinkDown(String),
+}
+
+/// How often a held queue's device is looked up again.
+const HELD_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct Outbound {
+    /// Where the entries go; `None` while unknown (held here).
+    dest: Option<String>,
+    /// Highest seq sent to `dest`.
+    sent: u64,
+    /// Highest seq `dest` acknowledged (deleted here).
+    acked: u64,
+    progress: Instant,
+    resolving: bool,
+}
+
+impl Outbound {
+    fn new() -> Self {
+        Self { dest: None, sent: 0, acked: 0, progress: Instant::now(), resolving: false }
+    }
+}
+
+pub(crate) struct ShipActor {
+    mesh: Mesh,
+    store: Store,
+    router: Router,
+    rx: mpsc::Receiver<ShipMsg>,
+    tx: mpsc::WeakSender<ShipMsg>,
+    queues: HashMap<QueueKey, Outbound>,
+    cancel: CancellationToken,
+}
+
+impl ShipActor {
+    pub(crate) fn new(
+        mesh: Mesh,
+        store: Store,
+        router: Router,
+        rx: mpsc::Receiver<ShipMsg>,
+        tx: &mpsc::Sender<ShipMsg>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self { mesh, store, router, rx, tx: tx.downgrade(), queues: HashMap::new(), cancel }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                _ = sweep.tick() => self.sweep().await,
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => return,
+                },
+            }
+            metrics::gauge!("tern_mesh_outbox_queues").set(self.queues.len() as f64);
+        }
+    }
+
+    fn handle(&mut self, msg: ShipMsg) {
+        match msg {
+            ShipMsg::Queued(queue) => self.track(queue),
+            ShipMsg::Acked { node, queue, up_to } => {
+                let Some(out) = self.queues.get_mut(&queue) else { return };
+                if out.dest.as_deref() != Some(node.as_str()) || up_to <= out.acked {
+                    return;
+                }
+                out.acked = up_to;
+                out.sent = out.sent.max(up_to);
+                out.progress = Instant::now();
+                let store = self.store.clone();
+                let q = queue.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.shipped(q.clone(), up_to).await {
+                        tracing::warn!(queue = %q, up_to, error = %e, "shipped entries not deleted; they may be shipped again");
+                    }
+                });
+                self.pump(&queue);
+            }
+            ShipMsg::Moved(queue, location) => {
+                if self.router.is_attached(&queue) {
+                    return;
+                }
+                let out = self.queues.entry(queue.clone()).or_insert_with(Outbound::new);
+                if out.resolving {
+                    return;
+                }
+                out.resolving = true;
+                self.resolved_later(queue, async move { Some(location) });
+            }
+            ShipMsg::Resolved { queue, location, head } => {
+                let me = self.mesh.node().to_owned();
+                let Some(out) = self.queues.get_mut(&queue) else { return };
+                out.resolving = false;
+                out.acked = out.acked.max(head);
+                out.sent = out.acked;
+                out.dest = location.map(|l| l.node).filter(|n| *n != me);
+                out.progress = Instant::now();
+                if out.dest.is_some() {
+                    self.pump(&queue);
+                }
+            }
+            ShipMsg::LinkUp(node) => {
+                let waiting: Vec<QueueKey> = self
+                    .queues
+                    .iter()
+                    .filter(|(_, o)| o.dest.as_deref() == Some(&node))
+                    .map(|(q, _)| q.clone())
+                    .collect();
+                for q in waiting {
+                    self.pump(&q);
+                }
+            }
+            ShipMsg::LinkDown(node) => {
+                for out in self.queues.values_mut().filter(|o| o.dest.as_deref() == Some(&node)) {
+                    out.sent = out.acked;
+                }
+            }
+        }
+    }
+
+    /// Starts shipping `queue` if the device is not here: looks up where it is.
+    fn track(&mut self, queue: QueueKey) {
+        if self.router.is_attached(&queue) {
+            self.queues.remove(&queue);
+            return;
+        }
+        let out = self.queues.entry(queue.clone()).or_insert_with(Outbound::new);
+        if out.dest.is_some() {
+            self.pump(&queue);
+            return;
+        }
+        if out.resolving {
+            return;
+        }
+        out.resolving = true;
+        let mesh = self.mesh.clone();
+        let q = queue.clone();
+        self.resolved_later(queue, async move { mesh.locate(&q).await });
+    }
+
+    /// Posts `Resolved` for `queue` once `location` is known, with the
+    /// queue's head (so shipping starts past deleted entries).
+    fn resolved_later(
+        &self,
+        queue: QueueKey,
+        location: impl std::future::Future<Output = Option<Location>> + Send + 'static,
+    ) {
+        let (store, tx) = (self.store.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let location = location.await;
+            let head = store.bounds(queue.clone()).await.map(|b| b.head).unwrap_or(0);
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(ShipMsg::Resolved { queue, location, head }).await;
+            }
+        });
+    }
+
+    /// Sends what the window allows of `queue` to its destination.
+    fn pump(&mut self, queue: &QueueKey) {
+        if self.router.is_attached(queue) {
+            // The device came here: its session delivers from the queue.
+            self.queues.remove(queue);
+            return;
+        }
+        let Some(out) = self.queues.get_mut(queue) else { return };
+        let Some(dest) = out.dest.clone() else { return };
+        let Some(link) = self.mesh.link(&dest) else { return };
+        let origin = self.store.id();
+        while out.sent - out.acked < WINDOW {
+            let entries = match self.store.read(queue, out.sent + 1, BATCH_ITEMS, BATCH_BYTES) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, "cannot read entries to ship");
+                    return;
+                }
+            };
+            let Some(last) = entries.last().map(|(seq, _)| *seq) else {
+                if out.sent == out.acked {
+                    // Everything shipped and acknowledged.
+                    self.queues.remove(queue);
+                }
+                return;
+            };
+            let ship = Ship {
+                handle: queue.handle().to_owned(),
+                device: queue.device(),
+                origin: bytes::Bytes::copy_from_slice(&origin),
+                entries: entries.into_iter().map(|(seq, value)| ShipEntry { seq, value }).collect(),
+            };
+            let count = ship.entries.len() as u64;
+            if !link.send(PeerFrame { kind: Some(P::Ship(ship)) }) {
+                // The link's queue is full or it went down: the sweep retries.
+                return;
+            }
+            metrics::counter!("tern_mesh_shipped_entries_total").increment(count);
+            out.sent = last;
+        }
+    }
+
+    /// Re-sends what stalled, retries lookups, and finds queues to ship
+    /// that no notice announced (left over from before a restart, or held
+    /// while the device was offline).
+    async fn sweep(&mut self) {
+        let now = Instant::now();
+        let mut retry = Vec::new();
+        for (q, out) in &mut self.queues {
+            if out.sent > out.acked && now - out.progress > RESEND_AFTER {
+                out.sent = out.acked;
+                out.progress = now;
+                metrics::counter!("tern_mesh_reships_total").increment(1);
+            }
+            // Held queues (no known location) wait for a `Moved` notice;
+            // they are looked up again now and then in case one was missed.
+            let held_long = out.dest.is_none() && now - out.progress > HELD_RETRY;
+            if held_long || out.dest.is_some() && out.sent == out.acked {
+                retry.push(q.clone());
+            }
+        }
+        for q in retry {
+            if let Some(out) = self.queues.get_mut(&q) {
+                if out.dest.is_none() && !out.resolving {
+                    out.progress = now;
+                    self.mesh.forget_location(&q);
+                }
+            }
+            self.track(q);
+        }
+        let waiting = match self.store.waiting().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list waiting queues");
+                return;
+            }
+        };
+        for (q, _) in waiting {
+            if !self.queues.contains_key(&q) && !self.router.is_attached(&q) {
+                self.track(q);
+            }
+        }
+    }
+}

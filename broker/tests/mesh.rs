@@ -1,0 +1,276 @@
+//! The mesh in one process: brokers on 127.0.0.1:0 that find each other by
+//! gossip, hold one link per pair, refuse brokers outside the cluster CA,
+//! and notice members leaving and coming back.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::cluster::{certify, node, TestCluster};
+use common::{config, key, message_of, mid, user, wait_for, Raw};
+use tern_broker::Broker;
+use tern_protocol::pb::{self, server_frame::Kind as S};
+
+/// Receives `n` messages on `raw`, acking each; returns their ids in order
+/// (receipts are skipped).
+async fn receive(raw: &mut Raw, n: usize) -> Vec<[u8; 16]> {
+    receive_new(raw, n, &mut std::collections::HashSet::new()).await
+}
+
+/// Like [`receive`], dropping ids in `seen` as a client does: a message whose
+/// ack was lost with its connection is delivered again.
+async fn receive_new(raw: &mut Raw, n: usize, seen: &mut std::collections::HashSet<[u8; 16]>) -> Vec<[u8; 16]> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let Some(d) = raw.deliver().await else { panic!("only {} of {n} messages arrived", ids.len()) };
+        if let Some(pb::deliver::Item::Message(m)) = &d.item {
+            let id: [u8; 16] = m.message_id.as_ref().try_into().unwrap();
+            if seen.insert(id) {
+                ids.push(id);
+            }
+        }
+        raw.ack(d.seq).await;
+    }
+    ids
+}
+
+async fn send_all(raw: &mut Raw, to: &str, range: std::ops::Range<u64>) {
+    for i in range {
+        match raw.send_msg(to, mid(i), format!("m{i}").as_bytes()).await {
+            S::SendAck(ack) => assert!(!ack.duplicate),
+            other => panic!("send {i}: {other:?}"),
+        }
+    }
+}
+
+/// Logs `handle`'s device 1 in at `broker`.
+async fn login(broker: &Broker, handle: &str, key: &ed25519_dalek::SigningKey) -> Raw {
+    let mut raw = Raw::connect(broker).await;
+    match raw.login(handle, 1, key).await {
+        S::LoginOk(_) => raw,
+        other => panic!("login {handle}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_different_brokers_exchange_messages_in_order() {
+    let cluster = TestCluster::spawn(3).await;
+    let (mut alice, _) = user(cluster.broker(0), "alice").await;
+    let (mut bob, _) = user(cluster.broker(1), "bob").await;
+    let (mut carol, _) = user(cluster.broker(2), "carol").await;
+    send_all(&mut alice, "bob", 0..50).await;
+    send_all(&mut carol, "bob", 100..150).await;
+    let got = receive(&mut bob, 100).await;
+    let from_alice: Vec<_> = got.iter().filter(|id| id[..8] < 100u64.to_be_bytes()[..]).copied().collect();
+    let from_carol: Vec<_> = got.iter().filter(|id| id[..8] >= 100u64.to_be_bytes()[..]).copied().collect();
+    assert_eq!(from_alice, (0..50).map(mid).collect::<Vec<_>>(), "alice's messages lost, duplicated or reordered");
+    assert_eq!(from_carol, (100..150).map(mid).collect::<Vec<_>>(), "carol's messages lost, duplicated or reordered");
+    // Bob's acks travel back as delivery receipts to alice at node-1.
+    let mut receipts = 0;
+    while receipts < 50 {
+        let d = alice.deliver().await.expect("receipts arrive");
+        if let Some(pb::deliver::Item::Receipt(r)) = &d.item {
+            assert_eq!(r.handle, "bob");
+            receipts += 1;
+        }
+        alice.ack(d.seq).await;
+    }
+    // A reply goes the other way.
+    send_all(&mut bob, "alice", 500..501).await;
+    let d = alice.deliver().await.expect("reply");
+    assert_eq!(message_of(&d).from, "bob");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_moves_gets_the_next_message_at_its_new_broker() {
+    let cluster = TestCluster::spawn(3).await;
+    let (mut alice, _) = user(cluster.broker(1), "alice").await;
+    let (mut bob, bob_key) = user(cluster.broker(0), "bob").await;
+    let mut seen = std::collections::HashSet::new();
+    send_all(&mut alice, "bob", 0..1).await;
+    assert_eq!(receive_new(&mut bob, 1, &mut seen).await, vec![mid(0)]);
+    drop(bob);
+    let mut bob = login(cluster.broker(2), "bob", &bob_key).await;
+    send_all(&mut alice, "bob", 1..3).await;
+    assert_eq!(receive_new(&mut bob, 2, &mut seen).await, vec![mid(1), mid(2)]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_queue_held_at_one_broker_is_drained_at_another() {
+    let cluster = TestCluster::spawn(3).await;
+    let (mut alice, _) = user(cluster.broker(0), "alice").await;
+    let (bob, bob_key) = user(cluster.broker(0), "bob").await;
+    drop(bob);
+    send_all(&mut alice, "bob", 0..20).await;
+    let mut bob = login(cluster.broker(1), "bob", &bob_key).await;
+    assert_eq!(receive(&mut bob, 20).await, (0..20).map(mid).collect::<Vec<_>>());
+    // Handed off: node-1 deleted its copies once node-2 stored them, so a
+    // login back at node-1 finds nothing waiting.
+    drop(bob);
+    let held = wait_for(Duration::from_secs(10), || {
+        cluster
+            .broker(0)
+            .store()
+            .read(&tern_broker::store::QueueKey::new("bob", 1), 0, 10, 1 << 20)
+            .map(|e| e.is_empty())
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(held, "node-1 still holds bob's entries after the handoff");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_registered_at_one_broker_logs_in_at_every_other() {
+    let mut cluster = TestCluster::spawn(3).await;
+    let k = key();
+    let mut raw = Raw::connect(cluster.broker(2)).await;
+    assert!(matches!(raw.register("dora", &k).await, S::LoginOk(_)));
+    drop(raw);
+    // Any one broker down, and dora still logs in at the others.
+    for down in 0..3 {
+        cluster.stop(down).await;
+        for up in (0..3).filter(|i| *i != down) {
+            login(cluster.broker(up), "dora", &k).await;
+        }
+        cluster.restart(down).await;
+        assert!(cluster.wait_formed(Duration::from_secs(20)).await);
+    }
+    // The handle is taken everywhere.
+    let mut raw = Raw::connect(cluster.broker(0)).await;
+    assert_eq!(common::error_code(&raw.register("dora", &key()).await), Some(tern_protocol::ErrorCode::HandleTaken));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_brokers_form_a_mesh_with_one_link_per_pair() {
+    let cluster = TestCluster::spawn(3).await;
+    // Both ends of every pair keep the same connection: the one dialed by
+    // the lower node name (or the only one there is).
+    let statuses: Vec<_> = cluster.statuses().into_iter().flatten().collect();
+    for s in &statuses {
+        for m in &s.members {
+            let mine = m.link.as_ref().expect("link up").dialed_by.clone();
+            let theirs = statuses
+                .iter()
+                .find(|o| o.node == m.node)
+                .and_then(|o| o.members.iter().find(|x| x.node == s.node))
+                .and_then(|x| x.link.as_ref())
+                .map(|l| l.dialed_by.clone());
+            assert_eq!(Some(mine), theirs, "{} and {} disagree on their link", s.node, m.node);
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_leaves_is_dropped_and_rejoins_on_restart() {
+    let mut cluster = TestCluster::spawn(3).await;
+    cluster.stop(1).await;
+    let gone = wait_for(Duration::from_secs(15), || {
+        [0, 2].iter().all(|i| {
+            let s = cluster.broker(*i).mesh_status().unwrap();
+            !s.members.iter().any(|m| m.node == node(1) && m.alive)
+        })
+    })
+    .await;
+    assert!(gone, "node-2 still listed after it left: {:#?}", cluster.statuses());
+    cluster.restart(1).await;
+    assert!(cluster.wait_formed(Duration::from_secs(20)).await, "rejoined: {:#?}", cluster.statuses());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certified_by_another_ca_cannot_join() {
+    let cluster = TestCluster::spawn(1).await;
+    let target = cluster.broker(0).local_addr();
+
+    // A broker with its own CA: its links are refused, so it never becomes
+    // a member, and the member never lists it.
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let certs = certify(rogue_dir.path(), &["rogue".to_owned()]);
+    let mut c = config(&rogue_dir.path().join("data"));
+    c.node = "rogue".into();
+    c.cluster.dir = Some(certs[0].clone());
+    c.cluster.join = vec![target.to_string()];
+    let rogue = Broker::spawn(c).await.unwrap();
+
+    // The same handshake, made directly, fails: the member does not accept
+    // the rogue certificate, and the rogue does not accept the member's.
+    let endpoint = peer_endpoint(&certs[0]);
+    let refused = endpoint.connect(target, "tern-peer").unwrap().await;
+    let refused = match refused {
+        Err(e) => e.to_string(),
+        Ok(conn) => {
+            // rustls may finish the client side before the server checks
+            // the client certificate; the connection is then closed.
+            tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed").to_string()
+        }
+    };
+    assert!(!refused.is_empty());
+
+    // A peer connection that presents no certificate at all is closed.
+    let bare = bare_peer_endpoint(&certs[0].join("ca.pem"), &cluster_ca(&cluster));
+    let conn = bare.connect(target, "tern-peer").unwrap().await.expect("TLS completes without a client certificate");
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed by the broker");
+    assert!(reason.to_string().contains("cluster certificate"), "{reason}");
+
+    assert!(cluster.broker(0).mesh_status().unwrap().members.is_empty(), "rogue listed");
+    assert!(rogue.mesh_status().unwrap().members.is_empty(), "member listed by the rogue");
+    rogue.shutdown().await;
+    cluster.shutdown().await;
+}
+
+/// The CA file of a `TestCluster`.
+fn cluster_ca(cluster: &TestCluster) -> std::path::PathBuf {
+    cluster.dir.path().join("ca").join("ca.pem")
+}
+
+fn roots(ca: &std::path::Path) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    roots
+}
+
+fn endpoint_with(tls: rustls::ClientConfig) -> quinn::Endpoint {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    endpoint
+}
+
+/// A peer-ALPN client presenting the node certificate in `node_dir` and
+/// trusting that directory's CA.
+fn peer_endpoint(node_dir: &std::path::Path) -> quinn::Endpoint {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::fs::read(node_dir.join("cert.pem")).unwrap().as_slice())
+        .map(Result::unwrap)
+        .collect();
+    let key =
+        rustls_pemfile::private_key(&mut std::fs::read(node_dir.join("key.pem")).unwrap().as_slice()).unwrap().unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(&node_dir.join("ca.pem")))
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    tls.alpn_protocols = vec![tern_protocol::ALPN_PEER.to_vec()];
+    endpoint_with(tls)
+}
+
+/// A peer-ALPN client with no certificate, trusting the cluster's CA.
+fn bare_peer_endpoint(_rogue_ca: &std::path::Path, cluster_ca: &std::path::Path) -> quinn::Endpoint {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots(cluster_ca))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![tern_protocol::ALPN_PEER.to_vec()];
+    endpoint_with(tls)
+}

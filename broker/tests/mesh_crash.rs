@@ -1,0 +1,274 @@
+//! The mesh as processes: three `tern-broker` binaries on loopback, made
+//! with the `cluster-ca` and `cluster-cert` commands; a sender on one broker
+//! and a receiver on another; SIGKILL one broker in the middle of the
+//! traffic and restart it. Every acknowledged message must arrive, none
+//! twice after the client's dedup, in the order it was sent.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A broker process, killed with SIGKILL when dropped (also when a test fails).
+struct Proc(Child);
+
+impl Proc {
+    fn sigkill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+struct Node {
+    name: String,
+    port: u16,
+    admin: u16,
+    data: PathBuf,
+    certs: PathBuf,
+    join: Option<u16>,
+}
+
+impl Node {
+    fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    fn spawn(&self) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern-broker"));
+        cmd.args(["--listen", &format!("127.0.0.1:{}", self.port), "--node", &self.name])
+            .args(["--admin", &format!("127.0.0.1:{}", self.admin)])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--cluster")
+            .arg(&self.certs)
+            .env("TERN_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(port) = self.join {
+            cmd.args(["--join", &format!("127.0.0.1:{port}")]);
+        }
+        Proc(cmd.spawn().expect("start tern-broker"))
+    }
+
+    /// Members this broker sees alive with a link up, from its admin port.
+    fn linked_members(&self) -> usize {
+        let Ok(mut resp) = ureq::get(&format!("http://127.0.0.1:{}/mesh", self.admin)).call() else { return 0 };
+        let Ok(body) = resp.body_mut().read_to_string() else { return 0 };
+        let Ok(status) = serde_json::from_str::<serde_json::Value>(&body) else { return 0 };
+        status["members"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["alive"] == true && !m["link"].is_null()).count())
+            .unwrap_or(0)
+    }
+}
+
+fn run(args: &[&str], dirs: &[&Path]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern-broker"));
+    cmd.args(args);
+    for d in dirs {
+        cmd.arg(d);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Three nodes under one CA made by the CLI; node-2 and node-3 join node-1.
+fn nodes(dir: &Path) -> Vec<Node> {
+    let ca = dir.join("ca");
+    run(&["cluster-ca", "--out"], &[&ca]);
+    assert!(ca.join("ca.pem").exists() && ca.join("ca.key").exists());
+    let first = free_port();
+    (0..3)
+        .map(|i| {
+            let name = format!("node-{}", i + 1);
+            let certs = dir.join("certs").join(&name);
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern-broker"));
+            let out = cmd
+                .args(["cluster-cert", "--node", &name])
+                .arg("--ca")
+                .arg(&ca)
+                .arg("--out")
+                .arg(&certs)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "cluster-cert: {}", String::from_utf8_lossy(&out.stderr));
+            Node {
+                port: if i == 0 { first } else { free_port() },
+                admin: free_tcp_port(),
+                data: dir.join(&name),
+                certs,
+                join: (i > 0).then_some(first),
+                name,
+            }
+        })
+        .collect()
+}
+
+async fn wait_formed(nodes: &[Node]) {
+    let formed =
+        wait_for(Duration::from_secs(30), || nodes.iter().all(|n| n.linked_members() == nodes.len() - 1)).await;
+    assert!(formed, "the mesh did not form");
+}
+
+/// Connects once the broker is up (its certificate exists and it answers).
+async fn connect(node: &Node) -> Raw {
+    let cert = node.data.join("tls/cert.pem");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if cert.exists() {
+            if let Ok(raw) = Raw::try_connect_to(node.addr(), &cert).await {
+                return raw;
+            }
+        }
+        assert!(Instant::now() < deadline, "broker {} did not come up", node.name);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Keeps up to 64 sends in flight from `alice` to bob, numbered from
+/// `*next`, until `until` acks have come in or the connection ends.
+/// Returns false when the connection ended.
+async fn stream(
+    alice: &mut Raw,
+    next: &mut u64,
+    in_flight: &mut HashMap<u64, u64>,
+    acked: &mut Vec<u64>,
+    until: usize,
+) -> bool {
+    let started = Instant::now();
+    while acked.len() < until && started.elapsed() < Duration::from_secs(60) {
+        while in_flight.len() < 64 {
+            let body = Bytes::from(format!("msg {next}"));
+            let id = alice
+                .request(C::Send(pb::Send { message_id: Bytes::copy_from_slice(&mid(*next)), to: "bob".into(), body }))
+                .await;
+            in_flight.insert(id, *next);
+            *next += 1;
+        }
+        match alice.next().await {
+            Some(pb::ServerFrame { request_id, kind: Some(S::SendAck(_)) }) => {
+                if let Some(n) = in_flight.remove(&request_id) {
+                    acked.push(n);
+                }
+            }
+            Some(pb::ServerFrame { kind: Some(S::Deliver(d)), .. }) => alice.ack(d.seq).await,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Bob receives until every acked id arrived (or 60 s pass); returns ids in
+/// first-arrival order, after dropping redeliveries as the client does.
+async fn drain(bob: &mut Raw, acked: &[u64]) -> Vec<u64> {
+    let want: HashSet<u64> = acked.iter().copied().collect();
+    let mut seen = HashSet::new();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !want.is_subset(&seen) && Instant::now() < deadline {
+        let Some(frame) = bob.maybe_next(Duration::from_secs(5)).await else { continue };
+        if let Some(S::Deliver(d)) = frame.kind {
+            if let Some(pb::deliver::Item::Message(m)) = &d.item {
+                let n = u64::from_be_bytes(m.message_id[..8].try_into().unwrap());
+                if seen.insert(n) {
+                    got.push(n);
+                }
+            }
+            bob.ack(d.seq).await;
+        }
+    }
+    got
+}
+
+fn check(acked: &[u64], got: &[u64]) {
+    let got_set: HashSet<u64> = got.iter().copied().collect();
+    let lost: Vec<u64> = acked.iter().filter(|n| !got_set.contains(n)).copied().collect();
+    assert!(lost.is_empty(), "{} acknowledged messages lost, first {:?}", lost.len(), &lost[..lost.len().min(10)]);
+    let mut sorted = got.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(got, sorted.as_slice(), "messages of one sender reordered");
+}
+
+/// Registers alice at `nodes[0]` and bob at `nodes[2]`.
+async fn users(nodes: &[Node]) -> (Raw, ed25519_dalek::SigningKey, Raw, ed25519_dalek::SigningKey) {
+    let (akey, bkey) = (key(), key());
+    let mut alice = connect(&nodes[0]).await;
+    assert!(matches!(alice.register("alice", &akey).await, S::LoginOk(_)));
+    let mut bob = connect(&nodes[2]).await;
+    assert!(matches!(bob.register("bob", &bkey).await, S::LoginOk(_)));
+    (alice, akey, bob, bkey)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_receivers_broker_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes(dir.path());
+    let mut procs: Vec<Proc> = nodes.iter().map(Node::spawn).collect();
+    wait_formed(&nodes).await;
+    let (mut alice, _, bob, bkey) = users(&nodes).await;
+    drop(bob);
+
+    let (mut next, mut in_flight, mut acked) = (1u64, HashMap::new(), Vec::new());
+    assert!(stream(&mut alice, &mut next, &mut in_flight, &mut acked, 300).await);
+    // node-3 holds bob's queue; kill it while node-1 keeps accepting sends
+    // for bob and holding them in its outbox.
+    procs[2].sigkill();
+    assert!(stream(&mut alice, &mut next, &mut in_flight, &mut acked, 600).await);
+    procs[2] = nodes[2].spawn();
+    assert!(stream(&mut alice, &mut next, &mut in_flight, &mut acked, 900).await);
+
+    let mut bob = connect(&nodes[2]).await;
+    assert!(matches!(bob.login("bob", 1, &bkey).await, S::LoginOk(_)));
+    let got = drain(&mut bob, &acked).await;
+    check(&acked, &got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_senders_broker_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes(dir.path());
+    let mut procs: Vec<Proc> = nodes.iter().map(Node::spawn).collect();
+    wait_formed(&nodes).await;
+    let (mut alice, akey, mut bob, _) = users(&nodes).await;
+
+    let (mut next, mut in_flight, mut acked) = (1u64, HashMap::new(), Vec::new());
+    assert!(stream(&mut alice, &mut next, &mut in_flight, &mut acked, 400).await);
+    // Kill node-1 with sends in flight and its outbox not yet drained.
+    procs[0].sigkill();
+    procs[0] = nodes[0].spawn();
+    // The sender resends what it never saw acked, with the same ids, in order.
+    let mut alice = connect(&nodes[0]).await;
+    assert!(matches!(alice.login("alice", 1, &akey).await, S::LoginOk(_)));
+    let mut unacked: Vec<u64> = in_flight.values().copied().collect();
+    unacked.sort_unstable();
+    for n in unacked {
+        match alice.send_msg("bob", mid(n), format!("msg {n}").as_bytes()).await {
+            S::SendAck(_) => acked.push(n),
+            other => panic!("resend {n}: {other:?}"),
+        }
+    }
+    let got = drain(&mut bob, &acked).await;
+    check(&acked, &got);
+}
