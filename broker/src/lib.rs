@@ -209,6 +209,15 @@ impl Broker {
         }
     }
 
+    /// Fault drill: closes the peer link to `node` and refuses it, both
+    /// ways, for `duration`. Messages in flight on it must survive (they are
+    /// shipped again when the link is back). No effect on a standalone broker.
+    pub fn sever_link(&self, node: &str, duration: Duration) {
+        if let Some(mesh) = &self.ctx.mesh {
+            mesh.sever(node, duration);
+        }
+    }
+
     /// This broker's view of the mesh; `None` for a standalone broker.
     pub fn mesh_status(&self) -> Option<mesh::MeshStatus> {
         self.ctx.mesh.as_ref().map(mesh::Mesh::status)

@@ -259,7 +259,10 @@ fn mesh_status(admin: &str, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("node {} at {} (incarnation {})", status.node, status.addr, status.incarnation);
+    println!(
+        "node {} at {} (incarnation {}); {} queue(s) held for devices with no known location",
+        status.node, status.addr, status.incarnation, status.held_queues
+    );
     println!(
         "{:<16} {:<22} {:<6} {:<6} {:>9} {:>8} {:>10} {:>10}",
         "MEMBER", "ADDRESS", "ALIVE", "LINK", "RTT(us)", "QUEUED", "FRAMES_OUT", "FRAMES_IN"
@@ -276,7 +279,7 @@ fn mesh_status(admin: &str, json: bool) -> ExitCode {
             None => ("down", "-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{:<16} {:<22} {:<6} {:<6} {:>9} {:>8} {:>10} {:>10}",
+            "{:<16} {:<22} {:<6} {:<6} {:>9} {:>8} {:>10} {:>10} {:>14} {:>9}",
             m.node,
             m.addr,
             if m.alive { "yes" } else { "no" },
@@ -284,7 +287,9 @@ fn mesh_status(admin: &str, json: bool) -> ExitCode {
             rtt,
             queued,
             out,
-            inn
+            inn,
+            m.outbox_queues,
+            m.outbox_in_flight
         );
     }
     ExitCode::SUCCESS

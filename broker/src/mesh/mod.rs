@@ -68,6 +68,10 @@ struct Inner {
     /// Devices connected here, with the epoch of their login.
     hosted: Mutex<HashMap<QueueKey, u64>>,
     ship: mpsc::Sender<ShipMsg>,
+    /// Peers whose links are refused until the given time (fault drills).
+    severed: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// What the ship actor holds per destination, for `/mesh`.
+    outbox: ship::OutboxGauge,
 }
 
 /// Transport settings for peer links: quick keep-alives so a dead peer is
@@ -134,12 +138,15 @@ impl Mesh {
                 directory: Directory::new(setup.cache_entries, setup.cache_ttl),
                 hosted: Mutex::new(HashMap::new()),
                 ship: ship_tx.clone(),
+                severed: Mutex::new(HashMap::new()),
+                outbox: ship::OutboxGauge::default(),
             }),
         };
         setup.router.set_remote(ship_tx.clone());
         let actor = MembershipActor::new(me, rx, &tx, members_tx, mesh.clone(), setup.cancel.clone());
         setup.tasks.spawn(actor.run());
-        let shipper = ShipActor::new(mesh.clone(), setup.store, setup.router, ship_rx, &ship_tx, setup.cancel);
+        let gauge = mesh.inner.outbox.clone();
+        let shipper = ShipActor::new(mesh.clone(), setup.store, setup.router, ship_rx, &ship_tx, gauge, setup.cancel);
         setup.tasks.spawn(shipper.run());
         setup.tasks.spawn(mesh.clone().keep_links());
         setup.tasks.spawn(mesh.clone().reregister_on_change());
@@ -207,6 +214,9 @@ impl Mesh {
     /// so both ends keep the same connection.
     fn register_link(&self, new: LinkHandle) -> bool {
         let peer = new.peer.clone();
+        if self.is_severed(&peer.name) {
+            return false;
+        }
         let mut links = lock(&self.inner.links);
         if let Some(old) = links.get(&peer.name) {
             let preferred = self.node().min(peer.name.as_str());
@@ -224,6 +234,27 @@ impl Mesh {
         let _ = self.inner.ship.try_send(ShipMsg::LinkUp(peer.name.clone()));
         self.membership(MembershipMsg::Announce(peer));
         true
+    }
+
+    fn is_severed(&self, node: &str) -> bool {
+        let mut severed = lock(&self.inner.severed);
+        match severed.get(node) {
+            Some(until) if *until > tokio::time::Instant::now() => true,
+            Some(_) => {
+                severed.remove(node);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Closes the link to `node` and refuses it (both ways) for `duration`:
+    /// a fault drill, showing that forwards in flight survive a cut link.
+    pub(crate) fn sever(&self, node: &str, duration: Duration) {
+        lock(&self.inner.severed).insert(node.to_owned(), tokio::time::Instant::now() + duration);
+        if let Some(link) = self.link(node) {
+            link.close("severed");
+        }
     }
 
     fn unregister_link(&self, link: &LinkHandle) {
@@ -244,6 +275,7 @@ impl Mesh {
     fn send_gossip(&self, to: &NodeId, packet: Bytes) {
         match self.link(&to.name) {
             Some(link) => link.send_packet(packet),
+            None if self.is_severed(&to.name) => {}
             None => self.connect(to.addr),
         }
     }
@@ -535,16 +567,20 @@ impl Mesh {
             node: me.name.clone(),
             addr: me.addr.to_string(),
             incarnation: me.incarnation,
+            held_queues: self.inner.outbox.get("").queues,
             members: names
                 .into_iter()
                 .map(|name| {
                     let link = links.get(name);
                     let id = members.get(name).or(link.map(|l| &l.peer));
+                    let outbox = self.inner.outbox.get(name);
                     MemberStatus {
                         node: name.clone(),
                         addr: id.map(|i| i.addr.to_string()).unwrap_or_default(),
                         incarnation: id.map_or(0, |i| i.incarnation),
                         alive: members.contains_key(name),
+                        outbox_queues: outbox.queues,
+                        outbox_in_flight: outbox.in_flight,
                         link: link.map(|l| LinkStatus {
                             dialed_by: l.dialer.clone(),
                             up_secs: l.since.elapsed().as_secs(),
@@ -570,6 +606,8 @@ pub struct MeshStatus {
     pub addr: String,
     /// Its gossip incarnation.
     pub incarnation: u64,
+    /// Queues held here for devices with no known location.
+    pub held_queues: u64,
     /// Every other member it knows as alive or holds a link to.
     pub members: Vec<MemberStatus>,
 }
@@ -585,6 +623,10 @@ pub struct MemberStatus {
     pub incarnation: u64,
     /// Alive (or suspected) by gossip.
     pub alive: bool,
+    /// Queues being shipped to this member.
+    pub outbox_queues: u64,
+    /// Entries shipped to it and not yet acknowledged.
+    pub outbox_in_flight: u64,
     /// The peer link, when up.
     pub link: Option<LinkStatus>,
 }

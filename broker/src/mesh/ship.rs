@@ -19,6 +19,7 @@
 //! over from before a restart.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tern_protocol::peer::{peer_frame::Kind as P, PeerFrame, Ship, ShipEntry};
@@ -64,6 +65,29 @@ pub(crate) enum ShipMsg {
     LinkDown(String),
 }
 
+/// Per destination node ("" for queues held for lack of one): queues and
+/// entries in flight, as the ship actor last counted them.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct OutboxGauge(Arc<Mutex<HashMap<String, OutboxCount>>>);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct OutboxCount {
+    pub(crate) queues: u64,
+    pub(crate) in_flight: u64,
+}
+
+impl OutboxGauge {
+    pub(crate) fn get(&self, node: &str) -> OutboxCount {
+        self.0.lock().map(|m| m.get(node).copied().unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn set(&self, counts: HashMap<String, OutboxCount>) {
+        if let Ok(mut m) = self.0.lock() {
+            *m = counts;
+        }
+    }
+}
+
 /// How often a held queue's device is looked up again.
 const HELD_RETRY: Duration = Duration::from_secs(30);
 
@@ -92,6 +116,7 @@ pub(crate) struct ShipActor {
     rx: mpsc::Receiver<ShipMsg>,
     tx: mpsc::WeakSender<ShipMsg>,
     queues: HashMap<QueueKey, Outbound>,
+    gauge: OutboxGauge,
     cancel: CancellationToken,
 }
 
@@ -102,9 +127,10 @@ impl ShipActor {
         router: Router,
         rx: mpsc::Receiver<ShipMsg>,
         tx: &mpsc::Sender<ShipMsg>,
+        gauge: OutboxGauge,
         cancel: CancellationToken,
     ) -> Self {
-        Self { mesh, store, router, rx, tx: tx.downgrade(), queues: HashMap::new(), cancel }
+        Self { mesh, store, router, rx, tx: tx.downgrade(), queues: HashMap::new(), gauge, cancel }
     }
 
     pub(crate) async fn run(mut self) {
@@ -113,7 +139,10 @@ impl ShipActor {
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return,
-                _ = sweep.tick() => self.sweep().await,
+                _ = sweep.tick() => {
+                    self.sweep().await;
+                    self.count();
+                }
                 msg = self.rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
                     None => return,
@@ -183,6 +212,17 @@ impl ShipActor {
                 }
             }
         }
+    }
+
+    /// Publishes what is held per destination.
+    fn count(&self) {
+        let mut counts: HashMap<String, OutboxCount> = HashMap::new();
+        for out in self.queues.values() {
+            let c = counts.entry(out.dest.clone().unwrap_or_default()).or_default();
+            c.queues += 1;
+            c.in_flight += out.sent - out.acked;
+        }
+        self.gauge.set(counts);
     }
 
     /// Starts shipping `queue` if the device is not here: looks up where it is.

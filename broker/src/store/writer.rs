@@ -483,10 +483,11 @@ impl WriterActor {
         if self.bounds_of(batch, queue)?.depth() + fresh.len() as u64 > self.config.max_queue_len {
             return Err(StoreError::QueueFull(queue.to_string(), self.config.max_queue_len));
         }
+        // Check every entry before writing any: all or nothing.
+        if let Some((seq, _)) = fresh.iter().find(|(_, value)| StoredItem::decode(value).is_err()) {
+            return Err(StoreError::Corrupt(format!("shipped entry {seq} of {queue} does not decode")));
+        }
         for (seq, value) in fresh {
-            if StoredItem::decode(&value).is_err() {
-                return Err(StoreError::Corrupt(format!("shipped entry {seq} of {queue} does not decode")));
-            }
             self.push(batch, queue, value)?;
             done = seq;
         }
