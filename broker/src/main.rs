@@ -264,8 +264,8 @@ fn mesh_status(admin: &str, json: bool) -> ExitCode {
         status.node, status.addr, status.incarnation, status.held_queues
     );
     println!(
-        "{:<16} {:<22} {:<6} {:<6} {:>9} {:>8} {:>10} {:>10}",
-        "MEMBER", "ADDRESS", "ALIVE", "LINK", "RTT(us)", "QUEUED", "FRAMES_OUT", "FRAMES_IN"
+        "{:<16} {:<22} {:<6} {:<6} {:>9} {:>8} {:>10} {:>10} {:>14} {:>9}",
+        "MEMBER", "ADDRESS", "ALIVE", "LINK", "RTT(us)", "QUEUED", "FRAMES_OUT", "FRAMES_IN", "OUTBOX_QUEUES", "IN_FLIGHT"
     );
     for m in &status.members {
         let (link, rtt, queued, out, inn) = match &m.link {

@@ -315,3 +315,50 @@ fn bare_peer_endpoint(_rogue_ca: &std::path::Path, cluster_ca: &std::path::Path)
     tls.alpn_protocols = vec![tern_protocol::ALPN_PEER.to_vec()];
     endpoint_with(tls)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_moves_to_another_broker_when_its_own_drains() {
+    use tern_client::{Client, ClientConfig, Incoming};
+    let mut cluster = TestCluster::spawn(3).await;
+    // One CA file trusting every broker's self-signed certificate.
+    let bundle = cluster.dir.path().join("brokers.pem");
+    let pems: Vec<String> =
+        (0..3).map(|i| std::fs::read_to_string(cluster.broker(i).cert_path()).unwrap()).collect();
+    std::fs::write(&bundle, pems.concat()).unwrap();
+    let config = |order: &[usize]| {
+        let addrs = order.iter().map(|i| cluster.broker(*i).local_addr().to_string()).collect();
+        let mut c = ClientConfig::new(addrs, &bundle);
+        c.backoff_min = Duration::from_millis(50);
+        c.backoff_max = Duration::from_millis(500);
+        c
+    };
+    let (alice, _) = Client::register(config(&[2]), "alice", None).await.unwrap();
+    let (bob, _) = Client::register(config(&[0, 1, 2]), "bob", None).await.unwrap();
+    let next = |client: Client| async move {
+        loop {
+            let item = tokio::time::timeout(Duration::from_secs(20), client.recv()).await.expect("in time").expect("open");
+            client.ack(item.seq()).await;
+            if let Incoming::Message { body, .. } = item {
+                return String::from_utf8(body.to_vec()).unwrap();
+            }
+        }
+    };
+    for n in 0..10 {
+        alice.send("bob", format!("m{n}")).await.unwrap();
+    }
+    for n in 0..10 {
+        assert_eq!(next(bob.clone()).await, format!("m{n}"));
+    }
+    // node-1 drains: bob's client is redirected to node-2 or node-3 and
+    // keeps receiving, each message once, in order.
+    cluster.stop(0).await;
+    for n in 10..20 {
+        alice.send("bob", format!("m{n}")).await.unwrap();
+    }
+    for n in 10..20 {
+        assert_eq!(next(bob.clone()).await, format!("m{n}"));
+    }
+    alice.close().await;
+    bob.close().await;
+    cluster.shutdown().await;
+}

@@ -80,6 +80,8 @@ pub(crate) struct MembershipActor {
     members: watch::Sender<Members>,
     mesh: Mesh,
     cancel: CancellationToken,
+    /// Set once this broker asked to leave: foca then reports itself defunct.
+    leaving: bool,
 }
 
 /// Most bytes in one SWIM packet: fits a QUIC datagram on any path QUIC
@@ -104,7 +106,7 @@ impl MembershipActor {
         config.remove_down_after = Some(Duration::from_secs(60));
         let rng = rand_foca::rngs::StdRng::seed_from_u64(rand::random());
         let foca = Foca::new(identity, config, rng, PostcardCodec);
-        Self { foca, runtime: AccumulatingRuntime::new(), rx, tx: tx.downgrade(), members, mesh, cancel }
+        Self { foca, runtime: AccumulatingRuntime::new(), rx, tx: tx.downgrade(), members, mesh, cancel, leaving: false }
     }
 
     pub(crate) async fn run(mut self) {
@@ -121,6 +123,7 @@ impl MembershipActor {
                 MembershipMsg::Timer(timer) => self.foca.handle_timer(timer, &mut self.runtime),
                 MembershipMsg::Announce(id) => self.foca.announce(id, &mut self.runtime),
                 MembershipMsg::Leave(done) => {
+                    self.leaving = true;
                     let result = self.foca.leave_cluster(&mut self.runtime);
                     self.drain();
                     let _ = done.send(());
@@ -168,6 +171,7 @@ impl MembershipActor {
                 }
                 OwnedNotification::Idle => tracing::warn!("no live member left"),
                 OwnedNotification::Active => tracing::info!("joined the mesh"),
+                OwnedNotification::Defunct if self.leaving => tracing::debug!("left the mesh"),
                 OwnedNotification::Defunct => tracing::error!("declared down and cannot rejoin"),
             }
         }
