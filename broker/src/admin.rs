@@ -1,13 +1,14 @@
-//! The admin HTTP port: Prometheus `/metrics`, `/healthz` and `/mesh` (this
-//! broker's view of the mesh, JSON).
+//! The admin HTTP port: Prometheus `/metrics`, `/healthz`, `/mesh` (this
+//! broker's view of the mesh, JSON) and `POST /mesh/sever/{node}?secs=N` (a
+//! fault drill: cut the link to a peer for N seconds).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -42,6 +43,7 @@ pub(crate) async fn serve(addr: SocketAddr, ctx: Context) -> std::io::Result<Soc
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/mesh", get(mesh))
+        .route("/mesh/sever/{node}", post(sever))
         .with_state(ctx.clone());
     let cancel = ctx.cancel.clone();
     ctx.tasks.spawn(async move {
@@ -80,4 +82,24 @@ async fn mesh(State(ctx): State<Context>) -> (StatusCode, String) {
         }
         None => (StatusCode::NOT_FOUND, "this broker is not a mesh member (start it with --cluster NODEDIR)\n".into()),
     }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct SeverQuery {
+    secs: Option<u64>,
+}
+
+/// Cuts the link to `node` for `secs` seconds (default 10, at most 3600).
+async fn sever(
+    State(ctx): State<Context>,
+    Path(node): Path<String>,
+    Query(q): Query<SeverQuery>,
+) -> (StatusCode, String) {
+    let Some(mesh) = &ctx.mesh else {
+        return (StatusCode::NOT_FOUND, "this broker is not a mesh member\n".into());
+    };
+    let secs = q.secs.unwrap_or(10).min(3600);
+    mesh.sever(&node, std::time::Duration::from_secs(secs));
+    tracing::warn!(peer = %node, secs, "peer link severed by an operator");
+    (StatusCode::OK, format!("link to {node} cut for {secs} s\n"))
 }

@@ -265,7 +265,16 @@ fn mesh_status(admin: &str, json: bool) -> ExitCode {
     );
     println!(
         "{:<16} {:<22} {:<6} {:<6} {:>9} {:>8} {:>10} {:>10} {:>14} {:>9}",
-        "MEMBER", "ADDRESS", "ALIVE", "LINK", "RTT(us)", "QUEUED", "FRAMES_OUT", "FRAMES_IN", "OUTBOX_QUEUES", "IN_FLIGHT"
+        "MEMBER",
+        "ADDRESS",
+        "ALIVE",
+        "LINK",
+        "RTT(us)",
+        "QUEUED",
+        "FRAMES_OUT",
+        "FRAMES_IN",
+        "OUTBOX_QUEUES",
+        "IN_FLIGHT"
     );
     for m in &status.members {
         let (link, rtt, queued, out, inn) = match &m.link {

@@ -322,8 +322,7 @@ async fn a_client_moves_to_another_broker_when_its_own_drains() {
     let mut cluster = TestCluster::spawn(3).await;
     // One CA file trusting every broker's self-signed certificate.
     let bundle = cluster.dir.path().join("brokers.pem");
-    let pems: Vec<String> =
-        (0..3).map(|i| std::fs::read_to_string(cluster.broker(i).cert_path()).unwrap()).collect();
+    let pems: Vec<String> = (0..3).map(|i| std::fs::read_to_string(cluster.broker(i).cert_path()).unwrap()).collect();
     std::fs::write(&bundle, pems.concat()).unwrap();
     let config = |order: &[usize]| {
         let addrs = order.iter().map(|i| cluster.broker(*i).local_addr().to_string()).collect();
@@ -336,7 +335,8 @@ async fn a_client_moves_to_another_broker_when_its_own_drains() {
     let (bob, _) = Client::register(config(&[0, 1, 2]), "bob", None).await.unwrap();
     let next = |client: Client| async move {
         loop {
-            let item = tokio::time::timeout(Duration::from_secs(20), client.recv()).await.expect("in time").expect("open");
+            let item =
+                tokio::time::timeout(Duration::from_secs(20), client.recv()).await.expect("in time").expect("open");
             client.ack(item.seq()).await;
             if let Incoming::Message { body, .. } = item {
                 return String::from_utf8(body.to_vec()).unwrap();

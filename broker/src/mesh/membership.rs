@@ -106,7 +106,16 @@ impl MembershipActor {
         config.remove_down_after = Some(Duration::from_secs(60));
         let rng = rand_foca::rngs::StdRng::seed_from_u64(rand::random());
         let foca = Foca::new(identity, config, rng, PostcardCodec);
-        Self { foca, runtime: AccumulatingRuntime::new(), rx, tx: tx.downgrade(), members, mesh, cancel, leaving: false }
+        Self {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            rx,
+            tx: tx.downgrade(),
+            members,
+            mesh,
+            cancel,
+            leaving: false,
+        }
     }
 
     pub(crate) async fn run(mut self) {
