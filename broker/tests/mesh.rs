@@ -23,7 +23,10 @@ async fn receive(raw: &mut Raw, n: usize) -> Vec<[u8; 16]> {
 async fn receive_new(raw: &mut Raw, n: usize, seen: &mut std::collections::HashSet<[u8; 16]>) -> Vec<[u8; 16]> {
     let mut ids = Vec::new();
     while ids.len() < n {
-        let Some(d) = raw.deliver().await else { panic!("only {} of {n} messages arrived", ids.len()) };
+        let Some(d) = raw.deliver().await else {
+            let missing: Vec<u8> = (0..=255u8).filter(|i| !seen.contains(&mid(u64::from(*i)))).take(10).collect();
+            panic!("only {} of {n} messages arrived; first missing {missing:?}", ids.len())
+        };
         if let Some(pb::deliver::Item::Message(m)) = &d.item {
             let id: [u8; 16] = m.message_id.as_ref().try_into().unwrap();
             if seen.insert(id) {
@@ -360,5 +363,67 @@ async fn a_client_moves_to_another_broker_when_its_own_drains() {
     }
     alice.close().await;
     bob.close().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_flight_keep_their_order_when_the_recipient_moves() {
+    let cluster = TestCluster::spawn(3).await;
+    let (mut alice, _) = user(cluster.broker(0), "alice").await;
+    let (bob, bob_key) = user(cluster.broker(2), "bob").await;
+    // Entries reach node-3 and wait there (bob reads nothing).
+    send_all(&mut alice, "bob", 0..100).await;
+    let held = wait_for(Duration::from_secs(10), || {
+        cluster
+            .broker(2)
+            .store()
+            .read(&tern_broker::store::QueueKey::new("bob", 1), 0, 1000, 1 << 24)
+            .map_or(0, |e| e.len())
+            == 100
+    })
+    .await;
+    assert!(held, "node-3 holds bob's first 100 messages");
+    drop(bob);
+    // Bob moves to node-2 while alice keeps sending: node-3 hands its 100
+    // over, node-1 ships the new ones; bob must see them in send order.
+    let sender = tokio::spawn(async move {
+        send_all(&mut alice, "bob", 100..200).await;
+        alice
+    });
+    let mut bob = login(cluster.broker(1), "bob", &bob_key).await;
+    let mut seen = std::collections::HashSet::new();
+    let got = tokio::time::timeout(Duration::from_secs(8), receive_new(&mut bob, 200, &mut seen)).await;
+    if got.is_err() {
+        for i in 0..3 {
+            let e =
+                cluster.broker(i).store().read(&tern_broker::store::QueueKey::new("bob", 1), 0, 1000, 1 << 24).unwrap();
+            let ids: Vec<u8> = e
+                .iter()
+                .map(|(_, v)| match tern_broker::store::StoredItem::decode(v).unwrap().item {
+                    pb::deliver::Item::Message(m) => m.message_id[7],
+                    _ => 255,
+                })
+                .collect();
+            eprintln!(
+                "node-{} holds {:?} status {:?}",
+                i + 1,
+                ids,
+                cluster.broker(i).mesh_status().map(|s| (
+                    s.held_queues,
+                    s.members.iter().map(|m| (m.node.clone(), m.outbox_queues, m.outbox_in_flight)).collect::<Vec<_>>()
+                ))
+            );
+        }
+        panic!("stuck");
+    }
+    let got = got.unwrap();
+    sender.await.unwrap();
+    let first_wrong = got.iter().zip((0..200).map(mid)).position(|(g, want)| *g != want);
+    assert_eq!(
+        first_wrong,
+        None,
+        "reordered across the move: message {:?} at position {first_wrong:?}",
+        first_wrong.map(|i| got[i][7])
+    );
     cluster.shutdown().await;
 }

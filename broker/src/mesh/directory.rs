@@ -97,6 +97,11 @@ impl Directory {
         hit
     }
 
+    /// The cached entry, not counted as a lookup.
+    pub(crate) fn peek(&self, queue: &QueueKey) -> Option<Option<Location>> {
+        self.cache.get(queue)
+    }
+
     pub(crate) fn forget(&self, queue: &QueueKey) {
         self.cache.invalidate(queue);
     }

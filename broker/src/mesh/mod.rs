@@ -67,6 +67,14 @@ struct Inner {
     directory: Directory,
     /// Devices connected here, with the epoch of their login.
     hosted: Mutex<HashMap<QueueKey, u64>>,
+    /// Devices that logged in here and whose previous broker has not yet
+    /// handed over what it held: shipments from others wait (see
+    /// [`Handoff`]).
+    handoffs: Mutex<HashMap<QueueKey, Handoff>>,
+    /// Per (origin store, queue): the first seq of a deferred shipment. Later
+    /// shipments from that origin are deferred too until it is sent again,
+    /// so nothing is stored past a gap (the ack is cumulative).
+    deferred: Mutex<HashMap<([u8; 16], QueueKey), u64>>,
     ship: mpsc::Sender<ShipMsg>,
     /// Peers whose links are refused until the given time (fault drills).
     severed: Mutex<HashMap<String, tokio::time::Instant>>,
@@ -106,6 +114,22 @@ pub(crate) struct MeshSetup<'a> {
 
 /// How long a peer has to answer a request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a device's new broker holds other shipments back while waiting
+/// for its previous broker's handoff.
+const HANDOFF_WAIT: Duration = Duration::from_secs(10);
+
+/// A device that logged in here, waiting for its previous broker's handoff.
+/// Until it is done (or `HANDOFF_WAIT` passes, or that broker is gone),
+/// entries shipped by other brokers are deferred, so the older entries the
+/// previous broker holds arrive first: one sender's messages stay in order
+/// across a move.
+#[derive(Debug)]
+struct Handoff {
+    epoch: u64,
+    /// The previous broker; `None` until the directory owner says.
+    from: Option<String>,
+    until: tokio::time::Instant,
+}
 
 impl Mesh {
     /// Starts membership and the link keeper, and dials the seeds.
@@ -137,6 +161,8 @@ impl Mesh {
                 router: setup.router.clone(),
                 directory: Directory::new(setup.cache_entries, setup.cache_ttl),
                 hosted: Mutex::new(HashMap::new()),
+                handoffs: Mutex::new(HashMap::new()),
+                deferred: Mutex::new(HashMap::new()),
                 ship: ship_tx.clone(),
                 severed: Mutex::new(HashMap::new()),
                 outbox: ship::OutboxGauge::default(),
@@ -298,7 +324,21 @@ impl Mesh {
             }
             Some(P::Moved(moved)) => {
                 let Ok(queue) = queue_key(&moved.handle, moved.device) else { return };
-                self.on_moved(queue, Location { node: moved.node, epoch: moved.epoch });
+                let from = Some(moved.from_node).filter(|n| !n.is_empty());
+                self.on_moved(queue, Location { node: moved.node, epoch: moved.epoch }, from);
+            }
+            Some(P::HandoffDone(done)) => {
+                let Ok(queue) = queue_key(&done.handle, done.device) else { return };
+                let mut handoffs = lock(&self.inner.handoffs);
+                if handoffs.get(&queue).is_some_and(|h| h.from.as_deref() == Some(from.peer.name.as_str())) {
+                    handoffs.remove(&queue);
+                    metrics::counter!("tern_mesh_handoffs_total").increment(1);
+                }
+            }
+            Some(P::ShipDefer(d)) => {
+                let Ok(queue) = queue_key(&d.handle, d.device) else { return };
+                let node = from.peer.name.clone();
+                let _ = self.inner.ship.send(ShipMsg::Deferred { node, queue }).await;
             }
             Some(P::Request(req)) => {
                 let (mesh, link) = (self.clone(), from.clone());
@@ -321,11 +361,29 @@ impl Mesh {
     async fn on_ship(&self, from: &LinkHandle, ship: pp::Ship) {
         let Ok(queue) = queue_key(&ship.handle, ship.device) else { return };
         let Ok(origin) = <[u8; 16]>::try_from(ship.origin.as_ref()) else { return };
-        // The sender thought the device is here. If it is not, the next
-        // lookup for it asks the directory owner instead of this cache, so
-        // entries move on only on the owner's word, never between two stale
-        // caches.
-        self.inner.directory.forget(&queue);
+        let first = ship.entries.first().map_or(0, |e| e.seq);
+        let key = (origin, queue.clone());
+        let after_gap = {
+            let mut deferred = lock(&self.inner.deferred);
+            match deferred.get(&key) {
+                Some(gap) if first > *gap && !ship.restart => true,
+                Some(_) => {
+                    deferred.remove(&key);
+                    false
+                }
+                None => false,
+            }
+        };
+        if after_gap || self.defers(&queue, &from.peer.name) {
+            metrics::counter!("tern_mesh_ship_deferred_total").increment(1);
+            let mut deferred = lock(&self.inner.deferred);
+            let gap = deferred.entry(key).or_insert(first);
+            *gap = (*gap).min(first);
+            drop(deferred);
+            let defer = pp::ShipDefer { handle: queue.handle().to_owned(), device: queue.device() };
+            from.send(PeerFrame { kind: Some(P::ShipDefer(defer)) });
+            return;
+        }
         let entries = ship.entries.into_iter().map(|e| (e.seq, e.value)).collect();
         let outcome = match self.inner.store.submit_ship(origin, queue.clone(), entries).await {
             Ok(o) => o,
@@ -346,6 +404,24 @@ impl Mesh {
                 }
             }
         });
+    }
+
+    /// Whether shipments of `queue` from `sender` wait: the device is known
+    /// to be at another broker (entries are forwarded one hop, never on
+    /// from here on a guess), or it logged in here and its previous broker
+    /// has not handed over yet.
+    fn defers(&self, queue: &QueueKey, sender: &str) -> bool {
+        if lock(&self.inner.hosted).contains_key(queue) {
+            let mut handoffs = lock(&self.inner.handoffs);
+            let Some(h) = handoffs.get(queue) else { return false };
+            let gone = h.from.as_ref().is_some_and(|f| !self.members().contains_key(f));
+            if gone || tokio::time::Instant::now() >= h.until {
+                handoffs.remove(queue);
+                return false;
+            }
+            return h.from.as_deref() != Some(sender);
+        }
+        matches!(self.inner.directory.peek(queue), Some(Some(l)) if l.node != self.node())
     }
 
     /// Answers a peer's request.
@@ -417,6 +493,8 @@ impl Mesh {
     pub(crate) fn device_online(&self, queue: &QueueKey) -> u64 {
         let epoch = self.inner.directory.next_epoch();
         lock(&self.inner.hosted).insert(queue.clone(), epoch);
+        let until = tokio::time::Instant::now() + HANDOFF_WAIT;
+        lock(&self.inner.handoffs).insert(queue.clone(), Handoff { epoch, from: None, until });
         self.send_location(queue, epoch);
         epoch
     }
@@ -426,6 +504,10 @@ impl Mesh {
         let mut hosted = lock(&self.inner.hosted);
         if hosted.get(queue) == Some(&epoch) {
             hosted.remove(queue);
+            let mut handoffs = lock(&self.inner.handoffs);
+            if handoffs.get(queue).is_some_and(|h| h.epoch == epoch) {
+                handoffs.remove(queue);
+            }
         }
     }
 
@@ -453,43 +535,74 @@ impl Mesh {
         }
     }
 
-    /// As directory owner: records a location; when the device came from
-    /// elsewhere (or was unknown), tells every member, so holders ship to it
-    /// and caches follow.
+    /// As directory owner: records a location. Every member hears of a
+    /// device that came from elsewhere (or was unknown), so holders ship to
+    /// it and caches follow; the broker it logged in at always hears, with
+    /// where it was before, so it knows whose handoff to wait for.
     fn record_location(&self, queue: QueueKey, location: Location) {
-        match self.inner.directory.record(&queue, location.clone()) {
-            Recorded::Stale => {}
+        let reporter = location.node.clone();
+        let (current, from, everyone) = match self.inner.directory.record(&queue, location.clone()) {
+            // A newer login elsewhere: tell the reporter where the device is.
+            Recorded::Stale => match self.inner.directory.owned(&queue) {
+                Some(newer) => (newer, None, false),
+                None => return,
+            },
             Recorded::Fresh { moved_from, known } => {
                 metrics::gauge!("tern_location_directory_entries").set(self.inner.directory.owned_len() as f64);
-                if known && moved_from.is_none() {
-                    return;
-                }
-                let moved = pp::Moved {
-                    handle: queue.handle().to_owned(),
-                    device: queue.device(),
-                    node: location.node.clone(),
-                    epoch: location.epoch,
-                };
-                for link in lock(&self.inner.links).values() {
-                    link.send(PeerFrame { kind: Some(P::Moved(moved.clone())) });
-                }
-                self.on_moved(queue, location);
+                let everyone = !known || moved_from.is_some();
+                (location, moved_from, everyone)
             }
+        };
+        let moved = pp::Moved {
+            handle: queue.handle().to_owned(),
+            device: queue.device(),
+            node: current.node.clone(),
+            epoch: current.epoch,
+            from_node: from.clone().unwrap_or_default(),
+        };
+        for (node, link) in lock(&self.inner.links).iter() {
+            if everyone || *node == reporter {
+                link.send(PeerFrame { kind: Some(P::Moved(moved.clone())) });
+            }
+        }
+        if everyone || reporter == self.node() {
+            self.on_moved(queue, current, from);
         }
     }
 
-    /// A device logged in at `location`: update the cache, close an older
-    /// session here, and ship what is held here for it.
-    fn on_moved(&self, queue: QueueKey, location: Location) {
+    /// A device logged in at `location` (coming from `from`): update the
+    /// cache; here, learn whose handoff to wait for; elsewhere, close an
+    /// older session and ship what is held for it.
+    fn on_moved(&self, queue: QueueKey, location: Location, from: Option<String>) {
         self.inner.directory.invalidate(&queue, location.clone());
         if location.node == self.node() {
+            let mut handoffs = lock(&self.inner.handoffs);
+            if let Some(h) = handoffs.get_mut(&queue) {
+                if h.epoch == location.epoch {
+                    match from.filter(|f| *f != location.node) {
+                        Some(previous) => h.from = Some(previous),
+                        None => {
+                            handoffs.remove(&queue);
+                        }
+                    }
+                }
+            }
             return;
         }
         let older_here = lock(&self.inner.hosted).get(&queue).is_some_and(|e| *e < location.epoch);
         if older_here {
             self.inner.router.replace_remotely(&queue);
         }
-        let _ = self.inner.ship.try_send(ShipMsg::Moved(queue, location));
+        let handoff = from.as_deref() == Some(self.node());
+        let _ = self.inner.ship.try_send(ShipMsg::Moved { queue, location, handoff });
+    }
+
+    /// Tells `node` this broker has handed over everything it held for `queue`.
+    pub(crate) fn handoff_done(&self, node: &str, queue: &QueueKey) {
+        if let Some(link) = self.link(node) {
+            let done = pp::HandoffDone { handle: queue.handle().to_owned(), device: queue.device() };
+            link.send(PeerFrame { kind: Some(P::HandoffDone(done)) });
+        }
     }
 
     /// Where `queue`'s device is: this broker if connected here, else the

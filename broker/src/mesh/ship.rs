@@ -53,8 +53,19 @@ pub(crate) enum ShipMsg {
         queue: QueueKey,
         up_to: u64,
     },
-    /// The device logged in at another broker.
-    Moved(QueueKey, Location),
+    /// The device logged in at another broker; `handoff`: it was here
+    /// before, and the new broker waits for this one's `HandoffDone`.
+    Moved {
+        queue: QueueKey,
+        location: Location,
+        handoff: bool,
+    },
+    /// `node` did not store this queue's entries (the device is elsewhere, or
+    /// it waits for another broker's handoff): look it up again, resend.
+    Deferred {
+        node: String,
+        queue: QueueKey,
+    },
     /// A location lookup finished; `head` is the queue's current head.
     Resolved {
         queue: QueueKey,
@@ -88,6 +99,9 @@ impl OutboxGauge {
     }
 }
 
+/// Delay before a deferred queue is looked up and sent again.
+const DEFER_RETRY: Duration = Duration::from_millis(100);
+
 /// How often a held queue's device is looked up again.
 const HELD_RETRY: Duration = Duration::from_secs(30);
 
@@ -101,11 +115,13 @@ struct Outbound {
     acked: u64,
     progress: Instant,
     resolving: bool,
+    /// Tell `dest` once everything here is shipped and acknowledged.
+    handoff: bool,
 }
 
 impl Outbound {
     fn new() -> Self {
-        Self { dest: None, sent: 0, acked: 0, progress: Instant::now(), resolving: false }
+        Self { dest: None, sent: 0, acked: 0, progress: Instant::now(), resolving: false, handoff: false }
     }
 }
 
@@ -172,16 +188,39 @@ impl ShipActor {
                 });
                 self.pump(&queue);
             }
-            ShipMsg::Moved(queue, location) => {
+            ShipMsg::Moved { queue, location, handoff } => {
                 if self.router.is_attached(&queue) {
                     return;
                 }
                 let out = self.queues.entry(queue.clone()).or_insert_with(Outbound::new);
+                out.handoff |= handoff;
                 if out.resolving {
                     return;
                 }
                 out.resolving = true;
                 self.resolved_later(queue, async move { Some(location) });
+            }
+            ShipMsg::Deferred { node, queue } => {
+                let Some(out) = self.queues.get_mut(&queue) else { return };
+                if out.dest.as_deref() != Some(node.as_str()) {
+                    return;
+                }
+                // Everything after the last ack goes again (the receiver
+                // stores nothing past what it deferred).
+                out.sent = out.acked;
+                if out.resolving {
+                    return;
+                }
+                // Look the device up again, shortly: the deferring broker
+                // either is no longer its broker or waits for a handoff.
+                out.resolving = true;
+                self.mesh.forget_location(&queue);
+                let mesh = self.mesh.clone();
+                let q = queue.clone();
+                self.resolved_later(queue, async move {
+                    tokio::time::sleep(DEFER_RETRY).await;
+                    mesh.locate(&q).await
+                });
             }
             ShipMsg::Resolved { queue, location, head } => {
                 let me = self.mesh.node().to_owned();
@@ -274,6 +313,7 @@ impl ShipActor {
         let Some(link) = self.mesh.link(&dest) else { return };
         let origin = self.store.id();
         while out.sent - out.acked < WINDOW {
+            let restart = out.sent == out.acked;
             let entries = match self.store.read(queue, out.sent + 1, BATCH_ITEMS, BATCH_BYTES) {
                 Ok(e) => e,
                 Err(e) => {
@@ -284,6 +324,9 @@ impl ShipActor {
             let Some(last) = entries.last().map(|(seq, _)| *seq) else {
                 if out.sent == out.acked {
                     // Everything shipped and acknowledged.
+                    if out.handoff {
+                        self.mesh.handoff_done(&dest, queue);
+                    }
                     self.queues.remove(queue);
                 }
                 return;
@@ -293,6 +336,7 @@ impl ShipActor {
                 device: queue.device(),
                 origin: bytes::Bytes::copy_from_slice(&origin),
                 entries: entries.into_iter().map(|(seq, value)| ShipEntry { seq, value }).collect(),
+                restart,
             };
             let count = ship.entries.len() as u64;
             if !link.send(PeerFrame { kind: Some(P::Ship(ship)) }) {
