@@ -118,8 +118,10 @@ impl Router {
     /// Ends the session of `queue`'s device here: it logged in at another
     /// broker since.
     pub(crate) fn replace_remotely(&self, queue: &QueueKey) {
-        if let Ok(sessions) = self.inner.sessions.lock() {
-            if let Some(slot) = sessions.get(queue) {
+        if let Ok(mut sessions) = self.inner.sessions.lock() {
+            // Detached at once: from now on entries for the device are
+            // shipped to its new broker, not handed to the ending session.
+            if let Some(slot) = sessions.remove(queue) {
                 slot.replaced.cancel();
             }
         }
