@@ -96,15 +96,14 @@ impl LinkHandle {
         self.out.send(frame).await.is_ok()
     }
 
-    /// Sends a gossip packet: as a datagram when it fits, else as a frame.
+    /// Sends a gossip packet: as a datagram when it fits, else (or when the
+    /// datagram cannot be sent) as a frame on the link stream.
     pub(crate) fn send_packet(&self, packet: Bytes) {
-        if self.conn.max_datagram_size().is_some_and(|max| packet.len() <= max) {
-            if self.conn.send_datagram(packet).is_ok() {
-                return;
-            }
-        } else {
-            self.send(PeerFrame { kind: Some(P::Gossip(Gossip { packet })) });
+        let fits = self.conn.max_datagram_size().is_some_and(|max| packet.len() <= max);
+        if fits && self.conn.send_datagram(packet.clone()).is_ok() {
+            return;
         }
+        self.send(PeerFrame { kind: Some(P::Gossip(Gossip { packet })) });
     }
 
     /// Round-trip time QUIC measures on the link.
