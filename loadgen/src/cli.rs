@@ -1,16 +1,20 @@
 //! Command line: one subcommand per scenario, sharing the target and output
-//! flags.
+//! flags. `--target`, `--ca` and `--broker-pid` repeat (or take comma-separated
+//! lists); [`Common::targets`] checks the targets share a scheme.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::target::Target;
+use crate::target::{Target, Targets};
+use crate::LoadError;
 
 /// Load generator for Tern, and for NATS JetStream and MQTT brokers under the
 /// same workloads. Every acknowledged message is accounted for: the summary
 /// (and `--json`) reports lost, duplicated and reordered messages, and the
-/// exit status is 1 if any acknowledged message was lost.
+/// exit status is 1 if any acknowledged message was lost. Several
+/// `--target`s (the brokers of a Tern mesh or a NATS cluster) share the
+/// users between them.
 ///
 /// Exit status: 0 ok; 1 acknowledged messages lost; 2 bad arguments;
 /// 3 broker unreachable; 4 set-up refused or I/O error.
@@ -67,13 +71,20 @@ pub(crate) enum Scenario {
 #[derive(Debug, Args)]
 pub(crate) struct Common {
     /// Broker to load: tern://HOST:PORT, nats://HOST:PORT (JetStream) or
-    /// mqtt://HOST:PORT (QoS 1, persistent sessions).
-    #[arg(long, value_name = "URL")]
-    pub(crate) target: Target,
-    /// PEM certificate to trust (tern:// only): the broker's
-    /// DATA_DIR/tls/cert.pem, or the CA that signed its certificate.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) ca: Option<PathBuf>,
+    /// mqtt://HOST:PORT (QoS 1, persistent sessions). Repeat the flag, or
+    /// separate URLs with commas, to spread the users over the brokers of
+    /// one Tern mesh or NATS cluster: user i connects to the (i mod N)-th,
+    /// so chat partners sit on different brokers. All URLs must have the
+    /// same scheme; mqtt:// takes one.
+    #[arg(long, value_name = "URL", value_delimiter = ',', required = true)]
+    pub(crate) target: Vec<Target>,
+    /// PEM certificate(s) to trust (tern:// only): the broker's
+    /// DATA_DIR/tls/cert.pem, or the CA that signed its certificate. Given
+    /// once, the file serves every --target (with several brokers: a file
+    /// holding all their certificates); or give it once per --target, in
+    /// the same order.
+    #[arg(long, value_name = "FILE", value_delimiter = ',')]
+    pub(crate) ca: Vec<PathBuf>,
     /// Number of users (each one connection).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
     pub(crate) users: u32,
@@ -83,10 +94,11 @@ pub(crate) struct Common {
     /// Write the report as JSON to FILE (`-` for standard output).
     #[arg(long, value_name = "FILE")]
     pub(crate) json: Option<PathBuf>,
-    /// Broker process to read CPU time and memory of, from /proc. Found
-    /// automatically when the broker listens on this machine.
-    #[arg(long, value_name = "PID")]
-    pub(crate) broker_pid: Option<u32>,
+    /// Broker process to read CPU time and memory of, from /proc; repeat it
+    /// for several brokers (their CPU and memory are summed). Found
+    /// automatically, one per --target, when the brokers listen on this machine.
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub(crate) broker_pid: Vec<u32>,
     /// No progress bar and no summary table (the JSON is still written).
     #[arg(long, short)]
     pub(crate) quiet: bool,
@@ -100,12 +112,19 @@ pub(crate) struct Common {
     /// Users connecting at once while setting up.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub(crate) connect_concurrency: u32,
-    /// UDP sockets the tern:// connections share.
+    /// UDP sockets the tern:// connections share (per --ca file).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub(crate) endpoints: u32,
     /// Async runtime worker threads (default: number of CPUs).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
+}
+
+impl Common {
+    /// The `--target`s as one list, checked to share a scheme.
+    pub(crate) fn targets(&self) -> Result<Targets, LoadError> {
+        Targets::new(self.target.clone()).map_err(LoadError::Args)
+    }
 }
 
 /// Flags of `chat`.
@@ -179,4 +198,57 @@ pub(crate) struct StormArgs {
     /// Reconnects are spread uniformly over this many seconds.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     pub(crate) window: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(args: &[&str]) -> Result<Common, clap::Error> {
+        let argv = ["tern-loadgen", "chat", "--rate", "10"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.scenario {
+            Scenario::Chat(a) => a.common,
+            _ => unreachable!("parsed chat"),
+        })
+    }
+
+    #[test]
+    fn one_target_parses_as_before() {
+        let c = common(&["--target", "tern://127.0.0.1:4433", "--ca", "cert.pem", "--broker-pid", "7"]).unwrap();
+        assert_eq!(c.targets().unwrap().to_string(), "tern://127.0.0.1:4433");
+        assert_eq!((c.ca, c.broker_pid), (vec![PathBuf::from("cert.pem")], vec![7]));
+    }
+
+    #[test]
+    fn targets_repeat_and_split_on_commas() {
+        let c = common(&[
+            "--target",
+            "tern://127.0.0.1:1,tern://127.0.0.1:2",
+            "--target",
+            "tern://127.0.0.1:3",
+            "--ca",
+            "a.pem",
+            "--ca",
+            "b.pem,c.pem",
+            "--broker-pid",
+            "1,2",
+            "--broker-pid",
+            "3",
+        ])
+        .unwrap();
+        let t = c.targets().unwrap();
+        assert_eq!(t.all().iter().map(Target::port).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(c.ca.len(), 3);
+        assert_eq!(c.broker_pid, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn targets_are_required_and_share_a_scheme() {
+        assert!(common(&[]).is_err(), "--target is required");
+        assert!(common(&["--target", "tern://h:1,h:2"]).is_err(), "each URL has a scheme");
+        let mixed = common(&["--target", "tern://h:1", "--target", "nats://h:2"]).unwrap();
+        let err = mixed.targets().unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("different schemes"), "{err}");
+    }
 }

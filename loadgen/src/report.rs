@@ -39,11 +39,17 @@ impl LatencySummary {
     }
 }
 
-/// CPU and memory of the broker process during the run.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+/// CPU and memory of the broker process(es) during the run: with several
+/// targets, the sums over their processes.
+#[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct BrokerUsage {
+    /// The first broker process.
     pub(crate) pid: u32,
-    /// CPU seconds (user + system) the broker used during the measured part.
+    /// Every broker process measured (one per target).
+    pub(crate) pids: Vec<u32>,
+    /// How many processes the figures below add up.
+    pub(crate) brokers: usize,
+    /// CPU seconds (user + system) the brokers used during the measured part.
     pub(crate) cpu_s: f64,
     /// Broker CPU per delivered message, in microseconds.
     pub(crate) cpu_us_per_msg: f64,
@@ -263,9 +269,14 @@ impl Report {
             );
         }
         if let Some(b) = &self.broker {
+            let pids: Vec<String> = b.pids.iter().map(u32::to_string).collect();
+            let who = if b.brokers > 1 {
+                format!("{} brokers (pids {})", b.brokers, pids.join(", "))
+            } else {
+                format!("broker pid {}", b.pid)
+            };
             out += &format!(
-                "broker pid {}: {:.2} CPU s, {:.1} µs CPU per delivered message, RSS {} MiB; loadgen {:.2} CPU s\n",
-                b.pid,
+                "{who}: {:.2} CPU s, {:.1} µs CPU per delivered message, RSS {} MiB; loadgen {:.2} CPU s\n",
                 b.cpu_s,
                 b.cpu_us_per_msg,
                 b.rss_bytes >> 20,

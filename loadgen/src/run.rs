@@ -1,6 +1,7 @@
 //! Machinery the scenarios share: opening the adapter, connecting users with
 //! bounded concurrency, per-user sender tasks that keep sends in order and
-//! in flight, waiting for the drain, and the CPU bookkeeping.
+//! in flight, waiting for the drain, and the CPU bookkeeping (summed over the
+//! broker processes when a run has several targets).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use crate::payload::Stamp;
 use crate::procfs;
 use crate::progress::Progress;
 use crate::report::{BrokerUsage, Report};
-use crate::target::Scheme;
+use crate::target::{Scheme, Targets};
 use crate::LoadError;
 
 /// One send for a sender task.
@@ -37,7 +38,9 @@ pub(crate) struct Run {
     pub(crate) quiet: bool,
     pub(crate) connect_concurrency: usize,
     pub(crate) drain_timeout: Duration,
-    broker_pid: Option<u32>,
+    /// The broker processes (one per target, or `--broker-pid`); empty when
+    /// they were not all found.
+    broker_pids: Vec<u32>,
     cpu_start: Option<(f64, f64)>,
     target: String,
 }
@@ -57,8 +60,9 @@ fn secs(name: &str, v: f64) -> Result<Duration, LoadError> {
 }
 
 impl Run {
-    /// Opens the adapter (checking the broker answers) and finds the broker process.
+    /// Opens the adapter (checking the brokers answer) and finds the broker processes.
     pub(crate) async fn open(c: &Common, users: u32) -> Result<Self, LoadError> {
+        let targets = c.targets()?;
         let mut run_id = [0u8; 3];
         rand::thread_rng().fill_bytes(&mut run_id);
         let opts = Options {
@@ -69,14 +73,8 @@ impl Run {
             endpoints: c.endpoints as usize,
             idle_timeout: Duration::from_secs(30),
         };
-        let adapter = adapter::open(&c.target, &opts, users).await?;
-        let local = matches!(c.target.host(), "localhost" | "::1") || c.target.host().starts_with("127.");
-        let broker_pid = c.broker_pid.or_else(|| {
-            local.then(|| procfs::find_listener(c.target.port(), c.target.scheme == Scheme::Tern)).flatten()
-        });
-        if broker_pid.is_none() && !c.quiet {
-            eprintln!("note: broker process not found on this machine; CPU and memory will not be reported (use --broker-pid)");
-        }
+        let adapter = adapter::open(&targets, &opts, users).await?;
+        let broker_pids = if c.broker_pid.is_empty() { find_brokers(&targets, c.quiet) } else { dedup(&c.broker_pid) };
         Ok(Self {
             adapter,
             ledger: Arc::new(Ledger::new(users as usize)),
@@ -85,14 +83,25 @@ impl Run {
             quiet: c.quiet,
             connect_concurrency: c.connect_concurrency as usize,
             drain_timeout: secs("drain-timeout", c.drain_timeout)?,
-            broker_pid,
+            broker_pids,
             cpu_start: None,
-            target: c.target.to_string(),
+            target: targets.to_string(),
         })
     }
 
-    pub(crate) fn broker_pid(&self) -> Option<u32> {
-        self.broker_pid
+    /// Whether the broker processes are known (so CPU and memory can be read).
+    pub(crate) fn has_brokers(&self) -> bool {
+        !self.broker_pids.is_empty()
+    }
+
+    /// Resident memory of all the broker processes together.
+    pub(crate) fn broker_rss(&self) -> u64 {
+        self.broker_pids.iter().filter_map(|&pid| procfs::rss_bytes(pid)).sum()
+    }
+
+    /// CPU seconds of all the broker processes together.
+    fn broker_cpu_seconds(&self) -> f64 {
+        self.broker_pids.iter().filter_map(|&pid| procfs::cpu_seconds(pid)).sum()
     }
 
     /// Connects `users` (in parallel, bounded), with a progress bar. The
@@ -133,8 +142,7 @@ impl Run {
 
     /// Starts the CPU clock of the measured part.
     pub(crate) fn start_measuring(&mut self) {
-        let broker = self.broker_pid.and_then(procfs::cpu_seconds).unwrap_or(0.0);
-        self.cpu_start = Some((broker, procfs::own_cpu_seconds().unwrap_or(0.0)));
+        self.cpu_start = Some((self.broker_cpu_seconds(), procfs::own_cpu_seconds().unwrap_or(0.0)));
     }
 
     /// Spawns a sender task for `conn`; jobs are submitted in the order
@@ -181,13 +189,15 @@ impl Run {
         let lat = self.ledger.latencies();
         let secs = (to_ns.saturating_sub(from_ns) as f64 / 1e9).max(1e-9);
         let (b0, own0) = self.cpu_start.unwrap_or_default();
-        let broker = self.broker_pid.map(|pid| {
-            let cpu_s = procfs::cpu_seconds(pid).map_or(0.0, |c| c - b0);
+        let broker = self.has_brokers().then(|| {
+            let cpu_s = self.broker_cpu_seconds() - b0;
             BrokerUsage {
-                pid,
+                pid: self.broker_pids.first().copied().unwrap_or_default(),
+                pids: self.broker_pids.clone(),
+                brokers: self.broker_pids.len(),
                 cpu_s,
                 cpu_us_per_msg: if acc.delivered > 0 { cpu_s * 1e6 / acc.delivered as f64 } else { 0.0 },
-                rss_bytes: procfs::rss_bytes(pid).unwrap_or(0),
+                rss_bytes: self.broker_rss(),
             }
         });
         Report {
@@ -240,6 +250,42 @@ async fn sender_task(conn: Arc<dyn Connection>, ledger: Arc<Ledger>, body_len: u
     }
 }
 
+/// The process listening on each target's port, when all targets are on
+/// this machine and every one is found; otherwise none (a partial sum would
+/// read as the whole), with a note why.
+fn find_brokers(targets: &Targets, quiet: bool) -> Vec<u32> {
+    let mut missing = Vec::new();
+    let mut pids = Vec::new();
+    for t in targets.all() {
+        let local = matches!(t.host(), "localhost" | "::1") || t.host().starts_with("127.");
+        match local.then(|| procfs::find_listener(t.port(), t.scheme == Scheme::Tern)).flatten() {
+            Some(pid) => pids.push(pid),
+            None => missing.push(t.to_string()),
+        }
+    }
+    if missing.is_empty() {
+        return dedup(&pids);
+    }
+    if !quiet {
+        eprintln!(
+            "note: broker process of {} not found on this machine; CPU and memory will not be reported (use --broker-pid)",
+            missing.join(", ")
+        );
+    }
+    Vec::new()
+}
+
+/// `pids` without repeats, in first-seen order (two targets may be one process).
+fn dedup(pids: &[u32]) -> Vec<u32> {
+    let mut out: Vec<u32> = Vec::with_capacity(pids.len());
+    for &p in pids {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// User `u`'s conversation partner: users talk in pairs (0-1, 2-3, ...); with
 /// an odd count the last user talks to user 0.
 pub(crate) fn partner(u: u32, users: u32) -> u32 {
@@ -254,6 +300,18 @@ pub(crate) fn partner(u: u32, users: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_pids_are_counted_once() {
+        assert_eq!(dedup(&[3, 1, 3, 2, 1]), vec![3, 1, 2]);
+        assert!(dedup(&[]).is_empty());
+    }
+
+    #[test]
+    fn remote_targets_have_no_local_process() {
+        let t = Targets::new(vec!["tern://192.0.2.1:4433".parse().unwrap()]).unwrap();
+        assert!(find_brokers(&t, true).is_empty());
+    }
 
     #[test]
     fn partners_pair_up() {

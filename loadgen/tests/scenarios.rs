@@ -2,6 +2,8 @@
 //! scenario runs, accounts for every acknowledged message (none lost,
 //! duplicated or reordered), writes the JSON the comparison reads, and bad
 //! input or an unreachable broker gives a clear error and its exit code.
+//! With three `--target`s against a 3-broker mesh, users spread over the
+//! brokers and every conversation crosses brokers, still fully accounted.
 //!
 //! Needs `tern-broker` built next to `tern-loadgen` (`cargo build --workspace --bins`).
 
@@ -17,16 +19,29 @@ struct Broker {
     dir: tempfile::TempDir,
 }
 
+fn broker_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_tern-loadgen")).with_file_name("tern-broker");
+    assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first", bin.display());
+    bin
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 impl Broker {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A broker with `extra` flags (mesh flags, say).
+    fn start_with(extra: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_tern-loadgen")).with_file_name("tern-broker");
-        assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first", bin.display());
-        let child = Command::new(bin)
+        let addr = format!("127.0.0.1:{}", free_udp_port());
+        let child = Command::new(broker_bin())
             .args(["--listen", &addr, "--data-dir"])
             .arg(dir.path())
+            .args(extra)
             .env("TERN_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -38,6 +53,10 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(50));
         }
         Self { child, addr, dir }
+    }
+
+    fn cert(&self) -> String {
+        self.dir.path().join("tls/cert.pem").display().to_string()
     }
 
     /// `--target URL --ca FILE` for this broker.
@@ -175,10 +194,87 @@ fn unreachable_broker_and_bad_arguments_get_clear_errors() {
         (s(&["chat", "--target", target, "--ca", ca, "--rate", "0"]), "--rate"),
         (s(&["chat", "--target", target, "--ca", ca, "--rate", "5", "--users", "1"]), "users"),
         (s(&["chat", "--target", target, "--ca", "/nonexistent.pem", "--rate", "5"]), "nonexistent.pem"),
+        (s(&["chat", "--target", &format!("{target},nats://127.0.0.1:1"), "--rate", "5"]), "different schemes"),
+        (
+            s(&["chat", "--target", target, "--target", target, "--ca", ca, "--ca", ca, "--ca", ca, "--rate", "5"]),
+            "3 --ca files for 2",
+        ),
+        (
+            s(&["chat", "--target", "mqtt://127.0.0.1:1", "--target", "mqtt://127.0.0.1:2", "--rate", "5"]),
+            "one --target",
+        ),
     ] {
         let (out, _) = loadgen(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?} should mention {needle}: {err}");
     }
+}
+
+/// Three brokers in one mesh (node-2 and node-3 join node-1), once each
+/// lists the two others alive with a link up.
+fn mesh() -> (tempfile::TempDir, Vec<Broker>) {
+    let certs = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(broker_bin()).args(args).current_dir(certs.path()).output().unwrap();
+        assert!(out.status.success(), "tern-broker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    run(&["cluster-ca", "--out", "ca"]);
+    let mut brokers: Vec<Broker> = Vec::new();
+    let mut admins = Vec::new();
+    for i in 1..=3 {
+        let node = format!("node-{i}");
+        run(&["cluster-cert", "--ca", "ca", "--node", &node, "--out", &node]);
+        let admin =
+            format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        let mut flags = vec!["--node".to_owned(), node.clone(), "--admin".into(), admin.clone(), "--cluster".into()];
+        flags.push(certs.path().join(&node).display().to_string());
+        if let Some(first) = brokers.first() {
+            flags.extend(["--join".to_owned(), first.addr.clone()]);
+        }
+        brokers.push(Broker::start_with(&flags));
+        admins.push(admin);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for admin in &admins {
+        loop {
+            // Fails until the broker's admin port is up.
+            let out = Command::new(broker_bin()).args(["mesh", "status", "--admin", admin, "--json"]).output().unwrap();
+            let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let linked = status["members"]
+                .as_array()
+                .map_or(0, |m| m.iter().filter(|m| m["alive"] == Value::Bool(true) && !m["link"].is_null()).count());
+            if linked == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "mesh not formed: {status:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    (certs, brokers)
+}
+
+#[test]
+fn chat_spreads_users_over_a_mesh_and_accounts_for_every_message() {
+    let (_certs, mesh) = mesh();
+    let mut args = vec!["chat".to_owned()];
+    for b in &mesh {
+        args.extend(["--target".to_owned(), format!("tern://{}", b.addr), "--ca".into(), b.cert()]);
+    }
+    args.extend(["--users", "9", "--rate", "300", "--duration", "2", "--warmup", "0.5"].map(String::from));
+    let (out, v) = loadgen(&args);
+    let v = v.expect("json written");
+    assert_clean(&out, &v);
+    assert_eq!(n(&v, "sent"), 750, "{v:#}");
+    let targets: Vec<String> = mesh.iter().map(|b| format!("tern://{}", b.addr)).collect();
+    assert_eq!(v["target"].as_str(), Some(targets.join(",").as_str()), "{v:#}");
+    // CPU and memory are the sums over the three broker processes, each found by its port.
+    assert_eq!(v["broker"]["brokers"], 3, "{v:#}");
+    let pids: Vec<u64> = v["broker"]["pids"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
+    let mut expected: Vec<u64> = mesh.iter().map(|b| u64::from(b.child.id())).collect();
+    expected.sort_unstable();
+    let mut found = pids;
+    found.sort_unstable();
+    assert_eq!(found, expected, "{v:#}");
 }

@@ -12,6 +12,10 @@
 //! | `tern://` | handle `lg-RUN-i`, one device | `Send` to that handle | `SendAck` (after the broker's WAL sync, by default) |
 //! | `nats://` | durable pull consumer `lg-RUN-i` on stream `TERNLG_RUN` | JetStream publish to `tern.lg.RUN.i` | the stream's `PubAck` |
 //! | `mqtt://` | client id `lg-RUN-i`, persistent session (clean session off) | QoS 1 publish to `tern/lg/RUN/i` | `PUBACK` |
+//!
+//! With several targets (a Tern mesh, a NATS cluster) user `i` connects to
+//! target `i % n` ([`Targets::of_user`]); run-wide set-up (the NATS stream)
+//! goes through the first. MQTT takes one target.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -23,7 +27,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::ledger::Ledger;
-use crate::target::{Scheme, Target};
+use crate::target::{Scheme, Targets};
 use crate::LoadError;
 
 mod mqtt;
@@ -52,8 +56,9 @@ impl SendFailure {
 /// Settings every adapter uses.
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
-    /// PEM file to trust (Tern; NATS/MQTT over TLS are not supported).
-    pub(crate) ca: Option<PathBuf>,
+    /// PEM files to trust (Tern; NATS/MQTT over TLS are not supported):
+    /// none, one for every target, or one per target in order.
+    pub(crate) ca: Vec<PathBuf>,
     /// Distinguishes this run's users, subjects and topics from other runs'.
     pub(crate) run_id: String,
     /// How long to wait for one durable ack.
@@ -102,11 +107,19 @@ pub(crate) fn user_name(run_id: &str, i: u32) -> String {
     format!("lg-{run_id}-{i}")
 }
 
-/// Opens the adapter for `target`, checking that the broker answers.
-pub(crate) async fn open(target: &Target, opts: &Options, users: u32) -> Result<Arc<dyn Adapter>, LoadError> {
-    Ok(match target.scheme {
-        Scheme::Tern => Arc::new(tern::TernAdapter::open(target, opts, users).await?),
-        Scheme::Nats => Arc::new(nats::NatsAdapter::open(target, opts, users).await?),
-        Scheme::Mqtt => Arc::new(mqtt::MqttAdapter::open(target, opts, users).await?),
+/// Opens the adapter for `targets`, checking that every broker answers.
+pub(crate) async fn open(targets: &Targets, opts: &Options, users: u32) -> Result<Arc<dyn Adapter>, LoadError> {
+    Ok(match targets.scheme() {
+        Scheme::Tern => Arc::new(tern::TernAdapter::open(targets, opts, users).await?),
+        Scheme::Nats => Arc::new(nats::NatsAdapter::open(targets, opts, users).await?),
+        Scheme::Mqtt => match targets.all() {
+            [target] => Arc::new(mqtt::MqttAdapter::open(target, opts, users).await?),
+            all => {
+                return Err(LoadError::Args(format!(
+                    "mqtt:// takes one --target (the MQTT adapter loads a single broker), not {}: {targets}",
+                    all.len()
+                )))
+            }
+        },
     })
 }

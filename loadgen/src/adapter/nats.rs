@@ -1,8 +1,11 @@
-//! NATS JetStream through `async-nats`. [`NatsAdapter::open`] connects one
-//! admin connection, checks JetStream is enabled and creates the run's
-//! stream `TERNLG_RUN` over the subjects `tern.lg.RUN.>`; each user is a
-//! durable pull consumer `lg-RUN-i` filtered on `tern.lg.RUN.i`, and each
-//! connected user has its own NATS connection, as a chat app's device would.
+//! NATS JetStream through `async-nats`. [`NatsAdapter::open`] checks every
+//! target answers, keeps one admin connection to the first, checks
+//! JetStream is enabled and creates the run's stream `TERNLG_RUN` over the
+//! subjects `tern.lg.RUN.>` through it; each user is a durable pull
+//! consumer `lg-RUN-i` filtered on `tern.lg.RUN.i`, and each connected user
+//! has its own NATS connection, as a chat app's device would, to target
+//! `i % n` (the servers of one cluster: the stream has one replica, on
+//! the server JetStream places it, and the cluster routes the rest).
 //! There is no pool: a connection costs the load generator about 50 KB (a
 //! socket, two tasks, a 16 KiB read buffer; 2000 users ran in 110 MB), and
 //! nats-server about 75 KB with its consumer.
@@ -36,6 +39,11 @@
 //!   in the server config fsyncs before every ack, like Tern's default).
 //! - Connections reconnect on their own (`async-nats`' default, as
 //!   `tern-client` does); a send in flight across a reconnect may time out.
+//! - A connection checks that its first pull request reached the consumer
+//!   and pulls again if not ([`NatsAdapter::start_pull`]): in a cluster,
+//!   nats-server sometimes drops the first pull request of a connection to
+//!   a server other than the consumer's, and the user's messages would wait
+//!   for the request's expiry (30 s).
 //! - Messages the server pushed towards a connection that closes before
 //!   reading them are redelivered after the consumer's `AckWait` (30 s):
 //!   they show as reordered, or as lost if the drain is shorter than that.
@@ -57,7 +65,7 @@ use tokio::task::JoinHandle;
 
 use super::{user_name, AckFuture, Adapter, Connection, Options, SendFailure};
 use crate::ledger::Ledger;
-use crate::target::Target;
+use crate::target::{Target, Targets};
 use crate::LoadError;
 
 /// Environment variable choosing the stream's storage: `file` (default) or `memory`.
@@ -73,13 +81,18 @@ const MAX_ACK_PENDING: i64 = 512;
 /// only when the `PubAck` future is polled, and a sender task polls its
 /// acks only between submits.)
 const MAX_ACK_INFLIGHT: usize = 1 << 20;
+/// How long a started pull may take to show at its consumer.
+const PULL_CHECK: Duration = Duration::from_millis(500);
+/// Pulls started for one user before its set-up fails.
+const PULL_ATTEMPTS: u32 = 5;
 /// Read buffer of each user's connection.
 const READ_BUFFER: u16 = 16 * 1024;
 
 #[derive(Debug)]
 pub(crate) struct NatsAdapter {
-    target: String,
-    url: String,
+    targets: Targets,
+    /// `nats://HOST:PORT` of each target: user `i` dials the `i % n`-th.
+    urls: Vec<String>,
     run_id: String,
     stream: String,
     storage: StorageType,
@@ -91,21 +104,25 @@ pub(crate) struct NatsAdapter {
 }
 
 impl NatsAdapter {
-    pub(crate) async fn open(target: &Target, opts: &Options, users: u32) -> Result<Self, LoadError> {
+    pub(crate) async fn open(targets: &Targets, opts: &Options, users: u32) -> Result<Self, LoadError> {
         let storage = storage_from(std::env::var(STORAGE_ENV).ok().as_deref()).map_err(LoadError::Args)?;
-        let url = format!("nats://{}", target.addr);
-        let client =
-            dial(&url, &format!("lg-{}-admin", opts.run_id), opts).await.map_err(|e| LoadError::Unreachable {
-                target: target.to_string(),
-                reason: e.to_string(),
-                hint: "is nats-server listening there, with JetStream on? \
-                       Start it with `nats-server -js -sd STORE_DIR -a HOST -p PORT`."
-                    .into(),
-            })?;
+        let urls: Vec<String> = targets.all().iter().map(|t| format!("nats://{}", t.addr)).collect();
+        let mut admin = None;
+        // Every server must answer; the first one's connection stays as the admin.
+        for (target, url) in targets.all().iter().zip(&urls) {
+            let client =
+                dial(url, &format!("lg-{}-admin", opts.run_id), opts).await.map_err(|e| unreachable(target, e))?;
+            if admin.is_none() {
+                admin = Some(client);
+            } else {
+                let _ = client.drain().await;
+            }
+        }
+        let client = admin.ok_or_else(|| LoadError::Args("no --target given".into()))?;
         let js = context(client, opts);
         let adapter = Self {
-            target: target.to_string(),
-            url,
+            targets: targets.clone(),
+            urls,
             run_id: token(&opts.run_id),
             stream: stream_name(&opts.run_id),
             storage,
@@ -117,8 +134,13 @@ impl NatsAdapter {
         Ok(adapter)
     }
 
+    /// A set-up failure at `target` (the first for run-wide set-up).
+    fn setup_error_at(&self, target: &Target, what: impl Into<String>, reason: impl std::fmt::Display) -> LoadError {
+        LoadError::Setup { target: target.to_string(), what: what.into(), reason: reason.to_string() }
+    }
+
     fn setup_error(&self, what: impl Into<String>, reason: impl std::fmt::Display) -> LoadError {
-        LoadError::Setup { target: self.target.clone(), what: what.into(), reason: reason.to_string() }
+        self.setup_error_at(self.targets.first(), what, reason)
     }
 
     /// Creates the run's stream; a server without JetStream is named as such.
@@ -163,7 +185,65 @@ impl NatsAdapter {
     async fn consumer(&self, js: &Context, user: u32) -> Result<PullConsumer, LoadError> {
         js.create_consumer_on_stream(self.consumer_config(user), &self.stream)
             .await
-            .map_err(|e| self.setup_error(format!("consumer of user {user}"), e))
+            .map_err(|e| self.setup_error_at(self.targets.of_user(user), format!("consumer of user {user}"), e))
+    }
+
+    /// Starts user `user`'s pull and its receive task, and checks that the
+    /// consumer got the pull request. In a cluster, when the user's server
+    /// is not the one holding the consumer, nats-server (2.15) sometimes
+    /// drops the first pull request after the connection's consumer create
+    /// (seen as consumers with no waiting request), and `async-nats` asks
+    /// again only when the request expires (30 s), holding the user's
+    /// messages back that long. So a pull the consumer does not show within
+    /// [`PULL_CHECK`] is stopped and started again. (Reading the consumer's
+    /// info first, as done here for `before`, made the drops rare.)
+    async fn start_pull(
+        &self,
+        consumer: &PullConsumer,
+        user: u32,
+        ledger: Arc<Ledger>,
+    ) -> Result<(oneshot::Sender<()>, JoinHandle<()>), LoadError> {
+        let target = self.targets.of_user(user);
+        let error = |e: &dyn std::fmt::Display| self.setup_error_at(target, format!("pull of user {user}"), e);
+        let heartbeat = (self.opts.idle_timeout / 3).max(Duration::from_secs(1));
+        for _ in 0..PULL_ATTEMPTS {
+            let before = consumer.get_info().await.map_err(|e| error(&e))?.delivered.consumer_sequence;
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(PULL_BATCH)
+                .heartbeat(heartbeat)
+                .expires(heartbeat * 3)
+                .messages()
+                .await
+                .map_err(|e| error(&e))?;
+            let (stop, stopped) = oneshot::channel();
+            // The pull request goes out when the task first polls the stream.
+            let reader = tokio::spawn(receive(messages, user, ledger.clone(), stopped));
+            if pull_registered(consumer, before).await {
+                return Ok((stop, reader));
+            }
+            tracing::debug!(user, "pull request not registered at the consumer; pulling again");
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(self.opts.connect_timeout, reader).await;
+        }
+        Err(error(&format!("the consumer never showed the pull request ({PULL_ATTEMPTS} attempts)")))
+    }
+}
+
+/// Whether `consumer` has a waiting pull request, or has delivered past
+/// `before` (a pull that is already served), within [`PULL_CHECK`].
+async fn pull_registered(consumer: &PullConsumer, before: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + PULL_CHECK;
+    loop {
+        if let Ok(info) = consumer.get_info().await {
+            if info.num_waiting > 0 || info.delivered.consumer_sequence > before {
+                return true;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -174,22 +254,13 @@ impl Adapter for NatsAdapter {
     }
 
     async fn connect(&self, user: u32, ledger: Arc<Ledger>) -> Result<Box<dyn Connection>, LoadError> {
-        let client = dial(&self.url, &user_name(&self.run_id, user), &self.opts)
+        let target = self.targets.of_user(user);
+        let client = dial(&self.urls[self.targets.index_of(user)], &user_name(&self.run_id, user), &self.opts)
             .await
-            .map_err(|e| self.setup_error(format!("connection of user {user}"), e))?;
+            .map_err(|e| self.setup_error_at(target, format!("connection of user {user}"), e))?;
         let js = context(client.clone(), &self.opts);
         let consumer = self.consumer(&js, user).await?;
-        let heartbeat = (self.opts.idle_timeout / 3).max(Duration::from_secs(1));
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(PULL_BATCH)
-            .heartbeat(heartbeat)
-            .expires(heartbeat * 3)
-            .messages()
-            .await
-            .map_err(|e| self.setup_error(format!("pull of user {user}"), e))?;
-        let (stop, stopped) = oneshot::channel();
-        let reader = tokio::spawn(receive(messages, user, ledger, stopped));
+        let (stop, reader) = self.start_pull(&consumer, user, ledger).await?;
         Ok(Box::new(NatsConnection {
             client,
             js,
@@ -204,6 +275,17 @@ impl Adapter for NatsAdapter {
         if let Err(e) = self.js.delete_stream(&self.stream).await {
             tracing::warn!(stream = %self.stream, error = %e, "could not delete the run's stream");
         }
+    }
+}
+
+/// A server that did not take the admin connection.
+fn unreachable(target: &Target, e: async_nats::ConnectError) -> LoadError {
+    LoadError::Unreachable {
+        target: target.to_string(),
+        reason: e.to_string(),
+        hint: "is nats-server listening there, with JetStream on? \
+               Start it with `nats-server -js -sd STORE_DIR -a HOST -p PORT`."
+            .into(),
     }
 }
 

@@ -1,8 +1,12 @@
 //! Tern through `tern-client`: each user is a handle with one device,
-//! registered on first use (its key kept in memory for later logins). All
-//! connections share a few UDP sockets. Deliveries are acknowledged
+//! registered on first use (its key kept in memory for later logins) at
+//! its own target, the only broker its config lists (so a slow broker is not
+//! hidden by failing over to another). All connections share a few UDP
+//! sockets per CA file. Deliveries are acknowledged
 //! cumulatively every 64 items, or when none arrived for 5 ms.
 
+use std::collections::hash_map::{Entry, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::{user_name, AckFuture, Adapter, Connection, Options, SendFailure};
 use crate::ledger::Ledger;
-use crate::target::Target;
+use crate::target::{Target, Targets};
 use crate::LoadError;
 
 /// Deliveries acknowledged together.
@@ -23,49 +27,47 @@ const ACK_EVERY: u64 = 64;
 const ACK_IDLE: Duration = Duration::from_millis(5);
 
 pub(crate) struct TernAdapter {
-    target: String,
+    targets: Targets,
     run_id: String,
-    configs: Vec<ClientConfig>,
+    /// Per target, one config per shared endpoint; each lists only its target.
+    configs: Vec<Vec<ClientConfig>>,
     identities: Vec<Mutex<Option<Identity>>>,
 }
 
 impl TernAdapter {
-    pub(crate) async fn open(target: &Target, opts: &Options, users: u32) -> Result<Self, LoadError> {
-        let ca = opts.ca.clone().ok_or_else(|| {
-            LoadError::Args(format!(
-                "{target} needs --ca FILE: the broker's certificate (DATA_DIR/tls/cert.pem for a self-signed one)"
-            ))
-        })?;
-        let mut base = ClientConfig::new(vec![target.addr.clone()], ca);
-        base.client_name = concat!("tern-loadgen/", env!("CARGO_PKG_VERSION")).into();
-        base.connect_timeout = opts.connect_timeout;
-        base.request_timeout = opts.request_timeout;
-        base.idle_timeout = opts.idle_timeout;
-        base.incoming_buffer = 4096;
-        base.validate().map_err(|e| LoadError::Args(e.to_string()))?;
-        let mut configs = Vec::new();
-        for _ in 0..opts.endpoints.max(1) {
-            let endpoint = SharedEndpoint::new(&base).map_err(|e| match e {
-                ClientError::Ca { .. } => LoadError::Args(e.to_string()),
-                e => LoadError::Io(e.to_string()),
-            })?;
-            configs.push(ClientConfig { endpoint: Some(endpoint), ..base.clone() });
+    pub(crate) async fn open(targets: &Targets, opts: &Options, users: u32) -> Result<Self, LoadError> {
+        let cas = ca_per_target(targets, &opts.ca)?;
+        // Endpoints are shared by the targets that trust the same file (and
+        // use the same address family): `--endpoints` sockets for each.
+        let mut endpoints: HashMap<(PathBuf, bool), Vec<SharedEndpoint>> = HashMap::new();
+        let mut configs = Vec::with_capacity(targets.len());
+        for (target, ca) in targets.all().iter().zip(cas) {
+            let base = base_config(target, ca.clone(), opts)?;
+            let shared = match endpoints.entry((ca, target.addr.starts_with('['))) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    e.insert((0..opts.endpoints.max(1)).map(|_| shared_endpoint(&base)).collect::<Result<_, _>>()?)
+                }
+            };
+            configs.push(shared.iter().map(|e| ClientConfig { endpoint: Some(e.clone()), ..base.clone() }).collect());
         }
         let adapter = Self {
-            target: target.to_string(),
+            targets: targets.clone(),
             run_id: opts.run_id.clone(),
             configs,
             identities: (0..users).map(|_| Mutex::new(None)).collect(),
         };
-        adapter.probe().await?;
+        for t in 0..targets.len() {
+            adapter.probe(t).await?;
+        }
         Ok(adapter)
     }
 
-    /// Checks the broker answers a QUIC handshake with our trust settings.
-    async fn probe(&self) -> Result<(), LoadError> {
+    /// Checks broker `t` answers a QUIC handshake with our trust settings.
+    async fn probe(&self, t: usize) -> Result<(), LoadError> {
         let key = tern_client::generate_key();
         let probe = Identity { handle: format!("lg-{}-probe", self.run_id), device_id: 1, signing_key: key };
-        match Client::connect(self.configs[0].clone(), probe).await {
+        match Client::connect(self.configs[t][0].clone(), probe).await {
             // Reachable: the login is refused (unknown handle), which is fine.
             Ok(c) => {
                 c.close().await;
@@ -73,7 +75,7 @@ impl TernAdapter {
             }
             Err(e @ (ClientError::Connect { .. } | ClientError::Resolve { .. } | ClientError::NoBroker)) => {
                 Err(LoadError::Unreachable {
-                    target: self.target.clone(),
+                    target: self.targets.all()[t].to_string(),
                     reason: e.to_string(),
                     hint: "is tern-broker listening there (`tern-broker --listen HOST:PORT --data-dir DIR`)? \
                            A certificate error means --ca is not the broker's certificate (DATA_DIR/tls/cert.pem)."
@@ -84,12 +86,19 @@ impl TernAdapter {
         }
     }
 
+    /// User `user`'s config: its target, and one of that target's endpoints.
     fn config(&self, user: u32) -> ClientConfig {
-        self.configs[user as usize % self.configs.len()].clone()
+        let per_target = &self.configs[self.targets.index_of(user)];
+        let round = user as usize / self.targets.len();
+        per_target[round % per_target.len()].clone()
     }
 
     fn setup_error(&self, user: u32, e: impl std::fmt::Display) -> LoadError {
-        LoadError::Setup { target: self.target.clone(), what: format!("user {user}"), reason: e.to_string() }
+        LoadError::Setup {
+            target: self.targets.of_user(user).to_string(),
+            what: format!("user {user}"),
+            reason: e.to_string(),
+        }
     }
 
     async fn login(&self, user: u32) -> Result<Client, LoadError> {
@@ -150,6 +159,44 @@ async fn receive(client: Client, user: u32, ledger: Arc<Ledger>) {
     }
 }
 
+/// The CA file of each target: `--ca` given once serves all of them, or
+/// once per target in order.
+fn ca_per_target(targets: &Targets, cas: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
+    match cas {
+        [] => Err(LoadError::Args(format!(
+            "{targets} needs --ca FILE: the broker's certificate (DATA_DIR/tls/cert.pem for a self-signed one)"
+        ))),
+        [one] => Ok(vec![one.clone(); targets.len()]),
+        many if many.len() == targets.len() => Ok(many.to_vec()),
+        many => Err(LoadError::Args(format!(
+            "{} --ca files for {} --target URLs: give --ca once (a PEM file holding every broker's \
+             certificate) or once per --target, in the same order",
+            many.len(),
+            targets.len()
+        ))),
+    }
+}
+
+/// The client settings for one target, checked.
+fn base_config(target: &Target, ca: PathBuf, opts: &Options) -> Result<ClientConfig, LoadError> {
+    let mut base = ClientConfig::new(vec![target.addr.clone()], ca);
+    base.client_name = concat!("tern-loadgen/", env!("CARGO_PKG_VERSION")).into();
+    base.connect_timeout = opts.connect_timeout;
+    base.request_timeout = opts.request_timeout;
+    base.idle_timeout = opts.idle_timeout;
+    base.incoming_buffer = 4096;
+    base.validate().map_err(|e| LoadError::Args(e.to_string()))?;
+    Ok(base)
+}
+
+/// A UDP socket trusting `base.ca`; an unreadable CA file is a bad argument.
+fn shared_endpoint(base: &ClientConfig) -> Result<SharedEndpoint, LoadError> {
+    SharedEndpoint::new(base).map_err(|e| match e {
+        ClientError::Ca { .. } => LoadError::Args(e.to_string()),
+        e => LoadError::Io(e.to_string()),
+    })
+}
+
 struct TernConnection {
     client: Client,
     run_id: String,
@@ -183,5 +230,26 @@ impl Connection for TernConnection {
     async fn close(&self) {
         self.client.close().await;
         self.reader.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(n: u16) -> Targets {
+        Targets::new((1..=n).map(|p| format!("tern://127.0.0.1:{p}").parse().unwrap()).collect()).unwrap()
+    }
+
+    #[test]
+    fn one_ca_serves_every_target_or_one_per_target() {
+        let (a, b, c) = (PathBuf::from("a.pem"), PathBuf::from("b.pem"), PathBuf::from("c.pem"));
+        assert_eq!(ca_per_target(&targets(3), &[a.clone()]).unwrap(), vec![a.clone(), a.clone(), a.clone()]);
+        let each = vec![a.clone(), b.clone(), c];
+        assert_eq!(ca_per_target(&targets(3), &each).unwrap(), each);
+        assert_eq!(ca_per_target(&targets(1), &[b.clone()]).unwrap(), vec![b.clone()]);
+        let err = ca_per_target(&targets(3), &[a, b]).unwrap_err().to_string();
+        assert!(err.contains("2 --ca files for 3 --target"), "{err}");
+        assert!(ca_per_target(&targets(2), &[]).unwrap_err().to_string().contains("needs --ca"));
     }
 }

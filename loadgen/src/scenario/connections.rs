@@ -12,7 +12,6 @@ use futures::stream::StreamExt;
 use super::positive;
 use crate::adapter::Connection;
 use crate::cli::ConnectionsArgs;
-use crate::procfs;
 use crate::progress::Progress;
 use crate::report::{ConnectionsResult, Report};
 use crate::run::Run;
@@ -22,17 +21,17 @@ pub(crate) async fn run(a: ConnectionsArgs) -> Result<Report, LoadError> {
     let hold = positive("hold", a.hold)?;
     let users = a.common.users;
     let mut run = Run::open(&a.common, users).await?;
-    let Some(pid) = run.broker_pid() else {
+    if !run.has_brokers() {
         return Err(LoadError::Args(
             "connections needs the broker's process to read its memory: run it on this machine, or pass --broker-pid"
                 .into(),
         ));
-    };
+    }
     let all: Vec<u32> = (0..users).collect();
     run.prepare_all(&all).await?;
     // Let the broker settle after the preparation's connections closed.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_before = procfs::rss_bytes(pid).unwrap_or(0);
+    let rss_before = run.broker_rss();
     run.start_measuring();
 
     let ledger = run.ledger.clone();
@@ -56,7 +55,7 @@ pub(crate) async fn run(a: ConnectionsArgs) -> Result<Report, LoadError> {
         }
         bar.inc(1);
         if conns.len() % 1000 == 0 {
-            bar.set_message(format!("broker RSS {} MiB", procfs::rss_bytes(pid).unwrap_or(0) >> 20));
+            bar.set_message(format!("broker RSS {} MiB", run.broker_rss() >> 20));
         }
     }
     drop(opening);
@@ -67,7 +66,7 @@ pub(crate) async fn run(a: ConnectionsArgs) -> Result<Report, LoadError> {
     }
 
     tokio::time::sleep(Duration::from_secs_f64(hold)).await;
-    let rss_after = procfs::rss_bytes(pid).unwrap_or(0);
+    let rss_after = run.broker_rss();
     let bar = Progress::bar(run.quiet, conns.len() as u64, "checking");
     let mut pinging = futures::stream::iter(conns.iter().map(|c| c.ping())).buffer_unordered(run.connect_concurrency);
     let mut alive = 0u32;
