@@ -99,6 +99,10 @@ impl OutboxGauge {
     }
 }
 
+/// A queue with nothing in flight is forgotten after this long without
+/// traffic (looked up again on its next entry).
+const IDLE_FORGET: Duration = Duration::from_secs(60);
+
 /// Delay before a deferred queue is looked up and sent again.
 const DEFER_RETRY: Duration = Duration::from_millis(100);
 
@@ -256,7 +260,7 @@ impl ShipActor {
     /// Publishes what is held per destination.
     fn count(&self) {
         let mut counts: HashMap<String, OutboxCount> = HashMap::new();
-        for out in self.queues.values() {
+        for out in self.queues.values().filter(|o| o.dest.is_none() || o.sent > o.acked) {
             let c = counts.entry(out.dest.clone().unwrap_or_default()).or_default();
             c.queues += 1;
             c.in_flight += out.sent - out.acked;
@@ -322,13 +326,14 @@ impl ShipActor {
                 }
             };
             let Some(last) = entries.last().map(|(seq, _)| *seq) else {
-                if out.sent == out.acked {
+                if out.sent == out.acked && out.handoff {
                     // Everything shipped and acknowledged.
-                    if out.handoff {
-                        self.mesh.handoff_done(&dest, queue);
-                    }
-                    self.queues.remove(queue);
+                    self.mesh.handoff_done(&dest, queue);
+                    out.handoff = false;
                 }
+                // Kept while the conversation goes on, so the next entry
+                // ships at once (no lookup, no bounds read); the sweep drops
+                // it after `IDLE_FORGET` without traffic.
                 return;
             };
             let ship = Ship {
@@ -353,6 +358,8 @@ impl ShipActor {
     /// while the device was offline).
     async fn sweep(&mut self) {
         let now = Instant::now();
+        self.queues
+            .retain(|_, o| o.resolving || o.dest.is_none() || o.sent > o.acked || now - o.progress < IDLE_FORGET);
         let mut retry = Vec::new();
         for (q, out) in &mut self.queues {
             if out.sent > out.acked && now - out.progress > RESEND_AFTER {
