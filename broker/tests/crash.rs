@@ -6,32 +6,12 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
 use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A broker process, killed with SIGKILL when dropped (also when a test fails).
-struct Proc(Child);
-
-impl Proc {
-    fn sigkill(&mut self) {
-        let _ = self.0.kill(); // SIGKILL
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
 
 fn spawn_broker(dir: &Path, port: u16) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_tern-broker"))

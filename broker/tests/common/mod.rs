@@ -20,6 +20,27 @@ pub mod cluster;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A free UDP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A broker process, killed with SIGKILL when dropped (also when a test fails).
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    pub fn sigkill(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
 /// A config for a test broker in `dir`, on an ephemeral loopback port.
 pub fn config(dir: &Path) -> BrokerConfig {
     let mut c = BrokerConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.to_owned(), ..Default::default() };
