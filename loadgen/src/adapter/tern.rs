@@ -152,7 +152,7 @@ async fn receive(client: Client, user: u32, ledger: Arc<Ledger>) {
         }
         unacked = Some(item.seq());
         count += 1;
-        if count % ACK_EVERY == 0 {
+        if count.is_multiple_of(ACK_EVERY) {
             client.ack(item.seq()).await;
             unacked = None;
         }
@@ -244,10 +244,13 @@ mod tests {
     #[test]
     fn one_ca_serves_every_target_or_one_per_target() {
         let (a, b, c) = (PathBuf::from("a.pem"), PathBuf::from("b.pem"), PathBuf::from("c.pem"));
-        assert_eq!(ca_per_target(&targets(3), &[a.clone()]).unwrap(), vec![a.clone(), a.clone(), a.clone()]);
+        assert_eq!(
+            ca_per_target(&targets(3), std::slice::from_ref(&a)).unwrap(),
+            vec![a.clone(), a.clone(), a.clone()]
+        );
         let each = vec![a.clone(), b.clone(), c];
         assert_eq!(ca_per_target(&targets(3), &each).unwrap(), each);
-        assert_eq!(ca_per_target(&targets(1), &[b.clone()]).unwrap(), vec![b.clone()]);
+        assert_eq!(ca_per_target(&targets(1), std::slice::from_ref(&b)).unwrap(), vec![b.clone()]);
         let err = ca_per_target(&targets(3), &[a, b]).unwrap_err().to_string();
         assert!(err.contains("2 --ca files for 3 --target"), "{err}");
         assert!(ca_per_target(&targets(2), &[]).unwrap_err().to_string().contains("needs --ca"));

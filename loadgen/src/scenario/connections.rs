@@ -54,7 +54,7 @@ pub(crate) async fn run(a: ConnectionsArgs) -> Result<Report, LoadError> {
             }
         }
         bar.inc(1);
-        if conns.len() % 1000 == 0 {
+        if conns.len().is_multiple_of(1000) {
             bar.set_message(format!("broker RSS {} MiB", run.broker_rss() >> 20));
         }
     }
