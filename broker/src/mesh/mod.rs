@@ -5,8 +5,11 @@
 //! - [`membership`]: who is alive, by SWIM gossip (foca) over the links;
 //! - [`link`]: one persistent connection per broker pair, batched frames;
 //! - [`directory`]: device -> broker, sharded by rendezvous hashing, cached;
+//! - [`location`]: this broker's side of the directory: logins, `Moved`
+//!   notices, lookups, and the handoff a device's new broker waits for;
 //! - [`ship`]: the outbox that moves queue entries to the device's broker;
-//! - [`accounts`]: account records, written at a primary and replicated.
+//! - [`accounts`]: account records, written at a primary and replicated;
+//! - [`status`]: what `/mesh` shows.
 //!
 //! Data flow: a broker started with `--cluster` accepts ALPN `tern-peer/1`
 //! on its client port and dials its `--join` seeds; each link announces the
@@ -18,8 +21,10 @@ mod accounts;
 pub mod cluster_tls;
 mod directory;
 mod link;
+mod location;
 mod membership;
 mod ship;
+mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -27,7 +32,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
 use tern_protocol::peer::{self as pp, peer_frame::Kind as P, reply, request, PeerFrame, PeerHello};
 use tern_protocol::ErrorCode;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -35,11 +39,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use cluster_tls::{create_ca, create_node_cert, ClusterIdentity};
-use directory::{Directory, Location, Recorded};
+use directory::{Directory, Location};
 use link::{LinkHandle, PeerError};
+use location::Handoff;
 use membership::{Members, MembershipActor, MembershipMsg, NodeId};
 use ship::ShipActor;
 pub(crate) use ship::ShipMsg;
+pub use status::{LinkStatus, MemberStatus, MeshStatus};
 
 use crate::router::Router;
 use crate::store::{QueueKey, Store};
@@ -114,23 +120,6 @@ pub(crate) struct MeshSetup<'a> {
 
 /// How long a peer has to answer a request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// Longest a device's new broker holds other shipments back while waiting
-/// for its previous broker's handoff.
-const HANDOFF_WAIT: Duration = Duration::from_secs(10);
-
-/// A device that logged in here, waiting for its previous broker's handoff.
-/// Until it is done (or `HANDOFF_WAIT` passes, or that broker is gone),
-/// entries shipped by other brokers are deferred, so the older entries the
-/// previous broker holds arrive first: one sender's messages stay in order
-/// across a move.
-#[derive(Debug)]
-struct Handoff {
-    epoch: u64,
-    /// The previous broker; `None` until the directory owner says.
-    from: Option<String>,
-    until: tokio::time::Instant,
-}
-
 impl Mesh {
     /// Starts membership and the link keeper, and dials the seeds.
     pub(crate) fn start(setup: MeshSetup<'_>) -> Result<Self, crate::tls::TlsError> {
@@ -406,24 +395,6 @@ impl Mesh {
         });
     }
 
-    /// Whether shipments of `queue` from `sender` wait: the device is known
-    /// to be at another broker (entries are forwarded one hop, never on
-    /// from here on a guess), or it logged in here and its previous broker
-    /// has not handed over yet.
-    fn defers(&self, queue: &QueueKey, sender: &str) -> bool {
-        if lock(&self.inner.hosted).contains_key(queue) {
-            let mut handoffs = lock(&self.inner.handoffs);
-            let Some(h) = handoffs.get(queue) else { return false };
-            let gone = h.from.as_ref().is_some_and(|f| !self.members().contains_key(f));
-            if gone || tokio::time::Instant::now() >= h.until {
-                handoffs.remove(queue);
-                return false;
-            }
-            return h.from.as_deref() != Some(sender);
-        }
-        matches!(self.inner.directory.peek(queue), Some(Some(l)) if l.node != self.node())
-    }
-
     /// Answers a peer's request.
     async fn serve(&self, kind: request::Kind) -> reply::Kind {
         match kind {
@@ -481,182 +452,6 @@ impl Mesh {
         }
     }
 
-    /// The node owning `key` among the live members and this broker.
-    fn owner_of(&self, key: &[u8]) -> String {
-        let members = self.members();
-        let names = members.keys().map(String::as_str).chain(std::iter::once(self.node()));
-        directory::rendezvous(key, names).unwrap_or(self.node()).to_owned()
-    }
-
-    /// A device logged in here: record it with its directory owner. Returns
-    /// the epoch of this login.
-    pub(crate) fn device_online(&self, queue: &QueueKey) -> u64 {
-        let epoch = self.inner.directory.next_epoch();
-        lock(&self.inner.hosted).insert(queue.clone(), epoch);
-        let until = tokio::time::Instant::now() + HANDOFF_WAIT;
-        lock(&self.inner.handoffs).insert(queue.clone(), Handoff { epoch, from: None, until });
-        self.send_location(queue, epoch);
-        epoch
-    }
-
-    /// A device's session here ended (unless a newer one replaced it).
-    pub(crate) fn device_offline(&self, queue: &QueueKey, epoch: u64) {
-        let mut hosted = lock(&self.inner.hosted);
-        if hosted.get(queue) == Some(&epoch) {
-            hosted.remove(queue);
-            let mut handoffs = lock(&self.inner.handoffs);
-            if handoffs.get(queue).is_some_and(|h| h.epoch == epoch) {
-                handoffs.remove(queue);
-            }
-        }
-    }
-
-    fn send_location(&self, queue: &QueueKey, epoch: u64) {
-        let owner = self.owner_of(queue.as_bytes());
-        let location = Location { node: self.node().to_owned(), epoch };
-        if owner == self.node() {
-            self.record_location(queue.clone(), location);
-            return;
-        }
-        let frame = pp::Location {
-            handle: queue.handle().to_owned(),
-            device: queue.device(),
-            node: location.node,
-            epoch,
-            online: true,
-        };
-        match self.link(&owner) {
-            Some(link) => {
-                link.send(PeerFrame { kind: Some(P::Location(frame)) });
-            }
-            None => {
-                tracing::debug!(%queue, %owner, "no link to the directory owner; location sent on the next membership change")
-            }
-        }
-    }
-
-    /// As directory owner: records a location. Every member hears of a
-    /// device that came from elsewhere (or was unknown), so holders ship to
-    /// it and caches follow; the broker it logged in at always hears, with
-    /// where it was before, so it knows whose handoff to wait for.
-    fn record_location(&self, queue: QueueKey, location: Location) {
-        let reporter = location.node.clone();
-        let (current, from, everyone) = match self.inner.directory.record(&queue, location.clone()) {
-            // A newer login elsewhere: tell the reporter where the device is.
-            Recorded::Stale => match self.inner.directory.owned(&queue) {
-                Some(newer) => (newer, None, false),
-                None => return,
-            },
-            Recorded::Fresh { moved_from, known } => {
-                metrics::gauge!("tern_location_directory_entries").set(self.inner.directory.owned_len() as f64);
-                let everyone = !known || moved_from.is_some();
-                (location, moved_from, everyone)
-            }
-        };
-        let moved = pp::Moved {
-            handle: queue.handle().to_owned(),
-            device: queue.device(),
-            node: current.node.clone(),
-            epoch: current.epoch,
-            from_node: from.clone().unwrap_or_default(),
-        };
-        for (node, link) in lock(&self.inner.links).iter() {
-            if everyone || *node == reporter {
-                link.send(PeerFrame { kind: Some(P::Moved(moved.clone())) });
-            }
-        }
-        if everyone || reporter == self.node() {
-            self.on_moved(queue, current, from);
-        }
-    }
-
-    /// A device logged in at `location` (coming from `from`): update the
-    /// cache; here, learn whose handoff to wait for; elsewhere, close an
-    /// older session and ship what is held for it.
-    fn on_moved(&self, queue: QueueKey, location: Location, from: Option<String>) {
-        self.inner.directory.invalidate(&queue, location.clone());
-        if location.node == self.node() {
-            let mut handoffs = lock(&self.inner.handoffs);
-            if let Some(h) = handoffs.get_mut(&queue) {
-                if h.epoch == location.epoch {
-                    match from.filter(|f| *f != location.node) {
-                        Some(previous) => h.from = Some(previous),
-                        None => {
-                            handoffs.remove(&queue);
-                        }
-                    }
-                }
-            }
-            return;
-        }
-        let older_here = lock(&self.inner.hosted).get(&queue).is_some_and(|e| *e < location.epoch);
-        if older_here {
-            self.inner.router.replace_remotely(&queue);
-        }
-        let handoff = from.as_deref() == Some(self.node());
-        let _ = self.inner.ship.try_send(ShipMsg::Moved { queue, location, handoff });
-    }
-
-    /// Tells `node` this broker has handed over everything it held for `queue`.
-    pub(crate) fn handoff_done(&self, node: &str, queue: &QueueKey) {
-        if let Some(link) = self.link(node) {
-            let done = pp::HandoffDone { handle: queue.handle().to_owned(), device: queue.device() };
-            link.send(PeerFrame { kind: Some(P::HandoffDone(done)) });
-        }
-    }
-
-    /// Where `queue`'s device is: this broker if connected here, else the
-    /// cache, else its directory owner (the answer is cached).
-    pub(crate) async fn locate(&self, queue: &QueueKey) -> Option<Location> {
-        if let Some(epoch) = lock(&self.inner.hosted).get(queue) {
-            return Some(Location { node: self.node().to_owned(), epoch: *epoch });
-        }
-        if let Some(hit) = self.inner.directory.cached(queue) {
-            return hit;
-        }
-        let owner = self.owner_of(queue.as_bytes());
-        let found = if owner == self.node() {
-            self.inner.directory.owned(queue)
-        } else {
-            metrics::counter!("tern_location_lookups_total").increment(1);
-            let link = self.link(&owner)?;
-            let lookup = pp::Lookup { handle: queue.handle().to_owned(), device: queue.device() };
-            match link.request(request::Kind::Lookup(lookup), REQUEST_TIMEOUT).await {
-                Ok(reply::Kind::Lookup(r)) if !r.node.is_empty() => Some(Location { node: r.node, epoch: r.epoch }),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::debug!(%queue, error = %e, "location lookup failed");
-                    return None;
-                }
-            }
-        };
-        self.inner.directory.cache(queue.clone(), found.clone());
-        found
-    }
-
-    /// Drops the cached location of `queue`.
-    pub(crate) fn forget_location(&self, queue: &QueueKey) {
-        self.inner.directory.forget(queue);
-    }
-
-    /// Sends every hosted device's location to its owner whenever the member
-    /// list changes (owners change with it; a restarted owner lost its table).
-    async fn reregister_on_change(self) {
-        let mut members = self.inner.members.clone();
-        loop {
-            tokio::select! {
-                () = self.inner.cancel.cancelled() => return,
-                changed = members.changed() => if changed.is_err() { return },
-            }
-            // Let links to new members come up first.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let hosted: Vec<(QueueKey, u64)> = lock(&self.inner.hosted).iter().map(|(q, e)| (q.clone(), *e)).collect();
-            for (queue, epoch) in hosted {
-                self.send_location(&queue, epoch);
-            }
-        }
-    }
-
     /// Tells the other members this broker is leaving (best effort, on
     /// shutdown), so they stop probing it at once.
     pub(crate) async fn leave(&self) {
@@ -667,100 +462,6 @@ impl Mesh {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-
-    /// A snapshot for `/mesh` and `tern-broker mesh status`.
-    pub(crate) fn status(&self) -> MeshStatus {
-        let members = self.members();
-        let links = lock(&self.inner.links).clone();
-        let mut names: Vec<&String> = members.keys().chain(links.keys()).collect();
-        names.sort();
-        names.dedup();
-        let me = &self.inner.me;
-        MeshStatus {
-            node: me.name.clone(),
-            addr: me.addr.to_string(),
-            incarnation: me.incarnation,
-            held_queues: self.inner.outbox.get("").queues,
-            members: names
-                .into_iter()
-                .map(|name| {
-                    let link = links.get(name);
-                    let id = members.get(name).or(link.map(|l| &l.peer));
-                    let outbox = self.inner.outbox.get(name);
-                    MemberStatus {
-                        node: name.clone(),
-                        addr: id.map(|i| i.addr.to_string()).unwrap_or_default(),
-                        incarnation: id.map_or(0, |i| i.incarnation),
-                        alive: members.contains_key(name),
-                        outbox_queues: outbox.queues,
-                        outbox_in_flight: outbox.in_flight,
-                        link: link.map(|l| LinkStatus {
-                            dialed_by: l.dialer.clone(),
-                            up_secs: l.since.elapsed().as_secs(),
-                            rtt_us: l.rtt().as_micros() as u64,
-                            queued_frames: l.queued() as u64,
-                            frames_out: l.stats().frames_out.load(std::sync::atomic::Ordering::Relaxed),
-                            frames_in: l.stats().frames_in.load(std::sync::atomic::Ordering::Relaxed),
-                            writes: l.stats().writes.load(std::sync::atomic::Ordering::Relaxed),
-                        }),
-                    }
-                })
-                .collect(),
-        }
-    }
-}
-
-/// This broker's view of the mesh.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct MeshStatus {
-    /// This broker's node name.
-    pub node: String,
-    /// The address it advertises.
-    pub addr: String,
-    /// Its gossip incarnation.
-    pub incarnation: u64,
-    /// Queues held here for devices with no known location.
-    pub held_queues: u64,
-    /// Every other member it knows as alive or holds a link to.
-    pub members: Vec<MemberStatus>,
-}
-
-/// One other broker as this one sees it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct MemberStatus {
-    /// Node name.
-    pub node: String,
-    /// Advertised address.
-    pub addr: String,
-    /// Gossip incarnation.
-    pub incarnation: u64,
-    /// Alive (or suspected) by gossip.
-    pub alive: bool,
-    /// Queues being shipped to this member.
-    pub outbox_queues: u64,
-    /// Entries shipped to it and not yet acknowledged.
-    pub outbox_in_flight: u64,
-    /// The peer link, when up.
-    pub link: Option<LinkStatus>,
-}
-
-/// A peer link's state.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct LinkStatus {
-    /// Which end dialed it.
-    pub dialed_by: String,
-    /// Seconds since it came up.
-    pub up_secs: u64,
-    /// QUIC's smoothed round-trip time, microseconds.
-    pub rtt_us: u64,
-    /// Frames waiting to be written.
-    pub queued_frames: u64,
-    /// Frames sent.
-    pub frames_out: u64,
-    /// Frames received.
-    pub frames_in: u64,
-    /// Stream writes (frames per write = batching).
-    pub writes: u64,
 }
 
 /// A peer-supplied device name, checked.

@@ -1,0 +1,225 @@
+//! Where devices are: this broker's part of the location directory (its
+//! shard, the `Location` and `Moved` notices), the handoff a device's new
+//! broker waits for, and lookups through the moka cache. See
+//! [`directory`](super::directory) for the table and the rendezvous hash.
+
+use std::time::Duration;
+
+use tern_protocol::peer::{self as pp, peer_frame::Kind as P, reply, request, PeerFrame};
+
+use super::directory::{self, Location, Recorded};
+use super::{lock, Mesh, ShipMsg, REQUEST_TIMEOUT};
+use crate::store::QueueKey;
+
+/// Longest a device's new broker holds other shipments back while waiting
+/// for its previous broker's handoff.
+const HANDOFF_WAIT: Duration = Duration::from_secs(10);
+
+/// A device that logged in here, waiting for its previous broker's handoff.
+/// Until it is done (or `HANDOFF_WAIT` passes, or that broker is gone),
+/// entries shipped by other brokers are deferred, so the older entries the
+/// previous broker holds arrive first: one sender's messages stay in order
+/// across a move.
+#[derive(Debug)]
+pub(super) struct Handoff {
+    pub(super) epoch: u64,
+    /// The previous broker; `None` until the directory owner says.
+    pub(super) from: Option<String>,
+    pub(super) until: tokio::time::Instant,
+}
+
+impl Mesh {
+    /// Whether shipments of `queue` from `sender` wait: the device is known
+    /// to be at another broker (entries are forwarded one hop, never on
+    /// from here on a guess), or it logged in here and its previous broker
+    /// has not handed over yet.
+    pub(super) fn defers(&self, queue: &QueueKey, sender: &str) -> bool {
+        if lock(&self.inner.hosted).contains_key(queue) {
+            let mut handoffs = lock(&self.inner.handoffs);
+            let Some(h) = handoffs.get(queue) else { return false };
+            let gone = h.from.as_ref().is_some_and(|f| !self.members().contains_key(f));
+            if gone || tokio::time::Instant::now() >= h.until {
+                handoffs.remove(queue);
+                return false;
+            }
+            return h.from.as_deref() != Some(sender);
+        }
+        matches!(self.inner.directory.peek(queue), Some(Some(l)) if l.node != self.node())
+    }
+
+    /// The node owning `key` among the live members and this broker.
+    pub(super) fn owner_of(&self, key: &[u8]) -> String {
+        let members = self.members();
+        let names = members.keys().map(String::as_str).chain(std::iter::once(self.node()));
+        directory::rendezvous(key, names).unwrap_or(self.node()).to_owned()
+    }
+
+    /// A device logged in here: record it with its directory owner. Returns
+    /// the epoch of this login.
+    pub(crate) fn device_online(&self, queue: &QueueKey) -> u64 {
+        let epoch = self.inner.directory.next_epoch();
+        lock(&self.inner.hosted).insert(queue.clone(), epoch);
+        let until = tokio::time::Instant::now() + HANDOFF_WAIT;
+        lock(&self.inner.handoffs).insert(queue.clone(), Handoff { epoch, from: None, until });
+        self.send_location(queue, epoch);
+        epoch
+    }
+
+    /// A device's session here ended (unless a newer one replaced it).
+    pub(crate) fn device_offline(&self, queue: &QueueKey, epoch: u64) {
+        let mut hosted = lock(&self.inner.hosted);
+        if hosted.get(queue) == Some(&epoch) {
+            hosted.remove(queue);
+            let mut handoffs = lock(&self.inner.handoffs);
+            if handoffs.get(queue).is_some_and(|h| h.epoch == epoch) {
+                handoffs.remove(queue);
+            }
+        }
+    }
+
+    fn send_location(&self, queue: &QueueKey, epoch: u64) {
+        let owner = self.owner_of(queue.as_bytes());
+        let location = Location { node: self.node().to_owned(), epoch };
+        if owner == self.node() {
+            self.record_location(queue.clone(), location);
+            return;
+        }
+        let frame = pp::Location {
+            handle: queue.handle().to_owned(),
+            device: queue.device(),
+            node: location.node,
+            epoch,
+            online: true,
+        };
+        match self.link(&owner) {
+            Some(link) => {
+                link.send(PeerFrame { kind: Some(P::Location(frame)) });
+            }
+            None => {
+                tracing::debug!(%queue, %owner, "no link to the directory owner; location sent on the next membership change")
+            }
+        }
+    }
+
+    /// As directory owner: records a location. Every member hears of a
+    /// device that came from elsewhere (or was unknown), so holders ship to
+    /// it and caches follow; the broker it logged in at always hears, with
+    /// where it was before, so it knows whose handoff to wait for.
+    pub(super) fn record_location(&self, queue: QueueKey, location: Location) {
+        let reporter = location.node.clone();
+        let (current, from, everyone) = match self.inner.directory.record(&queue, location.clone()) {
+            // A newer login elsewhere: tell the reporter where the device is.
+            Recorded::Stale => match self.inner.directory.owned(&queue) {
+                Some(newer) => (newer, None, false),
+                None => return,
+            },
+            Recorded::Fresh { moved_from, known } => {
+                metrics::gauge!("tern_location_directory_entries").set(self.inner.directory.owned_len() as f64);
+                let everyone = !known || moved_from.is_some();
+                (location, moved_from, everyone)
+            }
+        };
+        let moved = pp::Moved {
+            handle: queue.handle().to_owned(),
+            device: queue.device(),
+            node: current.node.clone(),
+            epoch: current.epoch,
+            from_node: from.clone().unwrap_or_default(),
+        };
+        for (node, link) in lock(&self.inner.links).iter() {
+            if everyone || *node == reporter {
+                link.send(PeerFrame { kind: Some(P::Moved(moved.clone())) });
+            }
+        }
+        if everyone || reporter == self.node() {
+            self.on_moved(queue, current, from);
+        }
+    }
+
+    /// A device logged in at `location` (coming from `from`): update the
+    /// cache; here, learn whose handoff to wait for; elsewhere, close an
+    /// older session and ship what is held for it.
+    pub(super) fn on_moved(&self, queue: QueueKey, location: Location, from: Option<String>) {
+        self.inner.directory.invalidate(&queue, location.clone());
+        if location.node == self.node() {
+            let mut handoffs = lock(&self.inner.handoffs);
+            if let Some(h) = handoffs.get_mut(&queue) {
+                if h.epoch == location.epoch {
+                    match from.filter(|f| *f != location.node) {
+                        Some(previous) => h.from = Some(previous),
+                        None => {
+                            handoffs.remove(&queue);
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let older_here = lock(&self.inner.hosted).get(&queue).is_some_and(|e| *e < location.epoch);
+        if older_here {
+            self.inner.router.replace_remotely(&queue);
+        }
+        let handoff = from.as_deref() == Some(self.node());
+        let _ = self.inner.ship.try_send(ShipMsg::Moved { queue, location, handoff });
+    }
+
+    /// Tells `node` this broker has handed over everything it held for `queue`.
+    pub(crate) fn handoff_done(&self, node: &str, queue: &QueueKey) {
+        if let Some(link) = self.link(node) {
+            let done = pp::HandoffDone { handle: queue.handle().to_owned(), device: queue.device() };
+            link.send(PeerFrame { kind: Some(P::HandoffDone(done)) });
+        }
+    }
+
+    /// Where `queue`'s device is: this broker if connected here, else the
+    /// cache, else its directory owner (the answer is cached).
+    pub(crate) async fn locate(&self, queue: &QueueKey) -> Option<Location> {
+        if let Some(epoch) = lock(&self.inner.hosted).get(queue) {
+            return Some(Location { node: self.node().to_owned(), epoch: *epoch });
+        }
+        if let Some(hit) = self.inner.directory.cached(queue) {
+            return hit;
+        }
+        let owner = self.owner_of(queue.as_bytes());
+        let found = if owner == self.node() {
+            self.inner.directory.owned(queue)
+        } else {
+            metrics::counter!("tern_location_lookups_total").increment(1);
+            let link = self.link(&owner)?;
+            let lookup = pp::Lookup { handle: queue.handle().to_owned(), device: queue.device() };
+            match link.request(request::Kind::Lookup(lookup), REQUEST_TIMEOUT).await {
+                Ok(reply::Kind::Lookup(r)) if !r.node.is_empty() => Some(Location { node: r.node, epoch: r.epoch }),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(%queue, error = %e, "location lookup failed");
+                    return None;
+                }
+            }
+        };
+        self.inner.directory.cache(queue.clone(), found.clone());
+        found
+    }
+
+    /// Drops the cached location of `queue`.
+    pub(crate) fn forget_location(&self, queue: &QueueKey) {
+        self.inner.directory.forget(queue);
+    }
+
+    /// Sends every hosted device's location to its owner whenever the member
+    /// list changes (owners change with it; a restarted owner lost its table).
+    pub(super) async fn reregister_on_change(self) {
+        let mut members = self.inner.members.clone();
+        loop {
+            tokio::select! {
+                () = self.inner.cancel.cancelled() => return,
+                changed = members.changed() => if changed.is_err() { return },
+            }
+            // Let links to new members come up first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let hosted: Vec<(QueueKey, u64)> = lock(&self.inner.hosted).iter().map(|(q, e)| (q.clone(), *e)).collect();
+            for (queue, epoch) in hosted {
+                self.send_location(&queue, epoch);
+            }
+        }
+    }
+}
