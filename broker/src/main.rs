@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use tern_broker::{Broker, BrokerConfig};
 
-/// Tern message broker: durable per-device queues over QUIC.
+/// Tern message broker: durable per-device queues over QUIC, alone or as a
+/// member of a mesh of brokers (--cluster, --join; see docs/mesh.md).
 ///
 /// Starts on embedded defaults with no flags at all: QUIC on 127.0.0.1:4433,
 /// data in ./tern-data, a self-signed certificate made on first start in
