@@ -84,11 +84,7 @@ impl TlsIdentity {
                 .with_single_cert(self.certs.clone(), self.key.clone_key())
                 .map_err(|e| TlsError::Crypto(e.to_string()))?,
             Some(cluster) => {
-                let signer = provider
-                    .key_provider
-                    .load_private_key(self.key.clone_key())
-                    .map_err(|e| TlsError::Crypto(e.to_string()))?;
-                let clients = Arc::new(rustls::sign::CertifiedKey::new(self.certs.clone(), signer));
+                let clients = certified_key(&self.certs, &self.key)?;
                 let resolver = crate::mesh::cluster_tls::AlpnCertResolver { clients, peers: cluster.certified_key()? };
                 builder.with_client_cert_verifier(cluster.client_verifier()?).with_cert_resolver(Arc::new(resolver))
             }
@@ -101,6 +97,17 @@ impl TlsIdentity {
             quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Crypto(e.to_string()))?;
         Ok(Arc::new(quic))
     }
+}
+
+/// A certificate chain and its key as rustls signs with them.
+pub(crate) fn certified_key(
+    certs: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let provider = rustls::crypto::ring::default_provider();
+    let signer =
+        provider.key_provider.load_private_key(key.clone_key()).map_err(|e| TlsError::Crypto(e.to_string()))?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(certs.to_vec(), signer)))
 }
 
 /// Reads every certificate of a PEM file.

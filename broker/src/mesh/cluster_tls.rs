@@ -128,9 +128,7 @@ impl ClusterIdentity {
 
     /// The certificate and key rustls presents on peer links.
     pub(crate) fn certified_key(&self) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
-        let provider = rustls::crypto::ring::default_provider();
-        let signer = provider.key_provider.load_private_key(self.key.clone_key()).map_err(crypto)?;
-        Ok(Arc::new(rustls::sign::CertifiedKey::new(self.certs.clone(), signer)))
+        crate::tls::certified_key(&self.certs, &self.key)
     }
 
     /// Verifies a dialing peer's certificate under the cluster CA. Clients

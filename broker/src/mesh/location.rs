@@ -84,13 +84,8 @@ impl Mesh {
             self.record_location(queue.clone(), location);
             return;
         }
-        let frame = pp::Location {
-            handle: queue.handle().to_owned(),
-            device: queue.device(),
-            node: location.node,
-            epoch,
-            online: true,
-        };
+        let frame =
+            pp::Location { handle: queue.handle().to_owned(), device: queue.device(), node: location.node, epoch };
         match self.link(&owner) {
             Some(link) => {
                 link.send(PeerFrame { kind: Some(P::Location(frame)) });

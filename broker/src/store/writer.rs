@@ -250,10 +250,13 @@ impl WriterActor {
                 batch.replies.push(Pending::Account(reply, result));
             }
             WriteCmd::Waiting { reply } => {
-                let mut waiting: HashMap<QueueKey, QueueBounds> =
-                    self.bounds.iter().map(|(q, b)| (q.clone(), *b)).collect();
-                waiting.extend(batch.bounds.iter().map(|(q, b)| (q.clone(), *b)));
-                let list = waiting.into_iter().filter(|(_, b)| b.depth() > 0).collect();
+                // This batch's bounds stand over the committed ones.
+                let committed = self.bounds.iter().filter(|(q, _)| !batch.bounds.contains_key(*q));
+                let list = committed
+                    .chain(&batch.bounds)
+                    .filter(|(_, b)| b.depth() > 0)
+                    .map(|(q, b)| (q.clone(), *b))
+                    .collect();
                 batch.replies.push(Pending::Waiting(reply, Ok(list)));
             }
             WriteCmd::Stop => return true,
@@ -497,19 +500,15 @@ impl WriterActor {
     }
 
     fn put_newer_account(&mut self, batch: &mut Batch, account: Account) -> Result<Account, StoreError> {
-        if let Some(current) = self.account(batch, &account.handle)? {
+        let current = self.account(batch, &account.handle)?;
+        if let Some(current) = &current {
             if current.next_device_id >= account.next_device_id {
-                return Ok(Account::clone(&current));
+                return Ok(Account::clone(current));
             }
         }
-        let had_devices: HashSet<u32> = match self.account(batch, &account.handle)? {
-            Some(a) => a.devices.iter().map(|d| d.id).collect(),
-            None => HashSet::new(),
-        };
-        for d in &account.devices {
-            if !had_devices.contains(&d.id) {
-                self.create_queue(batch, QueueKey::new(&account.handle, d.id))?;
-            }
+        let had = |id: u32| current.as_ref().is_some_and(|a| a.device(id).is_some());
+        for d in account.devices.iter().filter(|d| !had(d.id)) {
+            self.create_queue(batch, QueueKey::new(&account.handle, d.id))?;
         }
         self.put_account(batch, account.clone())?;
         Ok(account)
