@@ -392,31 +392,9 @@ async fn messages_in_flight_keep_their_order_when_the_recipient_moves() {
     });
     let mut bob = login(cluster.broker(1), "bob", &bob_key).await;
     let mut seen = std::collections::HashSet::new();
-    let got = tokio::time::timeout(Duration::from_secs(8), receive_new(&mut bob, 200, &mut seen)).await;
-    if got.is_err() {
-        for i in 0..3 {
-            let e =
-                cluster.broker(i).store().read(&tern_broker::store::QueueKey::new("bob", 1), 0, 1000, 1 << 24).unwrap();
-            let ids: Vec<u8> = e
-                .iter()
-                .map(|(_, v)| match tern_broker::store::StoredItem::decode(v).unwrap().item {
-                    pb::deliver::Item::Message(m) => m.message_id[7],
-                    _ => 255,
-                })
-                .collect();
-            eprintln!(
-                "node-{} holds {:?} status {:?}",
-                i + 1,
-                ids,
-                cluster.broker(i).mesh_status().map(|s| (
-                    s.held_queues,
-                    s.members.iter().map(|m| (m.node.clone(), m.outbox_queues, m.outbox_in_flight)).collect::<Vec<_>>()
-                ))
-            );
-        }
-        panic!("stuck");
-    }
-    let got = got.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(8), receive_new(&mut bob, 200, &mut seen))
+        .await
+        .expect("all 200 messages reach bob at node-2 (the handoff wait is 10 s)");
     sender.await.unwrap();
     let first_wrong = got.iter().zip((0..200).map(mid)).position(|(g, want)| *g != want);
     assert_eq!(
@@ -425,5 +403,47 @@ async fn messages_in_flight_keep_their_order_when_the_recipient_moves() {
         "reordered across the move: message {:?} at position {first_wrong:?}",
         first_wrong.map(|i| got[i][7])
     );
+    cluster.shutdown().await;
+}
+
+/// A device's new broker waits for its previous broker's handoff even when
+/// the mesh changes meanwhile: the re-registration that follows a member
+/// leaving reaches the same directory owner ("bob": a stale re-send) or a
+/// new owner that never knew the device ("erin": owner node-4, which
+/// leaves). Neither may end the wait before the old broker hands over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_wait_outlasts_a_membership_change() {
+    let mut cluster = TestCluster::spawn(4).await;
+    let (mut alice, _) = user(cluster.broker(0), "alice").await;
+    let mut keys = Vec::new();
+    // Message ids are unique per sender: erin's start at 1000.
+    for (handle, base) in [("bob", 0), ("erin", 1000)] {
+        let (raw, k) = user(cluster.broker(2), handle).await;
+        send_all(&mut alice, handle, base..base + 50).await;
+        let held = wait_for(Duration::from_secs(10), || {
+            let q = tern_broker::store::QueueKey::new(handle, 1);
+            cluster.broker(2).store().read(&q, 0, 1000, 1 << 24).map_or(0, |e| e.len()) == 50
+        })
+        .await;
+        assert!(held, "node-3 holds {handle}'s first 50 messages");
+        drop(raw);
+        keys.push(k);
+    }
+    // node-3 cannot hand over to node-2 for 3 s; both devices log in at
+    // node-2, alice keeps sending, and node-4 leaves the mesh meanwhile.
+    cluster.broker(2).sever_link(&node(1), Duration::from_secs(3));
+    let mut bob = login(cluster.broker(1), "bob", &keys[0]).await;
+    let mut erin = login(cluster.broker(1), "erin", &keys[1]).await;
+    send_all(&mut alice, "bob", 50..100).await;
+    send_all(&mut alice, "erin", 1050..1100).await;
+    cluster.stop(3).await;
+    for (name, base, raw) in [("bob", 0, &mut bob), ("erin", 1000, &mut erin)] {
+        let mut seen = std::collections::HashSet::new();
+        let got = tokio::time::timeout(Duration::from_secs(9), receive_new(raw, 100, &mut seen))
+            .await
+            .unwrap_or_else(|_| panic!("{name}'s 100 messages arrive at node-2"));
+        let first_wrong = got.iter().zip((base..base + 100).map(mid)).position(|(g, want)| *g != want);
+        assert_eq!(first_wrong, None, "{name}: reordered across the move: {:?}", first_wrong.map(|i| got[i][7]));
+    }
     cluster.shutdown().await;
 }

@@ -103,10 +103,13 @@ impl Mesh {
     pub(super) fn record_location(&self, queue: QueueKey, location: Location) {
         let reporter = location.node.clone();
         let (current, from, everyone) = match self.inner.directory.record(&queue, location.clone()) {
-            // A newer login elsewhere: tell the reporter where the device is.
+            // A newer login elsewhere: tell the reporter where the device
+            // is. A re-sent location (membership changed) or a newer login
+            // at the reporter itself tells it nothing new, and a `Moved`
+            // with no previous broker would end its handoff wait.
             Recorded::Stale => match self.inner.directory.owned(&queue) {
-                Some(newer) => (newer, None, false),
-                None => return,
+                Some(newer) if newer.node != reporter => (newer, None, false),
+                _ => return,
             },
             Recorded::Fresh { moved_from, known } => {
                 metrics::gauge!("tern_location_directory_entries").set(self.inner.directory.owned_len() as f64);
@@ -142,9 +145,14 @@ impl Mesh {
                 if h.epoch == location.epoch {
                     match from.filter(|f| *f != location.node) {
                         Some(previous) => h.from = Some(previous),
-                        None => {
+                        // Nowhere before: nothing to wait for. Unless an
+                        // earlier answer named a previous broker: a later
+                        // one with none comes from an owner that took the
+                        // shard over and never knew it.
+                        None if h.from.is_none() => {
                             handoffs.remove(&queue);
                         }
+                        None => {}
                     }
                 }
             }

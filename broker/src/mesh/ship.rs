@@ -121,11 +121,26 @@ struct Outbound {
     resolving: bool,
     /// Tell `dest` once everything here is shipped and acknowledged.
     handoff: bool,
+    /// A `Moved` notice that came while a lookup was in flight: the newer
+    /// of the two (by epoch) decides where the entries go.
+    moved: Option<Location>,
+    /// Held here (the device was here, or nowhere known): when it turns up
+    /// elsewhere, that broker may be waiting for this one's handoff.
+    held: bool,
 }
 
 impl Outbound {
     fn new() -> Self {
-        Self { dest: None, sent: 0, acked: 0, progress: Instant::now(), resolving: false, handoff: false }
+        Self {
+            dest: None,
+            sent: 0,
+            acked: 0,
+            progress: Instant::now(),
+            resolving: false,
+            handoff: false,
+            moved: None,
+            held: false,
+        }
     }
 }
 
@@ -199,6 +214,8 @@ impl ShipActor {
                 let out = self.queues.entry(queue.clone()).or_insert_with(Outbound::new);
                 out.handoff |= handoff;
                 if out.resolving {
+                    // The lookup in flight may answer from before the move.
+                    out.moved = newest(out.moved.take(), Some(location));
                     return;
                 }
                 out.resolving = true;
@@ -232,7 +249,16 @@ impl ShipActor {
                 out.resolving = false;
                 out.acked = out.acked.max(head);
                 out.sent = out.acked;
+                let location = newest(location, out.moved.take());
                 out.dest = location.map(|l| l.node).filter(|n| *n != me);
+                if out.dest.is_none() {
+                    out.held = true;
+                } else if out.held {
+                    // Say when done even if the `Moved` notice that names
+                    // this broker as the previous one was missed.
+                    out.handoff = true;
+                    out.held = false;
+                }
                 out.progress = Instant::now();
                 if out.dest.is_some() {
                     self.pump(&queue);
@@ -247,6 +273,19 @@ impl ShipActor {
                     .collect();
                 for q in waiting {
                     self.pump(&q);
+                }
+                // A `Moved` notice from the directory owner at `node` may
+                // have been lost while the link was down: look its held
+                // queues up again.
+                let held: Vec<QueueKey> = self
+                    .queues
+                    .iter()
+                    .filter(|(q, o)| o.dest.is_none() && !o.resolving && self.mesh.owner_of(q.as_bytes()) == node)
+                    .map(|(q, _)| q.clone())
+                    .collect();
+                for q in held {
+                    self.mesh.forget_location(&q);
+                    self.track(q);
                 }
             }
             ShipMsg::LinkDown(node) => {
@@ -395,5 +434,13 @@ impl ShipActor {
                 self.track(q);
             }
         }
+    }
+}
+
+/// The later of two locations (by epoch), or whichever is known.
+fn newest(a: Option<Location>, b: Option<Location>) -> Option<Location> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.epoch > a.epoch { b } else { a }),
+        (a, b) => a.or(b),
     }
 }

@@ -87,10 +87,16 @@ impl Session {
     /// Runs the session until the client leaves, a fatal error, or shutdown.
     pub(crate) async fn run(mut self) {
         let end = self.serve().await;
-        if let Some(d) = &self.device {
+        if let Some(d) = self.device.take() {
             d.attachment.record_pushed(d.delivery.last_pushed());
-            if let (Some(mesh), Some(epoch)) = (&self.ctx.mesh, d.epoch) {
-                mesh.device_offline(&d.delivery.queue, epoch);
+            let LoggedIn { delivery, attachment, epoch } = d;
+            // Detach from the router before leaving the directory: from
+            // here on, entries for the device go to the ship actor, and a
+            // `Moved` notice never finds the device both gone from the
+            // directory's view here and still attached.
+            drop(attachment);
+            if let (Some(mesh), Some(epoch)) = (&self.ctx.mesh, epoch) {
+                mesh.device_offline(&delivery.queue, epoch);
             }
         }
         match end {
