@@ -143,7 +143,7 @@ impl QueueListener for Router {
             }
         } else if let Some(ship) = self.inner.remote.get() {
             // A full channel is caught up by the ship actor's sweep.
-            let _ = ship.try_send(crate::mesh::ShipMsg::Queued(queue.clone()));
+            let _ = ship.try_send(crate::mesh::ShipMsg::Queued { queue: queue.clone(), seq, value: value.clone() });
         }
     }
 }

@@ -18,10 +18,11 @@
 //! sweep that re-sends what was not acknowledged and picks up queues left
 //! over from before a restart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tern_protocol::peer::{peer_frame::Kind as P, PeerFrame, Ship, ShipEntry};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -45,8 +46,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3);
 /// Input to the ship actor.
 #[derive(Debug)]
 pub(crate) enum ShipMsg {
-    /// An entry was queued here for a device not connected here.
-    Queued(QueueKey),
+    /// An entry was queued (durably) here for a device not connected here.
+    Queued {
+        queue: QueueKey,
+        seq: u64,
+        value: bytes::Bytes,
+    },
     /// `node` stored this queue's entries up to `up_to`.
     Acked {
         node: String,
@@ -103,6 +108,9 @@ impl OutboxGauge {
 /// traffic (looked up again on its next entry).
 const IDLE_FORGET: Duration = Duration::from_secs(60);
 
+/// Announced entries kept per queue for shipping without a store read.
+const FRESH_MAX: usize = 1024;
+
 /// Delay before a deferred queue is looked up and sent again.
 const DEFER_RETRY: Duration = Duration::from_millis(100);
 
@@ -124,6 +132,10 @@ struct Outbound {
     /// A `Moved` notice that came while a lookup was in flight: the newer
     /// of the two (by epoch) decides where the entries go.
     moved: Option<Location>,
+    /// Entries the router announced and not yet sent, in seq order with no
+    /// gap, so they ship without a store read. A gap (a notice dropped, a
+    /// full buffer) is filled from the store.
+    fresh: VecDeque<(u64, Bytes)>,
     /// Held here (the device was here, or nowhere known): when it turns up
     /// elsewhere, that broker may be waiting for this one's handoff.
     held: bool,
@@ -140,7 +152,41 @@ impl Outbound {
             handoff: false,
             moved: None,
             held: false,
+            fresh: VecDeque::new(),
         }
+    }
+
+    /// Keeps an announced entry for the next shipment (not for held queues:
+    /// they may wait long, and are read from the store when they go).
+    fn announce(&mut self, seq: u64, value: Bytes) {
+        let follows = self.fresh.back().is_none_or(|(last, _)| *last + 1 == seq);
+        if !follows || self.fresh.len() >= FRESH_MAX || self.dest.is_none() && !self.resolving {
+            self.fresh.clear();
+        }
+        if seq > self.sent && (self.dest.is_some() || self.resolving) && self.fresh.len() < FRESH_MAX {
+            self.fresh.push_back((seq, value));
+        }
+    }
+
+    /// The next entries to ship after `sent`: the announced ones if they
+    /// start there, else up to a batch read from the store.
+    fn next_entries(&mut self, store: &Store, queue: &QueueKey) -> Result<Vec<(u64, Bytes)>, crate::store::StoreError> {
+        while self.fresh.front().is_some_and(|(seq, _)| *seq <= self.sent) {
+            self.fresh.pop_front();
+        }
+        if self.fresh.front().is_some_and(|(seq, _)| *seq == self.sent + 1) {
+            let mut bytes = 0;
+            let mut entries = Vec::new();
+            while let Some((_, value)) = self.fresh.front() {
+                if entries.len() >= BATCH_ITEMS || !entries.is_empty() && bytes + value.len() > BATCH_BYTES {
+                    break;
+                }
+                bytes += value.len();
+                entries.extend(self.fresh.pop_front());
+            }
+            return Ok(entries);
+        }
+        store.read(queue, self.sent + 1, BATCH_ITEMS, BATCH_BYTES)
     }
 }
 
@@ -189,7 +235,12 @@ impl ShipActor {
 
     fn handle(&mut self, msg: ShipMsg) {
         match msg {
-            ShipMsg::Queued(queue) => self.track(queue),
+            ShipMsg::Queued { queue, seq, value } => {
+                if let Some(out) = self.queues.get_mut(&queue) {
+                    out.announce(seq, value);
+                }
+                self.track(queue);
+            }
             ShipMsg::Acked { node, queue, up_to } => {
                 let Some(out) = self.queues.get_mut(&queue) else { return };
                 if out.dest.as_deref() != Some(node.as_str()) || up_to <= out.acked {
@@ -357,7 +408,7 @@ impl ShipActor {
         let origin = self.store.id();
         while out.sent - out.acked < WINDOW {
             let restart = out.sent == out.acked;
-            let entries = match self.store.read(queue, out.sent + 1, BATCH_ITEMS, BATCH_BYTES) {
+            let entries = match out.next_entries(&self.store, queue) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(queue = %queue, error = %e, "cannot read entries to ship");
@@ -442,5 +493,73 @@ fn newest(a: Option<Location>, b: Option<Location>) -> Option<Location> {
     match (a, b) {
         (Some(a), Some(b)) => Some(if b.epoch > a.epoch { b } else { a }),
         (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+    use crate::store::StoreConfig;
+
+    fn store(dir: &std::path::Path) -> Store {
+        let config = StoreConfig {
+            path: dir.to_owned(),
+            durability: Durability::Written,
+            retention: Duration::from_secs(3600),
+            max_queue_len: 1000,
+            max_batch: 64,
+            max_devices: 4,
+            account_cache_entries: 10,
+        };
+        Store::open(config, Arc::new(Router::default())).unwrap()
+    }
+
+    fn item(n: u8) -> Bytes {
+        let message = tern_protocol::pb::Message {
+            message_id: Bytes::from(vec![n; 16]),
+            from: "alice".into(),
+            from_device: 1,
+            to: "bob".into(),
+            sent_at_ms: 1,
+            body: Bytes::from(vec![n]),
+        };
+        crate::store::StoredItem { enqueued_at_ms: 1, item: tern_protocol::pb::deliver::Item::Message(message) }
+            .encode()
+    }
+
+    fn seqs(entries: &[(u64, Bytes)]) -> Vec<u64> {
+        entries.iter().map(|(s, _)| *s).collect()
+    }
+
+    #[tokio::test]
+    async fn announced_entries_ship_without_a_read_and_gaps_are_read_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let q = QueueKey::new("bob", 1);
+        let stored: Vec<(u64, Bytes)> = (1..=5).map(|s| (s, item(s as u8))).collect();
+        store.submit_ship([7; 16], q.clone(), stored).await.unwrap().await.unwrap();
+
+        let mut out = Outbound::new();
+        out.dest = Some("node-2".into());
+        // Announced from seq 3 on, but 1 and 2 were never sent: read them all.
+        out.announce(3, Bytes::from_static(b"x"));
+        out.announce(4, Bytes::from_static(b"x"));
+        let first = out.next_entries(&store, &q).unwrap();
+        assert_eq!(seqs(&first), [1, 2, 3, 4, 5]);
+        assert_eq!(first[2].1, item(3), "read from the store, not the buffer");
+        out.sent = 5;
+        // Seq 6 is only in the buffer: it ships from there.
+        out.announce(6, Bytes::from_static(b"six"));
+        let next = out.next_entries(&store, &q).unwrap();
+        assert_eq!(next, vec![(6, Bytes::from_static(b"six"))]);
+        out.sent = 6;
+        // A dropped notice (7) leaves a gap: the store is read from 7.
+        out.announce(8, Bytes::from_static(b"eight"));
+        assert!(out.next_entries(&store, &q).unwrap().is_empty(), "7 and 8 are not in this store");
+        // A held queue (no destination, no lookup running) keeps nothing.
+        let mut held = Outbound::new();
+        held.announce(1, Bytes::from_static(b"x"));
+        assert!(held.fresh.is_empty());
     }
 }

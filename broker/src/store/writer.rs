@@ -91,6 +91,10 @@ struct Batch {
     replies: Vec<Pending>,
     queued: Vec<(QueueKey, u64, Bytes)>,
     requests: usize,
+    /// Something in the batch must be durable before its answer (under
+    /// `Durability::Synced`). Deleting shipped entries need not be: lost in
+    /// a crash, they are shipped again and the receiver skips them.
+    needs_sync: bool,
 }
 
 pub(super) struct WriterActor {
@@ -160,8 +164,9 @@ impl WriterActor {
     }
 
     pub(super) fn run(mut self) {
-        let mut write_opts = WriteOptions::default();
-        write_opts.set_sync(self.config.durability == Durability::Synced);
+        let mut synced = WriteOptions::default();
+        synced.set_sync(self.config.durability == Durability::Synced);
+        let unsynced = WriteOptions::default();
         while let Some(first) = self.rx.blocking_recv() {
             let mut batch = Batch::default();
             let mut stop = self.apply(first, &mut batch);
@@ -171,7 +176,8 @@ impl WriterActor {
                     Err(_) => break,
                 }
             }
-            self.commit(batch, &write_opts);
+            let write_opts = if batch.needs_sync { &synced } else { &unsynced };
+            self.commit(batch, write_opts);
             if stop {
                 break;
             }
@@ -212,6 +218,8 @@ impl WriterActor {
     /// Applies one request to the batch. Returns true on `Stop`.
     fn apply(&mut self, cmd: WriteCmd, batch: &mut Batch) -> bool {
         batch.requests += 1;
+        batch.needs_sync |=
+            !matches!(cmd, WriteCmd::Shipped { .. } | WriteCmd::Bounds { .. } | WriteCmd::Waiting { .. });
         match cmd {
             WriteCmd::Register { handle, public_key, reply } => {
                 let result = self.register(batch, &handle, public_key);
