@@ -20,13 +20,15 @@
 # Full run: writes docs/bench/mesh.md and the raw data in
 # docs/bench/data/mesh/. --quick (shorter runs) writes to target/mesh/quick
 # so it never replaces the measured results. Logs go to target/mesh/logs.
+# Environment: SETUPS="tern-1 tern-3" runs a subset; TERN_BROKER=PATH runs
+# another broker binary (an A/B comparison of two builds).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 
 usage() {
-  sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # ---------------------------------------------------------------- settings --
@@ -47,7 +49,8 @@ USERS=100        # users, one connection each, in one-to-one conversations
 BODY_BYTES=100   # message body size
 WARMUP_S=1       # chat: seconds at the same rate before measuring
 RATES=(2000 5000)
-SETUPS=(tern-1 tern-3 nats-1 nats-3)
+# SETUPS="tern-1 tern-3" (environment) runs a subset.
+read -r -a SETUPS <<<"${SETUPS:-tern-1 tern-3 nats-1 nats-3}"
 if [ "$MODE" = quick ]; then
   CHAT_S=3
   MAX_S=8
@@ -71,7 +74,9 @@ FORM_TIMEOUT_S=60
 DATA="$OUT/data/mesh"
 LOGS=target/mesh/logs
 PIDFILE=target/mesh/brokers.pid
-TERN_BROKER="$ROOT/target/release/tern-broker"
+# TERN_BROKER=PATH (environment) runs another build of the broker, such as
+# the one before a change, for a side-by-side comparison.
+TERN_BROKER=${TERN_BROKER:-"$ROOT/target/release/tern-broker"}
 LOADGEN="$ROOT/target/release/tern-loadgen"
 NATS_BIN=""
 
@@ -227,7 +232,11 @@ NATS_STORAGE=file
 spawn() {
   local log=$1
   shift
-  "$@" >"$log" 2>&1 &
+  if [ -n "${BROKER_WORKERS:-}" ]; then
+    TOKIO_WORKER_THREADS=$BROKER_WORKERS "$@" >"$log" 2>&1 &
+  else
+    "$@" >"$log" 2>&1 &
+  fi
   BROKER_PIDS+=($!)
   BROKER_LOGS+=("$log")
   echo "$! $1" >>"$PIDFILE"

@@ -442,15 +442,20 @@ impl WriterActor {
         }
         let queues = cf(&self.db, CF_QUEUES)?;
         let mut receipts = Vec::new();
-        for (seq, value) in self.range(queue, b.head + 1, up_to)? {
-            batch.write.delete_cf(queues, queue.entry(seq));
-            if !receipts_wanted {
-                continue;
-            }
-            if let Ok(StoredItem { item: pb::deliver::Item::Message(m), .. }) = StoredItem::decode(&value) {
-                if m.from != queue.handle() {
-                    receipts.push((QueueKey::new(&m.from, m.from_device), m.message_id));
+        if receipts_wanted {
+            for (seq, value) in self.range(queue, b.head + 1, up_to)? {
+                batch.write.delete_cf(queues, queue.entry(seq));
+                if let Ok(StoredItem { item: pb::deliver::Item::Message(m), .. }) = StoredItem::decode(&value) {
+                    if m.from != queue.handle() {
+                        receipts.push((QueueKey::new(&m.from, m.from_device), m.message_id));
+                    }
                 }
+            }
+        } else {
+            // Seqs from head to tail are contiguous: the entries need not be
+            // read to be deleted.
+            for seq in b.head + 1..=up_to {
+                batch.write.delete_cf(queues, queue.entry(seq));
             }
         }
         b.head = up_to;
