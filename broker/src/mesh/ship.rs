@@ -561,5 +561,6 @@ mod tests {
         let mut held = Outbound::new();
         held.announce(1, Bytes::from_static(b"x"));
         assert!(held.fresh.is_empty());
+        store.close();
     }
 }
