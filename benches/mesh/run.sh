@@ -21,14 +21,15 @@
 # docs/bench/data/mesh/. --quick (shorter runs) writes to target/mesh/quick
 # so it never replaces the measured results. Logs go to target/mesh/logs.
 # Environment: SETUPS="tern-1 tern-3" runs a subset; TERN_BROKER=PATH runs
-# another broker binary (an A/B comparison of two builds).
+# another broker binary (an A/B comparison of two builds); BROKER_WORKERS=N
+# starts every broker with N tokio worker threads (TOKIO_WORKER_THREADS).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 
 usage() {
-  sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # ---------------------------------------------------------------- settings --
