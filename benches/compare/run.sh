@@ -679,7 +679,16 @@ main() {
     return 0
   fi
   step "Writing $OUT/RESULTS.md"
-  python3 benches/compare/report.py --data "$DATA" --out "$OUT" --elapsed "$(($(date +%s) - started))"
+  local elapsed=$(($(date +%s) - started))
+  # Kept in meta.json so RESULTS.md can be regenerated with the run's time.
+  python3 - "$DATA/meta.json" "$elapsed" <<'EOF'
+import json, sys
+path, elapsed = sys.argv[1], int(sys.argv[2])
+meta = json.load(open(path))
+meta["elapsed_s"] = elapsed
+open(path, "w").write(json.dumps(meta, indent=2) + "\n")
+EOF
+  python3 benches/compare/report.py --data "$DATA" --out "$OUT" --elapsed "$elapsed"
   step "Done in $(($(date +%s) - started)) s: $OUT/RESULTS.md"
 }
 

@@ -405,6 +405,14 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(meta, events, reports, args.data, args.out, args.elapsed))
     print(f"wrote {args.out}")
+    # The headline again, for benches/compare/report.py to put in RESULTS.md.
+    s = meta.get("settings", {})
+    lines = [f"From `bash benches/mesh/run.sh` on {meta.get('date', '?')} (commit {meta.get('git', '?')}), "
+             f"{meta.get('machine', {}).get('nproc', '?')} CPUs shared by every broker and the load generator; "
+             f"every conversation crosses brokers in the 3-broker setups.", "",
+             *headline(events, reports, s.get("rates", []), s.get("saturated_below", 0.9),
+                       meta.get("machine", {}).get("fsync_4k_median_us"))]
+    (args.data / "headline.md").write_text("\n".join(lines))
     return 0
 
 

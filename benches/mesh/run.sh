@@ -677,6 +677,15 @@ main() {
 
   step "Writing $OUT/mesh.md"
   python3 benches/mesh/report.py --data "$DATA" --out "$OUT/mesh.md" --elapsed "$(($(date +%s) - started))"
+  # RESULTS.md carries the mesh headline (from $DATA/headline.md): write it
+  # again from the comparison's own data.
+  if [ "$MODE" = full ] && [ -f "$OUT/data/meta.json" ]; then
+    if python3 -c 'import matplotlib' 2>/dev/null; then
+      python3 benches/compare/report.py --data "$OUT/data" --out "$OUT"
+    else
+      info "RESULTS.md not rewritten: its plots need matplotlib (pip install matplotlib)"
+    fi
+  fi
   step "Done in $(($(date +%s) - started)) s: $OUT/mesh.md"
 }
 
