@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tern_protocol::peer::{peer_frame::Kind as P, reply, request, Gossip, PeerFrame, PeerHello, Reply, Request};
+use tern_protocol::peer::{
+    peer_frame::Kind as P, reply, request, Gossip, PeerFrame, PeerHello, Reply, Request, ShipAck,
+};
 use tern_protocol::{codec, DecodeError};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +31,9 @@ pub(crate) const MAX_PEER_FRAME: usize = 8 << 20;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames queued for one link before senders wait.
 const OUTBOX_FRAMES: usize = 4096;
+/// How long a `ShipAck` may wait for others to share its packet. Only the
+/// sender's deletion of its copy waits on it, never a delivery.
+const ACK_DELAY: Duration = Duration::from_millis(5);
 
 /// Why a link could not be set up, or ended.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +80,35 @@ pub(crate) struct LinkHandle {
     out: mpsc::Sender<PeerFrame>,
     stats: Arc<LinkStats>,
     pending: PendingReplies,
+    acks: Arc<Acks>,
+}
+
+/// `ShipAck`s waiting to be written: the highest seq per queue.
+#[derive(Debug, Default)]
+struct Acks {
+    up_to: Mutex<HashMap<(String, u32), u64>>,
+    /// Told when the first ack goes into an empty map.
+    first: tokio::sync::Notify,
+}
+
+impl Acks {
+    /// Records an ack (the highest per queue wins). True when it is the
+    /// first one waiting.
+    fn add(&self, handle: &str, device: u32, up_to: u64) -> bool {
+        let mut acks = self.up_to.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = acks.is_empty();
+        let seq = acks.entry((handle.to_owned(), device)).or_default();
+        *seq = (*seq).max(up_to);
+        first
+    }
+
+    /// The waiting acks as frames; empties the map.
+    fn take(&self) -> Vec<PeerFrame> {
+        let acks = std::mem::take(&mut *self.up_to.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        acks.into_iter()
+            .map(|((handle, device), up_to)| PeerFrame { kind: Some(P::ShipAck(ShipAck { handle, device, up_to })) })
+            .collect()
+    }
 }
 
 /// Counters of one link, for `/mesh` and metrics.
@@ -89,6 +123,15 @@ impl LinkHandle {
     /// Queues a frame; false when the link is gone or its queue is full.
     pub(crate) fn send(&self, frame: PeerFrame) -> bool {
         self.out.try_send(frame).is_ok()
+    }
+
+    /// Acknowledges shipped entries of `handle`/`device` up to `up_to`. Acks
+    /// wait up to `ACK_DELAY` to share a packet with other frames; several
+    /// for one queue become one.
+    pub(crate) fn ack(&self, handle: &str, device: u32, up_to: u64) {
+        if self.acks.add(handle, device, up_to) {
+            self.acks.first.notify_one();
+        }
     }
 
     /// Queues a frame, waiting for room; false when the link is gone.
@@ -257,6 +300,7 @@ async fn run(
         out: tx,
         stats: Arc::new(LinkStats::default()),
         pending: PendingReplies::default(),
+        acks: Arc::default(),
     };
     if !mesh.register_link(handle.clone()) {
         conn.close(4u32.into(), b"duplicate link");
@@ -264,10 +308,22 @@ async fn run(
     }
     let cancel = mesh.cancel_token();
     let mut out = BytesMut::new();
+    // When the waiting acks go out, unless other frames take them first.
+    let mut acks_due: Option<tokio::time::Instant> = None;
     let end = loop {
         tokio::select! {
             biased;
             () = cancel.cancelled() => break "shutdown".to_owned(),
+            () = handle.acks.first.notified(), if acks_due.is_none() => {
+                acks_due = Some(tokio::time::Instant::now() + ACK_DELAY);
+            }
+            () = tokio::time::sleep_until(acks_due.unwrap_or_else(tokio::time::Instant::now)), if acks_due.is_some() => {
+                acks_due = None;
+                let frames = handle.acks.take();
+                if let Err(e) = write_batch(&mut send, &mut out, &frames, &handle.stats).await {
+                    break e;
+                }
+            }
             datagram = conn.read_datagram() => match datagram {
                 Ok(packet) => mesh.membership(MembershipMsg::Packet(packet)),
                 Err(e) => break e.to_string(),
@@ -281,15 +337,12 @@ async fn run(
                         Err(_) => break,
                     }
                 }
-                for f in &frames {
-                    if let Err(e) = codec::encode(f, MAX_PEER_FRAME, &mut out) {
-                        tracing::error!(error = %e, "peer frame not sent");
-                    }
+                // Waiting acks ride along.
+                if acks_due.take().is_some() {
+                    frames.extend(handle.acks.take());
                 }
-                handle.stats.frames_out.fetch_add(frames.len() as u64, Ordering::Relaxed);
-                handle.stats.writes.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = send.write_chunk(out.split().freeze()).await {
-                    break e.to_string();
+                if let Err(e) = write_batch(&mut send, &mut out, &frames, &handle.stats).await {
+                    break e;
                 }
             }
             read = recv.read_buf(reserve(&mut inbuf)) => match read {
@@ -319,9 +372,55 @@ async fn run(
     conn.close(0u32.into(), b"bye");
 }
 
+/// Encodes `frames` and writes them with one call, so they share packets.
+async fn write_batch(
+    send: &mut quinn::SendStream,
+    out: &mut BytesMut,
+    frames: &[PeerFrame],
+    stats: &LinkStats,
+) -> Result<(), String> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    for f in frames {
+        if let Err(e) = codec::encode(f, MAX_PEER_FRAME, out) {
+            tracing::error!(error = %e, "peer frame not sent");
+        }
+    }
+    stats.frames_out.fetch_add(frames.len() as u64, Ordering::Relaxed);
+    stats.writes.fetch_add(1, Ordering::Relaxed);
+    send.write_chunk(out.split().freeze()).await.map_err(|e| e.to_string())
+}
+
 fn reserve(buf: &mut BytesMut) -> &mut BytesMut {
     if buf.capacity() - buf.len() < 16 * 1024 {
         buf.reserve(64 * 1024);
     }
     buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_acks_become_one_frame_per_queue_with_the_highest_seq() {
+        let acks = Acks::default();
+        assert!(acks.add("bob", 1, 5), "the first ack starts the delay");
+        assert!(!acks.add("bob", 1, 9));
+        assert!(!acks.add("bob", 1, 7), "an older ack does not lower it");
+        assert!(!acks.add("carol", 2, 3));
+        let mut frames: Vec<(String, u32, u64)> = acks
+            .take()
+            .into_iter()
+            .map(|f| match f.kind {
+                Some(P::ShipAck(a)) => (a.handle, a.device, a.up_to),
+                other => panic!("not a ShipAck: {other:?}"),
+            })
+            .collect();
+        frames.sort();
+        assert_eq!(frames, [("bob".to_owned(), 1, 9), ("carol".to_owned(), 2, 3)]);
+        assert!(acks.take().is_empty());
+        assert!(acks.add("bob", 1, 10), "after a flush the next ack starts a new delay");
+    }
 }

@@ -384,10 +384,7 @@ impl Mesh {
         let link = from.clone();
         self.inner.tasks.spawn(async move {
             match outcome.await {
-                Ok(up_to) => {
-                    let ack = pp::ShipAck { handle: queue.handle().to_owned(), device: queue.device(), up_to };
-                    link.send_wait(PeerFrame { kind: Some(P::ShipAck(ack)) }).await;
-                }
+                Ok(up_to) => link.ack(queue.handle(), queue.device(), up_to),
                 Err(e) => {
                     tracing::warn!(queue = %queue, error = %e, "shipped entries not stored; the sender will resend")
                 }
