@@ -447,3 +447,37 @@ async fn a_handoff_wait_outlasts_a_membership_change() {
     }
     cluster.shutdown().await;
 }
+
+/// A holder that missed the `Moved` notice (its link to the device's
+/// directory owner was cut) looks its held queues up again when that link
+/// comes back, hands them over, and says so: the device gets everything,
+/// in order, seconds after the link heals (not after the 30 s held retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_missed_the_move_hands_over_when_its_link_heals() {
+    // bob/1's directory owner among node-1..3 is node-1.
+    let cluster = TestCluster::spawn(3).await;
+    let (mut alice, _) = user(cluster.broker(0), "alice").await;
+    let (bob, bob_key) = user(cluster.broker(2), "bob").await;
+    send_all(&mut alice, "bob", 0..50).await;
+    let q = tern_broker::store::QueueKey::new("bob", 1);
+    let stored = wait_for(Duration::from_secs(10), || {
+        cluster.broker(2).store().read(&q, 0, 1000, 1 << 24).map_or(0, |e| e.len()) == 50
+    })
+    .await;
+    assert!(stored, "node-3 holds bob's first 50 messages");
+    drop(bob);
+    let held =
+        wait_for(Duration::from_secs(10), || cluster.broker(2).mesh_status().is_some_and(|s| s.held_queues == 1)).await;
+    assert!(held, "node-3 holds bob's queue for lack of a location");
+    // node-3 cannot hear node-1 (the owner) for 3 s; bob logs in at node-2.
+    cluster.broker(2).sever_link(&node(0), Duration::from_secs(3));
+    let mut bob = login(cluster.broker(1), "bob", &bob_key).await;
+    send_all(&mut alice, "bob", 50..100).await;
+    let mut seen = std::collections::HashSet::new();
+    let got = tokio::time::timeout(Duration::from_secs(9), receive_new(&mut bob, 100, &mut seen))
+        .await
+        .expect("all 100 messages reach bob at node-2 soon after the link heals");
+    let first_wrong = got.iter().zip((0..100).map(mid)).position(|(g, want)| *g != want);
+    assert_eq!(first_wrong, None, "reordered across the move: {:?}", first_wrong.map(|i| got[i][7]));
+    cluster.shutdown().await;
+}

@@ -307,6 +307,11 @@ async fn run(
         return;
     }
     let cancel = mesh.cancel_token();
+    // Frames that came in the same read as the peer's hello.
+    if let Err(e) = read_frames(&mesh, &handle, &mut inbuf).await {
+        tracing::warn!(peer = %peer.name, error = %e, "bad frame from peer; closing the link");
+        conn.close(5u32.into(), b"bad frame");
+    }
     let mut out = BytesMut::new();
     // When the waiting acks go out, unless other frames take them first.
     let mut acks_due: Option<tokio::time::Instant> = None;
@@ -348,20 +353,12 @@ async fn run(
             read = recv.read_buf(reserve(&mut inbuf)) => match read {
                 Ok(0) => break "stream closed".to_owned(),
                 Err(e) => break e.to_string(),
-                Ok(_) => loop {
-                    match codec::decode::<PeerFrame>(&mut inbuf, MAX_PEER_FRAME) {
-                        Ok(Some(frame)) => {
-                            handle.stats.frames_in.fetch_add(1, Ordering::Relaxed);
-                            mesh.on_frame(&handle, frame).await;
-                        }
-                        Ok(None) => break,
-                        Err(e @ (DecodeError::TooLarge { .. } | DecodeError::Malformed(_))) => {
-                            tracing::warn!(peer = %peer.name, error = %e, "bad frame from peer; closing the link");
-                            conn.close(5u32.into(), b"bad frame");
-                            break;
-                        }
+                Ok(_) => {
+                    if let Err(e) = read_frames(&mesh, &handle, &mut inbuf).await {
+                        tracing::warn!(peer = %peer.name, error = %e, "bad frame from peer; closing the link");
+                        conn.close(5u32.into(), b"bad frame");
                     }
-                },
+                }
             },
         }
     };
@@ -370,6 +367,15 @@ async fn run(
     // Waiters see the link go down instead of waiting for their timeout.
     handle.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     conn.close(0u32.into(), b"bye");
+}
+
+/// Hands every complete frame in `inbuf` to the mesh.
+async fn read_frames(mesh: &Mesh, handle: &LinkHandle, inbuf: &mut BytesMut) -> Result<(), DecodeError> {
+    while let Some(frame) = codec::decode::<PeerFrame>(inbuf, MAX_PEER_FRAME)? {
+        handle.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+        mesh.on_frame(handle, frame).await;
+    }
+    Ok(())
 }
 
 /// Encodes `frames` and writes them with one call, so they share packets.

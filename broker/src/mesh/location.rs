@@ -8,12 +8,16 @@ use std::time::Duration;
 use tern_protocol::peer::{self as pp, peer_frame::Kind as P, reply, request, PeerFrame};
 
 use super::directory::{self, Location, Recorded};
+use super::link::PeerError;
 use super::{lock, Mesh, ShipMsg, REQUEST_TIMEOUT};
 use crate::store::QueueKey;
 
 /// Longest a device's new broker holds other shipments back while waiting
 /// for its previous broker's handoff.
 const HANDOFF_WAIT: Duration = Duration::from_secs(10);
+
+/// Pause before a lookup whose link went down is tried again.
+const LOOKUP_RETRY: Duration = Duration::from_millis(250);
 
 /// A device that logged in here, waiting for its previous broker's handoff.
 /// Until it is done (or `HANDOFF_WAIT` passes, or that broker is gone),
@@ -175,32 +179,56 @@ impl Mesh {
     }
 
     /// Where `queue`'s device is: this broker if connected here, else the
-    /// cache, else its directory owner (the answer is cached).
-    pub(crate) async fn locate(&self, queue: &QueueKey) -> Option<Location> {
+    /// cache, else its directory owner (the answer is cached). `None` when
+    /// the owner could not be asked; `Some(None)` when no location is known.
+    pub(crate) async fn locate(&self, queue: &QueueKey) -> Option<Option<Location>> {
         if let Some(epoch) = lock(&self.inner.hosted).get(queue) {
-            return Some(Location { node: self.node().to_owned(), epoch: *epoch });
+            return Some(Some(Location { node: self.node().to_owned(), epoch: *epoch }));
         }
         if let Some(hit) = self.inner.directory.cached(queue) {
-            return hit;
+            return Some(hit);
         }
         let owner = self.owner_of(queue.as_bytes());
         let found = if owner == self.node() {
             self.inner.directory.owned(queue)
         } else {
             metrics::counter!("tern_location_lookups_total").increment(1);
-            let link = self.link(&owner)?;
-            let lookup = pp::Lookup { handle: queue.handle().to_owned(), device: queue.device() };
-            match link.request(request::Kind::Lookup(lookup), REQUEST_TIMEOUT).await {
-                Ok(reply::Kind::Lookup(r)) if !r.node.is_empty() => Some(Location { node: r.node, epoch: r.epoch }),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::debug!(%queue, error = %e, "location lookup failed");
-                    return None;
-                }
-            }
+            self.ask_owner(&owner, queue).await?
         };
         self.inner.directory.cache(queue.clone(), found.clone());
-        found
+        Some(found)
+    }
+
+    /// Asks `owner` where `queue`'s device is: `Some(None)` when it knows
+    /// no location, `None` when it could not be asked. A link that went
+    /// down (replaced by a duplicate, or just re-dialed) is tried once more.
+    async fn ask_owner(&self, owner: &str, queue: &QueueKey) -> Option<Option<Location>> {
+        let mut retried = false;
+        loop {
+            let failure = match self.link(owner) {
+                Some(link) => {
+                    let lookup = pp::Lookup { handle: queue.handle().to_owned(), device: queue.device() };
+                    match link.request(request::Kind::Lookup(lookup), REQUEST_TIMEOUT).await {
+                        Ok(reply::Kind::Lookup(r)) if !r.node.is_empty() => {
+                            return Some(Some(Location { node: r.node, epoch: r.epoch }))
+                        }
+                        Ok(_) => return Some(None),
+                        Err(e @ PeerError::LinkDown(_)) => e.to_string(),
+                        Err(e) => {
+                            tracing::debug!(%queue, error = %e, "location lookup failed");
+                            return None;
+                        }
+                    }
+                }
+                None => format!("no link to {owner}"),
+            };
+            if retried {
+                tracing::debug!(%queue, error = %failure, "location lookup failed");
+                return None;
+            }
+            retried = true;
+            tokio::time::sleep(LOOKUP_RETRY).await;
+        }
     }
 
     /// Drops the cached location of `queue`.

@@ -71,11 +71,13 @@ pub(crate) enum ShipMsg {
         node: String,
         queue: QueueKey,
     },
-    /// A location lookup finished; `head` is the queue's current head.
+    /// A location lookup finished; `head` is the queue's current head;
+    /// `failed`: the directory owner could not be asked.
     Resolved {
         queue: QueueKey,
         location: Option<Location>,
         head: u64,
+        failed: bool,
     },
     LinkUp(String),
     LinkDown(String),
@@ -136,6 +138,9 @@ struct Outbound {
     /// gap, so they ship without a store read. A gap (a notice dropped, a
     /// full buffer) is filled from the store.
     fresh: VecDeque<(u64, Bytes)>,
+    /// The last lookup failed: look it up again at the next sweep, not
+    /// after `HELD_RETRY`.
+    retry_soon: bool,
     /// Held here (the device was here, or nowhere known): when it turns up
     /// elsewhere, that broker may be waiting for this one's handoff.
     held: bool,
@@ -152,6 +157,7 @@ impl Outbound {
             handoff: false,
             moved: None,
             held: false,
+            retry_soon: false,
             fresh: VecDeque::new(),
         }
     }
@@ -270,7 +276,7 @@ impl ShipActor {
                     return;
                 }
                 out.resolving = true;
-                self.resolved_later(queue, async move { Some(location) });
+                self.resolved_later(queue, async move { Some(Some(location)) });
             }
             ShipMsg::Deferred { node, queue } => {
                 let Some(out) = self.queues.get_mut(&queue) else { return };
@@ -294,10 +300,11 @@ impl ShipActor {
                     mesh.locate(&q).await
                 });
             }
-            ShipMsg::Resolved { queue, location, head } => {
+            ShipMsg::Resolved { queue, location, head, failed } => {
                 let me = self.mesh.node().to_owned();
                 let Some(out) = self.queues.get_mut(&queue) else { return };
                 out.resolving = false;
+                out.retry_soon = failed;
                 out.acked = out.acked.max(head);
                 out.sent = out.acked;
                 let location = newest(location, out.moved.take());
@@ -383,14 +390,15 @@ impl ShipActor {
     fn resolved_later(
         &self,
         queue: QueueKey,
-        location: impl std::future::Future<Output = Option<Location>> + Send + 'static,
+        location: impl std::future::Future<Output = Option<Option<Location>>> + Send + 'static,
     ) {
         let (store, tx) = (self.store.clone(), self.tx.clone());
         tokio::spawn(async move {
             let location = location.await;
+            let failed = location.is_none();
             let head = store.bounds(queue.clone()).await.map(|b| b.head).unwrap_or(0);
             if let Some(tx) = tx.upgrade() {
-                let _ = tx.send(ShipMsg::Resolved { queue, location, head }).await;
+                let _ = tx.send(ShipMsg::Resolved { queue, location: location.flatten(), head, failed }).await;
             }
         });
     }
@@ -459,7 +467,7 @@ impl ShipActor {
             }
             // Held queues (no known location) wait for a `Moved` notice;
             // they are looked up again now and then in case one was missed.
-            let held_long = out.dest.is_none() && now - out.progress > HELD_RETRY;
+            let held_long = out.dest.is_none() && (out.retry_soon || now - out.progress > HELD_RETRY);
             if held_long || out.dest.is_some() && out.sent == out.acked {
                 retry.push(q.clone());
             }
