@@ -47,6 +47,12 @@ async fn send_all(raw: &mut Raw, to: &str, range: std::ops::Range<u64>) {
     }
 }
 
+/// How many entries `broker` stores for `handle`'s device 1 (up to 1000).
+fn stored(broker: &Broker, handle: &str) -> Option<usize> {
+    let queue = tern_broker::store::QueueKey::new(handle, 1);
+    broker.store().read(&queue, 0, 1000, 1 << 24).ok().map(|e| e.len())
+}
+
 /// Logs `handle`'s device 1 in at `broker`.
 async fn login(broker: &Broker, handle: &str, key: &ed25519_dalek::SigningKey) -> Raw {
     let mut raw = Raw::connect(broker).await;
@@ -113,15 +119,7 @@ async fn an_offline_queue_held_at_one_broker_is_drained_at_another() {
     // Handed off: node-1 deleted its copies once node-2 stored them, so a
     // login back at node-1 finds nothing waiting.
     drop(bob);
-    let held = wait_for(Duration::from_secs(10), || {
-        cluster
-            .broker(0)
-            .store()
-            .read(&tern_broker::store::QueueKey::new("bob", 1), 0, 10, 1 << 20)
-            .map(|e| e.is_empty())
-            .unwrap_or(false)
-    })
-    .await;
+    let held = wait_for(Duration::from_secs(10), || stored(cluster.broker(0), "bob") == Some(0)).await;
     assert!(held, "node-1 still holds bob's entries after the handoff");
     cluster.shutdown().await;
 }
@@ -373,15 +371,7 @@ async fn messages_in_flight_keep_their_order_when_the_recipient_moves() {
     let (bob, bob_key) = user(cluster.broker(2), "bob").await;
     // Entries reach node-3 and wait there (bob reads nothing).
     send_all(&mut alice, "bob", 0..100).await;
-    let held = wait_for(Duration::from_secs(10), || {
-        cluster
-            .broker(2)
-            .store()
-            .read(&tern_broker::store::QueueKey::new("bob", 1), 0, 1000, 1 << 24)
-            .map_or(0, |e| e.len())
-            == 100
-    })
-    .await;
+    let held = wait_for(Duration::from_secs(10), || stored(cluster.broker(2), "bob") == Some(100)).await;
     assert!(held, "node-3 holds bob's first 100 messages");
     drop(bob);
     // Bob moves to node-2 while alice keeps sending: node-3 hands its 100
@@ -420,11 +410,7 @@ async fn a_handoff_wait_outlasts_a_membership_change() {
     for (handle, base) in [("bob", 0), ("erin", 1000)] {
         let (raw, k) = user(cluster.broker(2), handle).await;
         send_all(&mut alice, handle, base..base + 50).await;
-        let held = wait_for(Duration::from_secs(10), || {
-            let q = tern_broker::store::QueueKey::new(handle, 1);
-            cluster.broker(2).store().read(&q, 0, 1000, 1 << 24).map_or(0, |e| e.len()) == 50
-        })
-        .await;
+        let held = wait_for(Duration::from_secs(10), || stored(cluster.broker(2), handle) == Some(50)).await;
         assert!(held, "node-3 holds {handle}'s first 50 messages");
         drop(raw);
         keys.push(k);
@@ -459,12 +445,8 @@ async fn a_holder_that_missed_the_move_hands_over_when_its_link_heals() {
     let (mut alice, _) = user(cluster.broker(0), "alice").await;
     let (bob, bob_key) = user(cluster.broker(2), "bob").await;
     send_all(&mut alice, "bob", 0..50).await;
-    let q = tern_broker::store::QueueKey::new("bob", 1);
-    let stored = wait_for(Duration::from_secs(10), || {
-        cluster.broker(2).store().read(&q, 0, 1000, 1 << 24).map_or(0, |e| e.len()) == 50
-    })
-    .await;
-    assert!(stored, "node-3 holds bob's first 50 messages");
+    let arrived = wait_for(Duration::from_secs(10), || stored(cluster.broker(2), "bob") == Some(50)).await;
+    assert!(arrived, "node-3 holds bob's first 50 messages");
     drop(bob);
     let held =
         wait_for(Duration::from_secs(10), || cluster.broker(2).mesh_status().is_some_and(|s| s.held_queues == 1)).await;

@@ -203,32 +203,26 @@ impl Mesh {
     /// no location, `None` when it could not be asked. A link that went
     /// down (replaced by a duplicate, or just re-dialed) is tried once more.
     async fn ask_owner(&self, owner: &str, queue: &QueueKey) -> Option<Option<Location>> {
-        let mut retried = false;
-        loop {
-            let failure = match self.link(owner) {
-                Some(link) => {
-                    let lookup = pp::Lookup { handle: queue.handle().to_owned(), device: queue.device() };
-                    match link.request(request::Kind::Lookup(lookup), REQUEST_TIMEOUT).await {
-                        Ok(reply::Kind::Lookup(r)) if !r.node.is_empty() => {
-                            return Some(Some(Location { node: r.node, epoch: r.epoch }))
-                        }
-                        Ok(_) => return Some(None),
-                        Err(e @ PeerError::LinkDown(_)) => e.to_string(),
-                        Err(e) => {
-                            tracing::debug!(%queue, error = %e, "location lookup failed");
-                            return None;
-                        }
-                    }
-                }
-                None => format!("no link to {owner}"),
-            };
-            if retried {
-                tracing::debug!(%queue, error = %failure, "location lookup failed");
-                return None;
+        for attempt in 0..2 {
+            if attempt > 0 {
+                tokio::time::sleep(LOOKUP_RETRY).await;
             }
-            retried = true;
-            tokio::time::sleep(LOOKUP_RETRY).await;
+            let Some(link) = self.link(owner) else { continue };
+            let lookup = pp::Lookup { handle: queue.handle().to_owned(), device: queue.device() };
+            match link.request(request::Kind::Lookup(lookup), REQUEST_TIMEOUT).await {
+                Ok(reply::Kind::Lookup(r)) if !r.node.is_empty() => {
+                    return Some(Some(Location { node: r.node, epoch: r.epoch }))
+                }
+                Ok(_) => return Some(None),
+                Err(PeerError::LinkDown(_)) => continue,
+                Err(e) => {
+                    tracing::debug!(%queue, error = %e, "location lookup failed");
+                    return None;
+                }
+            }
         }
+        tracing::debug!(%queue, %owner, "location lookup failed: no link to the directory owner");
+        None
     }
 
     /// Drops the cached location of `queue`.

@@ -50,7 +50,7 @@ pub(crate) enum ShipMsg {
     Queued {
         queue: QueueKey,
         seq: u64,
-        value: bytes::Bytes,
+        value: Bytes,
     },
     /// `node` stored this queue's entries up to `up_to`.
     Acked {
@@ -165,11 +165,12 @@ impl Outbound {
     /// Keeps an announced entry for the next shipment (not for held queues:
     /// they may wait long, and are read from the store when they go).
     fn announce(&mut self, seq: u64, value: Bytes) {
+        let keeps = self.dest.is_some() || self.resolving;
         let follows = self.fresh.back().is_none_or(|(last, _)| *last + 1 == seq);
-        if !follows || self.fresh.len() >= FRESH_MAX || self.dest.is_none() && !self.resolving {
+        if !keeps || !follows || self.fresh.len() >= FRESH_MAX {
             self.fresh.clear();
         }
-        if seq > self.sent && (self.dest.is_some() || self.resolving) && self.fresh.len() < FRESH_MAX {
+        if keeps && seq > self.sent {
             self.fresh.push_back((seq, value));
         }
     }
