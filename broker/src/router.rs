@@ -1,9 +1,9 @@
 //! Local delivery: which device is online on this broker, and how a newly
 //! stored entry reaches its session.
 //!
-//! The store's writer calls [`Router::queued`] after each durable batch. If the
-//! device has a session here, the entry is handed to it through a bounded
-//! channel; when that channel is full the session is flagged as lagging and
+//! The store's writer calls [`Router::queued`] after each batch is written
+//! (before its WAL sync; see `store::writer`). If the device has a session
+//! here, the entry is handed to it through a bounded channel; when that channel is full the session is flagged as lagging and
 //! woken, and reads the entries from the store instead. So the channel is only
 //! a fast path: the store is the source of truth and nothing depends on the
 //! channel having room.

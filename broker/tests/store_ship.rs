@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tern_broker::router::Router;
-use tern_broker::store::{QueueKey, StoredItem};
+use tern_broker::store::{QueueKey, QueueListener, StoredItem};
 use tern_broker::{Durability, Store, StoreConfig, StoreError};
 use tern_protocol::pb;
 
 fn open(dir: &std::path::Path) -> Store {
+    open_with(dir, Arc::new(Router::default()))
+}
+
+fn open_with(dir: &std::path::Path, listener: Arc<dyn QueueListener>) -> Store {
     let config = StoreConfig {
         path: dir.to_owned(),
         durability: Durability::Synced,
@@ -21,7 +25,7 @@ fn open(dir: &std::path::Path) -> Store {
         max_devices: 4,
         account_cache_entries: 100,
     };
-    Store::open(config, Arc::new(Router::default())).unwrap()
+    Store::open(config, listener).unwrap()
 }
 
 fn message(n: u8) -> Bytes {
@@ -112,5 +116,50 @@ async fn handed_on_entries_are_deleted_without_receipts() {
     // A device's own ack does queue a receipt for the sender.
     store.ack(bob.clone(), 3).await.unwrap();
     assert_eq!(store.read(&alice, 0, 10, 1 << 20).unwrap().len(), 1);
+    store.close();
+}
+
+/// Tells the test of each new entry, then holds the store's writer until
+/// the test lets it go.
+struct Gate {
+    called: std::sync::mpsc::Sender<u64>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl QueueListener for Gate {
+    fn queued(&self, _queue: &QueueKey, seq: u64, _value: &Bytes) {
+        let _ = self.called.send(seq);
+        if let Ok(release) = self.release.lock() {
+            let _ = release.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Deliveries do not wait for the WAL sync; the sender's answer does.
+#[tokio::test]
+async fn a_new_entry_is_handed_on_before_its_sender_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (called_tx, called) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let gate = Gate { called: called_tx, release: std::sync::Mutex::new(release_rx) };
+    let store = open_with(dir.path(), Arc::new(gate));
+    store.register("alice", [1; 32]).await.unwrap();
+    store.register("bob", [2; 32]).await.unwrap();
+
+    let sent = store
+        .submit_enqueue(QueueKey::new("alice", 1), [7; 16], "bob".into(), Bytes::from_static(b"hi"))
+        .await
+        .unwrap();
+    let seq = tokio::task::spawn_blocking(move || called.recv_timeout(Duration::from_secs(10))).await.unwrap();
+    assert_eq!(seq, Ok(1), "bob's queue got entry 1 and the listener heard of it");
+    tokio::pin!(sent);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut sent).await.is_err(),
+        "the sender was answered before the entry was handed on"
+    );
+    release.send(()).unwrap();
+    let outcome = sent.await.unwrap();
+    assert!(!outcome.duplicate);
+    assert_eq!(outcome.recipients, 1);
     store.close();
 }

@@ -9,6 +9,11 @@
 //! loses nothing: unacknowledged entries are still here and are sent again;
 //! the receiver stores each `(origin store, queue, seq)` once.
 //!
+//! Entries are shipped as soon as they are written here, while their WAL
+//! sync runs (the sender's ack still waits for it). Only a crash of the
+//! machine can lose an entry already shipped; the store then takes a new
+//! origin id (`Store::open`), so the receiver does not skip the reused seqs.
+//!
 //! The same mechanism hands a queue held for an offline device to the
 //! broker where the device reconnects (the new broker writes, then this one
 //! deletes).
@@ -46,7 +51,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3);
 /// Input to the ship actor.
 #[derive(Debug)]
 pub(crate) enum ShipMsg {
-    /// An entry was queued (durably) here for a device not connected here.
+    /// An entry was queued here (written, its sync perhaps still under way)
+    /// for a device not connected here.
     Queued {
         queue: QueueKey,
         seq: u64,

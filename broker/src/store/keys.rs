@@ -11,7 +11,9 @@
 //! | `queues` | queue key + seq (u64 BE) | [`StoredItem`](super::item::StoredItem) |
 //! | `meta` | queue key | head: highest seq deleted (u64 BE) |
 //! | `dedup` | sender queue key + message id | accepted_at_ms (u64 BE), recipients (u32 BE) |
-//! | `mesh` | `id` | this store's random 16-byte id (names it as the origin of shipped entries) |
+//! | `mesh` | `id` | this store's random 16-byte id (names it as the origin of shipped entries; made anew after an unclean stop across a reboot) |
+//! | `mesh` | `boot` | boot id of the machine the store was last opened on |
+//! | `mesh` | `closed` | empty; present only while the store is closed cleanly |
 //! | `mesh` | `shipped` + origin id + queue key | highest origin seq stored from that origin's queue (u64 BE) |
 
 use std::fmt;
@@ -25,6 +27,11 @@ pub(crate) const CF_MESH: &str = "mesh";
 
 /// Key of the store id in `mesh`.
 pub(crate) const STORE_ID_KEY: &[u8] = b"id";
+/// Key of the boot id of the machine the store was last opened on, in `mesh`.
+pub(crate) const BOOT_KEY: &[u8] = b"boot";
+/// Key of the clean-close marker in `mesh`: present while the store is closed
+/// cleanly, deleted at open.
+pub(crate) const CLOSED_KEY: &[u8] = b"closed";
 
 /// Key of the highest seq stored from `origin`'s copy of `queue`.
 pub(crate) fn shipped_key(origin: &[u8; 16], queue: &QueueKey) -> Vec<u8> {

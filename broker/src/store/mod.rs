@@ -30,7 +30,7 @@ pub use accounts::{Account, Device};
 pub(crate) use item::{enqueued_at, split_item, KIND_RECEIPT};
 pub use item::{CorruptItem, StoredItem};
 pub use keys::QueueKey;
-use keys::{CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES, STORE_ID_KEY};
+use keys::{BOOT_KEY, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES, CLOSED_KEY, STORE_ID_KEY};
 use writer::{WriteCmd, WriterActor};
 
 /// Store settings (the `[store]` part of the broker configuration).
@@ -110,7 +110,10 @@ impl From<CorruptItem> for StoreError {
 /// Told by the writer, after the batch is durable, of each entry it queued.
 /// Must not block: it runs on the writer thread.
 pub trait QueueListener: Send + Sync + 'static {
-    /// Entry `seq` of `queue` is durable; `value` is its stored bytes.
+    /// Entry `seq` of `queue` is stored; `value` is its stored bytes. Called
+    /// from the writer thread after the batch is written and before its WAL
+    /// sync (the entry survives a crash of the process, not yet one of the
+    /// machine), so it must not block.
     fn queued(&self, queue: &QueueKey, seq: u64, value: &Bytes);
 }
 
@@ -399,7 +402,13 @@ impl Store {
                 std::thread::sleep(Duration::from_millis(1));
             }
             let _ = thread.join();
-            let _ = self.inner.db.flush_wal(true);
+            // Everything written is synced: the next open may keep the origin id.
+            let synced = self.inner.db.flush_wal(true).is_ok();
+            if let (true, Ok(mesh)) = (synced, cf(&self.inner.db, CF_MESH)) {
+                let mut opts = rocksdb::WriteOptions::default();
+                opts.set_sync(true);
+                let _ = self.inner.db.put_cf_opt(mesh, CLOSED_KEY, [], &opts);
+            }
         }
     }
 }
@@ -408,17 +417,52 @@ fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StoreErro
     db.cf_handle(name).ok_or_else(|| StoreError::Db(format!("column family {name} missing")))
 }
 
-/// Reads this database's id, making it on first open.
+/// This database's origin id for shipped entries: made on first open, and
+/// made anew when the previous run may have lost written but unsynced WAL
+/// records (it ended without [`Store::close`] and the machine has restarted
+/// since). Entries are handed on before their WAL sync (see `writer`), so
+/// after such a loss this store would reuse seqs another broker has already
+/// stored from it, and that broker would skip them as resends; under a new
+/// origin id they are new. A process crash alone loses no written record,
+/// so it keeps the id (and spares other brokers redeliveries).
 fn store_id(db: &DB) -> Result<[u8; 16], StoreError> {
     let mesh = cf(db, CF_MESH)?;
-    if let Some(v) = db.get_pinned_cf(mesh, STORE_ID_KEY)? {
-        return v.as_ref().try_into().map_err(|_| StoreError::Corrupt("store id is not 16 bytes".into()));
-    }
-    let id: [u8; 16] = rand::random();
+    let boot = boot_id();
+    let kept = match db.get_pinned_cf(mesh, STORE_ID_KEY)? {
+        None => None,
+        Some(v) => {
+            let id: [u8; 16] =
+                v.as_ref().try_into().map_err(|_| StoreError::Corrupt("store id is not 16 bytes".into()))?;
+            let closed = db.get_pinned_cf(mesh, CLOSED_KEY)?.is_some();
+            let same_boot = boot.is_some() && db.get_pinned_cf(mesh, BOOT_KEY)?.as_deref() == boot.as_deref();
+            if closed || same_boot {
+                Some(id)
+            } else {
+                tracing::warn!(
+                    "the store was not closed cleanly and the machine has restarted since: \
+                     writes not yet synced may be lost, so entries are shipped under a new origin id \
+                     (devices may see redeliveries, which they drop by message id)"
+                );
+                None
+            }
+        }
+    };
+    let id = kept.unwrap_or_else(rand::random);
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put_cf(mesh, STORE_ID_KEY, id);
+    batch.put_cf(mesh, BOOT_KEY, boot.unwrap_or_default());
+    batch.delete_cf(mesh, CLOSED_KEY);
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
-    db.put_cf_opt(mesh, STORE_ID_KEY, id, &opts)?;
+    db.write_opt(batch, &opts)?;
     Ok(id)
+}
+
+/// This boot of the machine (Linux `boot_id`), if known.
+fn boot_id() -> Option<Vec<u8>> {
+    let id = std::fs::read("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim_ascii().to_vec();
+    (!id.is_empty()).then_some(id)
 }
 
 fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
@@ -456,4 +500,62 @@ fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
         ColumnFamilyDescriptor::new(CF_MESH, Options::default()),
     ];
     Ok(DB::open_cf_descriptors(&opts, &config.path, cfs)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(dir: &std::path::Path) -> DB {
+        open_db(&config(dir)).unwrap()
+    }
+
+    fn config(dir: &std::path::Path) -> StoreConfig {
+        StoreConfig {
+            path: dir.to_owned(),
+            durability: crate::config::Durability::Synced,
+            retention: Duration::from_secs(3600),
+            max_queue_len: 10,
+            max_batch: 8,
+            max_devices: 2,
+            account_cache_entries: 10,
+        }
+    }
+
+    fn put(db: &DB, key: &[u8], value: &[u8]) {
+        db.put_cf(cf(db, CF_MESH).unwrap(), key, value).unwrap();
+    }
+
+    /// Only a stop without `close` on a machine that has restarted since may
+    /// have lost unsynced writes, and only then is the origin id made anew.
+    #[test]
+    fn the_origin_id_changes_only_after_an_unclean_stop_across_a_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = raw(dir.path());
+        let id = store_id(&db).unwrap();
+        assert_eq!(store_id(&db).unwrap(), id, "not closed, same boot (a process crash): kept");
+        put(&db, BOOT_KEY, b"an earlier boot");
+        put(&db, CLOSED_KEY, b"");
+        assert_eq!(store_id(&db).unwrap(), id, "closed cleanly before a reboot: kept");
+        put(&db, BOOT_KEY, b"an earlier boot");
+        let new = store_id(&db).unwrap();
+        assert_ne!(new, id, "not closed before a reboot: a new id");
+        assert_eq!(store_id(&db).unwrap(), new, "the new id is kept from then on");
+    }
+
+    /// `Store::close` leaves the marker that keeps the id across a reboot.
+    #[test]
+    fn a_closed_store_keeps_its_origin_id_across_a_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(config(dir.path()), Arc::new(crate::router::Router::default())).unwrap();
+        let id = store.id();
+        store.close();
+        drop(store);
+        let db = raw(dir.path());
+        put(&db, BOOT_KEY, b"an earlier boot");
+        drop(db);
+        let store = Store::open(config(dir.path()), Arc::new(crate::router::Router::default())).unwrap();
+        assert_eq!(store.id(), id);
+        store.close();
+    }
 }

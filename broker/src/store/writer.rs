@@ -2,10 +2,28 @@
 //!
 //! The actor blocks for one request, drains whatever else is already waiting
 //! (up to `max_batch`), applies them all to one `WriteBatch` against an overlay
-//! of the queue bounds it owns, writes the batch with one WAL sync, and only
-//! then publishes the new bounds, answers the callers and notifies the
-//! listener. A failed write answers every request of the batch with the error
-//! and leaves the in-memory state as it was: nothing partial becomes visible.
+//! of the queue bounds it owns, and writes the batch to the WAL. Then it
+//! publishes the new bounds and tells the listener of the new entries (which
+//! pushes them to sessions and the ship actor), and hands the batch's answers
+//! to the sync thread. That thread takes every batch written so far, syncs
+//! the WAL once for all of them, and only then answers their callers. So no
+//! caller hears "stored" before the sync; deliveries do not wait for it; and
+//! the writer builds and writes the next batch while the disk syncs the last
+//! (a two-stage group commit: one sync covers every batch written before it
+//! started).
+//!
+//! Handing entries on before the sync is safe against a crash of the broker
+//! process: a written WAL record is in the page cache and is recovered. Only a
+//! crash of the machine can take back an entry a device or another broker has
+//! already seen; its sender was not answered and sends it again, and devices
+//! drop what they have seen by message id. Another broker that stored it
+//! keeps it under this store's origin id, which changes after such a crash
+//! (see `Store::open`), so reused seqs are not mistaken for resends.
+//!
+//! A failed write answers every request of the batch with the error and
+//! leaves the in-memory state as it was: nothing partial becomes visible. A
+//! failed sync answers its batches with the error, and every later request
+//! that needs a sync fails with it: the WAL is no longer known to be durable.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +33,7 @@ use std::time::Instant;
 use crate::config::Durability;
 
 use bytes::Bytes;
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch, DB};
 use tern_protocol::pb;
 use tokio::sync::{mpsc, oneshot};
 
@@ -97,8 +115,70 @@ struct Batch {
     needs_sync: bool,
 }
 
+/// A written batch's answers, waiting for the WAL sync that covers it.
+struct Written {
+    replies: Vec<Pending>,
+    /// Its answers claim durability (under `Durability::Synced`).
+    durable: bool,
+    /// It wrote to the WAL.
+    wrote: bool,
+    /// Its write failed.
+    failure: Option<StoreError>,
+}
+
+impl Written {
+    fn answer(self, sync_failure: Option<&StoreError>) {
+        let failure = self.failure.as_ref().or(if self.durable { sync_failure } else { None });
+        for reply in self.replies {
+            reply.send(failure);
+        }
+    }
+}
+
+/// The second stage of group commit: syncs the WAL for every batch written
+/// before the sync started, then answers them, in the order written.
+struct Syncer {
+    db: Arc<DB>,
+    rx: std::sync::mpsc::Receiver<Written>,
+    /// Set when a sync failed: nothing later is acknowledged as durable.
+    failed: Option<StoreError>,
+}
+
+impl Syncer {
+    fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            // Every batch handed over so far was written before this sync starts.
+            let round: Vec<Written> = std::iter::once(first).chain(self.rx.try_iter()).collect();
+            if round.iter().any(|w| w.durable && w.wrote && w.failure.is_none()) {
+                self.sync();
+            }
+            for written in round {
+                written.answer(self.failed.as_ref());
+            }
+        }
+    }
+
+    fn sync(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.db.flush_wal(true);
+        metrics::histogram!("tern_store_sync_seconds").record(started.elapsed().as_secs_f64());
+        if let Err(e) = result {
+            let e = StoreError::from(e);
+            tracing::error!(error = %e, "WAL sync failed; the broker acknowledges nothing more until it restarts");
+            metrics::counter!("tern_store_write_errors_total").increment(1);
+            self.failed = Some(e);
+        }
+    }
+}
+
 pub(super) struct WriterActor {
     db: Arc<DB>,
+    /// Where written batches wait for their sync (`None` under
+    /// `Durability::Written`: answered at once).
+    syncer: Option<(std::sync::mpsc::Sender<Written>, std::thread::JoinHandle<()>)>,
     rx: mpsc::Receiver<WriteCmd>,
     accounts: moka::sync::Cache<String, Arc<Account>>,
     listener: Arc<dyn QueueListener>,
@@ -129,7 +209,19 @@ impl WriterActor {
         disk_low: Arc<AtomicBool>,
         config: StoreConfig,
     ) -> Result<Self, StoreError> {
-        let mut actor = Self { db, rx, accounts, listener, disk_low, config, bounds: HashMap::new(), total_depth: 0 };
+        let syncer = if config.durability == Durability::Synced {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let syncer = Syncer { db: db.clone(), rx, failed: None };
+            let thread = std::thread::Builder::new()
+                .name("tern-store-sync".into())
+                .spawn(move || syncer.run())
+                .map_err(|e| StoreError::Db(format!("cannot start the WAL sync thread: {e}")))?;
+            Some((tx, thread))
+        } else {
+            None
+        };
+        let mut actor =
+            Self { db, syncer, rx, accounts, listener, disk_low, config, bounds: HashMap::new(), total_depth: 0 };
         actor.load_bounds()?;
         Ok(actor)
     }
@@ -164,9 +256,6 @@ impl WriterActor {
     }
 
     pub(super) fn run(mut self) {
-        let mut synced = WriteOptions::default();
-        synced.set_sync(self.config.durability == Durability::Synced);
-        let unsynced = WriteOptions::default();
         while let Some(first) = self.rx.blocking_recv() {
             let mut batch = Batch::default();
             let mut stop = self.apply(first, &mut batch);
@@ -176,20 +265,26 @@ impl WriterActor {
                     Err(_) => break,
                 }
             }
-            let write_opts = if batch.needs_sync { &synced } else { &unsynced };
-            self.commit(batch, write_opts);
+            self.commit(batch);
             if stop {
                 break;
             }
         }
+        // The sync thread answers what it holds, then ends.
+        if let Some((tx, thread)) = self.syncer.take() {
+            drop(tx);
+            let _ = thread.join();
+        }
         tracing::debug!("store writer stopped");
     }
 
-    fn commit(&mut self, batch: Batch, write_opts: &WriteOptions) {
-        let Batch { write, bounds, accounts, replies, queued, requests, .. } = batch;
+    /// Writes the batch (WAL, no sync), publishes its bounds, accounts and
+    /// entries, and hands its answers to the sync thread.
+    fn commit(&mut self, batch: Batch) {
+        let Batch { write, bounds, accounts, replies, queued, requests, needs_sync, .. } = batch;
         let started = Instant::now();
-        let failure =
-            if write.is_empty() { None } else { self.db.write_opt(write, write_opts).err().map(StoreError::from) };
+        let wrote = !write.is_empty();
+        let failure = if wrote { self.db.write(write).err().map(StoreError::from) } else { None };
         metrics::histogram!("tern_store_batch_requests").record(requests as f64);
         metrics::histogram!("tern_store_write_seconds").record(started.elapsed().as_secs_f64());
         if let Some(e) = &failure {
@@ -204,14 +299,18 @@ impl WriterActor {
             for (handle, account) in accounts {
                 self.accounts.insert(handle, account);
             }
-        }
-        for reply in replies {
-            reply.send(failure.as_ref());
-        }
-        if failure.is_none() {
             for (queue, seq, value) in &queued {
                 self.listener.queued(queue, *seq, value);
             }
+        }
+        let written = Written { replies, durable: needs_sync, wrote, failure };
+        match &self.syncer {
+            Some((tx, _)) => {
+                if let Err(std::sync::mpsc::SendError(lost)) = tx.send(written) {
+                    lost.answer(Some(&StoreError::Closed));
+                }
+            }
+            None => written.answer(None),
         }
     }
 
