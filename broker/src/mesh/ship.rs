@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::directory::Location;
 use super::Mesh;
 use crate::router::Router;
-use crate::store::{QueueKey, Store};
+use crate::store::{QueueBounds, QueueKey, Store};
 
 /// Entries in flight (shipped, not yet acknowledged) per queue.
 const WINDOW: u64 = 4096;
@@ -77,12 +77,12 @@ pub(crate) enum ShipMsg {
         node: String,
         queue: QueueKey,
     },
-    /// A location lookup finished; `head` is the queue's current head;
+    /// A location lookup finished; `bounds` are the queue's current ones;
     /// `failed`: the directory owner could not be asked.
     Resolved {
         queue: QueueKey,
         location: Option<Location>,
-        head: u64,
+        bounds: QueueBounds,
         failed: bool,
     },
     LinkUp(String),
@@ -133,6 +133,9 @@ struct Outbound {
     sent: u64,
     /// Highest seq `dest` acknowledged (deleted here).
     acked: u64,
+    /// Highest seq known to be stored here (announced, or seen in the
+    /// queue's bounds): past it there is nothing to read.
+    tail: u64,
     progress: Instant,
     resolving: bool,
     /// Tell `dest` once everything here is shipped and acknowledged.
@@ -158,6 +161,7 @@ impl Outbound {
             dest: None,
             sent: 0,
             acked: 0,
+            tail: 0,
             progress: Instant::now(),
             resolving: false,
             handoff: false,
@@ -171,6 +175,7 @@ impl Outbound {
     /// Keeps an announced entry for the next shipment (not for held queues:
     /// they may wait long, and are read from the store when they go).
     fn announce(&mut self, seq: u64, value: Bytes) {
+        self.tail = self.tail.max(seq);
         let keeps = self.dest.is_some() || self.resolving;
         let follows = self.fresh.back().is_none_or(|(last, _)| *last + 1 == seq);
         if !keeps || !follows || self.fresh.len() >= FRESH_MAX {
@@ -182,7 +187,8 @@ impl Outbound {
     }
 
     /// The next entries to ship after `sent`: the announced ones if they
-    /// start there, else up to a batch read from the store.
+    /// start there, else up to a batch read from the store (unless nothing
+    /// is known to be stored past `sent`).
     fn next_entries(&mut self, store: &Store, queue: &QueueKey) -> Result<Vec<(u64, Bytes)>, crate::store::StoreError> {
         while self.fresh.front().is_some_and(|(seq, _)| *seq <= self.sent) {
             self.fresh.pop_front();
@@ -198,6 +204,9 @@ impl Outbound {
                 entries.extend(self.fresh.pop_front());
             }
             return Ok(entries);
+        }
+        if self.sent >= self.tail {
+            return Ok(Vec::new());
         }
         store.read(queue, self.sent + 1, BATCH_ITEMS, BATCH_BYTES)
     }
@@ -307,12 +316,13 @@ impl ShipActor {
                     mesh.locate(&q).await
                 });
             }
-            ShipMsg::Resolved { queue, location, head, failed } => {
+            ShipMsg::Resolved { queue, location, bounds, failed } => {
                 let me = self.mesh.node().to_owned();
                 let Some(out) = self.queues.get_mut(&queue) else { return };
                 out.resolving = false;
                 out.retry_soon = failed;
-                out.acked = out.acked.max(head);
+                out.acked = out.acked.max(bounds.head);
+                out.tail = out.tail.max(bounds.tail);
                 out.sent = out.acked;
                 let location = newest(location, out.moved.take());
                 out.dest = location.map(|l| l.node).filter(|n| *n != me);
@@ -393,7 +403,7 @@ impl ShipActor {
     }
 
     /// Posts `Resolved` for `queue` once `location` is known, with the
-    /// queue's head (so shipping starts past deleted entries).
+    /// queue's bounds (so shipping starts past deleted entries).
     fn resolved_later(
         &self,
         queue: QueueKey,
@@ -403,9 +413,10 @@ impl ShipActor {
         tokio::spawn(async move {
             let location = location.await;
             let failed = location.is_none();
-            let head = store.bounds(queue.clone()).await.map(|b| b.head).unwrap_or(0);
+            // Unknown bounds (a store error): read from the start, up to anything.
+            let bounds = store.bounds(queue.clone()).await.unwrap_or(QueueBounds { head: 0, tail: u64::MAX });
             if let Some(tx) = tx.upgrade() {
-                let _ = tx.send(ShipMsg::Resolved { queue, location: location.flatten(), head, failed }).await;
+                let _ = tx.send(ShipMsg::Resolved { queue, location: location.flatten(), bounds, failed }).await;
             }
         });
     }
@@ -495,9 +506,17 @@ impl ShipActor {
                 return;
             }
         };
-        for (q, _) in waiting {
-            if !self.queues.contains_key(&q) && !self.router.is_attached(&q) {
-                self.track(q);
+        for (q, bounds) in waiting {
+            match self.queues.get_mut(&q) {
+                // Entries whose notice was dropped (a full channel) are
+                // known from here on.
+                Some(out) if bounds.tail > out.tail => {
+                    out.tail = bounds.tail;
+                    self.pump(&q);
+                }
+                Some(_) => {}
+                None if !self.router.is_attached(&q) => self.track(q),
+                None => {}
             }
         }
     }

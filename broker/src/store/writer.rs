@@ -12,6 +12,12 @@
 //! (a two-stage group commit: one sync covers every batch written before it
 //! started).
 //!
+//! Not every batch needs a sync ([`SyncNeed`]). Sends and accounts are synced
+//! at once. Entries stored for another broker wait up to [`SYNC_SOON`] for a
+//! sync some other batch needs (only that broker's deletion of its copy waits
+//! on the answer). Acks and the deletion of shipped entries are never synced
+//! on their own: a machine crash that loses them only repeats work.
+//!
 //! Handing entries on before the sync is safe against a crash of the broker
 //! process: a written WAL record is in the page cache and is recovered. Only a
 //! crash of the machine can take back an entry a device or another broker has
@@ -109,17 +115,53 @@ struct Batch {
     replies: Vec<Pending>,
     queued: Vec<(QueueKey, u64, Bytes)>,
     requests: usize,
-    /// Something in the batch must be durable before its answer (under
-    /// `Durability::Synced`). Deleting shipped entries need not be: lost in
-    /// a crash, they are shipped again and the receiver skips them.
-    needs_sync: bool,
+    /// How soon the batch must be synced: the most any of its requests needs.
+    sync: SyncNeed,
+}
+
+/// What a request's answer claims, and so when its batch must be synced
+/// (under `Durability::Synced`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+enum SyncNeed {
+    /// Nothing durable. Reads; deletes whose loss in a machine crash only
+    /// repeats work: shipped entries are shipped again (the receiver skips
+    /// them), acknowledged entries are delivered again (devices drop them by
+    /// id) and their receipts, deleted in the same batch, queued again.
+    #[default]
+    None,
+    /// Durable, but nobody is waiting on it: entries stored for another
+    /// broker, whose `ShipAck` only lets that broker delete its copy. Synced
+    /// with the next batch that needs it now, or after [`SYNC_SOON`].
+    Soon,
+    /// Durable before the answer, as soon as possible: a send's ack, an
+    /// account.
+    Now,
+}
+
+/// The longest a [`SyncNeed::Soon`] batch waits for a sync.
+const SYNC_SOON: std::time::Duration = std::time::Duration::from_millis(10);
+
+impl WriteCmd {
+    fn sync_need(&self) -> SyncNeed {
+        match self {
+            Self::Register { .. } | Self::AddDevice { .. } | Self::Enqueue { .. } | Self::PutAccount { .. } => {
+                SyncNeed::Now
+            }
+            Self::ApplyShip { .. } => SyncNeed::Soon,
+            Self::Ack { .. }
+            | Self::Bounds { .. }
+            | Self::Expire { .. }
+            | Self::Shipped { .. }
+            | Self::Waiting { .. }
+            | Self::Stop => SyncNeed::None,
+        }
+    }
 }
 
 /// A written batch's answers, waiting for the WAL sync that covers it.
 struct Written {
     replies: Vec<Pending>,
-    /// Its answers claim durability (under `Durability::Synced`).
-    durable: bool,
+    sync: SyncNeed,
     /// It wrote to the WAL.
     wrote: bool,
     /// Its write failed.
@@ -128,7 +170,7 @@ struct Written {
 
 impl Written {
     fn answer(self, sync_failure: Option<&StoreError>) {
-        let failure = self.failure.as_ref().or(if self.durable { sync_failure } else { None });
+        let failure = self.failure.as_ref().or(if self.sync > SyncNeed::None { sync_failure } else { None });
         for reply in self.replies {
             reply.send(failure);
         }
@@ -136,7 +178,8 @@ impl Written {
 }
 
 /// The second stage of group commit: syncs the WAL for every batch written
-/// before the sync started, then answers them, in the order written.
+/// before the sync started, then answers them in the order written. A batch
+/// that needs no sync (or whose write failed) is answered at once.
 struct Syncer {
     db: Arc<DB>,
     rx: std::sync::mpsc::Receiver<Written>,
@@ -146,15 +189,54 @@ struct Syncer {
 
 impl Syncer {
     fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
-            // Every batch handed over so far was written before this sync starts.
-            let round: Vec<Written> = std::iter::once(first).chain(self.rx.try_iter()).collect();
-            if round.iter().any(|w| w.durable && w.wrote && w.failure.is_none()) {
-                self.sync();
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut pending: Vec<Written> = Vec::new();
+        // When the pending batches must be synced.
+        let mut due: Option<Instant> = None;
+        loop {
+            let first = match due {
+                None => match self.rx.recv() {
+                    Ok(w) => Some(w),
+                    Err(_) => return,
+                },
+                Some(at) => match self.rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(w) => Some(w),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.flush(&mut pending);
+                        return;
+                    }
+                },
+            };
+            for written in first.into_iter().chain(self.rx.try_iter()) {
+                match written.sync {
+                    _ if written.failure.is_some() => written.answer(None),
+                    SyncNeed::None => written.answer(None),
+                    SyncNeed::Soon => {
+                        due.get_or_insert_with(|| Instant::now() + SYNC_SOON);
+                        pending.push(written);
+                    }
+                    SyncNeed::Now => {
+                        due = Some(Instant::now());
+                        pending.push(written);
+                    }
+                }
             }
-            for written in round {
-                written.answer(self.failed.as_ref());
+            if due.is_some_and(|at| at <= Instant::now()) {
+                self.flush(&mut pending);
+                due = None;
             }
+        }
+    }
+
+    /// Syncs the WAL (every pending batch was written before this starts)
+    /// and answers the pending batches.
+    fn flush(&mut self, pending: &mut Vec<Written>) {
+        if pending.iter().any(|w| w.wrote) {
+            self.sync();
+        }
+        for written in pending.drain(..) {
+            written.answer(self.failed.as_ref());
         }
     }
 
@@ -281,7 +363,7 @@ impl WriterActor {
     /// Writes the batch (WAL, no sync), publishes its bounds, accounts and
     /// entries, and hands its answers to the sync thread.
     fn commit(&mut self, batch: Batch) {
-        let Batch { write, bounds, accounts, replies, queued, requests, needs_sync, .. } = batch;
+        let Batch { write, bounds, accounts, replies, queued, requests, sync, .. } = batch;
         let started = Instant::now();
         let wrote = !write.is_empty();
         let failure = if wrote { self.db.write(write).err().map(StoreError::from) } else { None };
@@ -303,7 +385,7 @@ impl WriterActor {
                 self.listener.queued(queue, *seq, value);
             }
         }
-        let written = Written { replies, durable: needs_sync, wrote, failure };
+        let written = Written { replies, sync, wrote, failure };
         match &self.syncer {
             Some((tx, _)) => {
                 if let Err(std::sync::mpsc::SendError(lost)) = tx.send(written) {
@@ -317,8 +399,7 @@ impl WriterActor {
     /// Applies one request to the batch. Returns true on `Stop`.
     fn apply(&mut self, cmd: WriteCmd, batch: &mut Batch) -> bool {
         batch.requests += 1;
-        batch.needs_sync |=
-            !matches!(cmd, WriteCmd::Shipped { .. } | WriteCmd::Bounds { .. } | WriteCmd::Waiting { .. });
+        batch.sync = batch.sync.max(cmd.sync_need());
         match cmd {
             WriteCmd::Register { handle, public_key, reply } => {
                 let result = self.register(batch, &handle, public_key);
