@@ -2,10 +2,10 @@
 //! unacknowledged entries.
 //!
 //! Entries arrive two ways: handed over by the router right after they are
-//! durable (the fast path), or read from the store (after login, after the
-//! router's channel overflowed, or when the window reopens). `next` is the
-//! next seq to push: anything below it is skipped, so the two paths never
-//! push an entry twice within a session.
+//! written, before their WAL sync (the fast path), or read from the store
+//! (after login, after the router's channel overflowed, or when the window
+//! reopens). `next` is the next seq to push: anything below it is skipped, so
+//! the two paths never push an entry twice within a session.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
