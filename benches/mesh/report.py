@@ -183,9 +183,9 @@ def headline(events, reports, rates: list[int], below: float, fsync_us: float | 
     out = [table(["figure", "measured", "target", ""], rows, "lrrl"), ""]
     if fsync_us:
         out += [f"Neither setup waits for an fsync before delivering (a message is pushed, or shipped, once "
-                f"written; the sender's ack waits for the sync), but the mesh syncs about twice as often per "
-                f"message, and its syncs queue on the same disk: {fsync_us:,.0f} µs for a 4 KiB write + fsync "
-                f"on this disk (median).", ""]
+                f"written; the sender's ack waits for the sync), but in the mesh three processes sync on the "
+                f"same disk and their syncs queue: {fsync_us:,.0f} µs for a 4 KiB write + fsync on this disk "
+                f"(median).", ""]
     ref = []
     for rate in rates:
         one, three = p50(events, reports, "nats-1", rate), p50(events, reports, "nats-3", rate)

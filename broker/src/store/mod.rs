@@ -209,8 +209,9 @@ impl Store {
         Ok(Self { inner: Arc::new(Inner { db, tx, accounts, disk_low, writer: Mutex::new(Some(thread)), config, id }) })
     }
 
-    /// This database's random id, made when it was created: with a queue
-    /// seq it names an entry shipped to another broker uniquely.
+    /// This database's random origin id, made when it was created and made
+    /// anew after an unclean stop across a reboot (see `store_id`): with a
+    /// queue seq it names an entry shipped to another broker uniquely.
     pub fn id(&self) -> [u8; 16] {
         self.inner.id
     }
