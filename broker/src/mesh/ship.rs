@@ -597,4 +597,25 @@ mod tests {
         assert!(held.fresh.is_empty());
         store.close();
     }
+
+    #[tokio::test]
+    async fn the_store_is_read_only_up_to_the_highest_seq_known_to_be_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let q = QueueKey::new("bob", 1);
+        let stored: Vec<(u64, Bytes)> = (1..=3).map(|s| (s, item(s as u8))).collect();
+        store.submit_ship([7; 16], q.clone(), stored).await.unwrap().await.unwrap();
+
+        let mut out = Outbound::new();
+        out.dest = Some("node-2".into());
+        // Their notices were lost (a full channel): nothing is known past
+        // `sent`, so shipping what is acknowledged reads nothing.
+        assert!(out.next_entries(&store, &q).unwrap().is_empty());
+        // The queue's bounds (a lookup's, or the sweep's) make them known.
+        out.tail = 3;
+        assert_eq!(seqs(&out.next_entries(&store, &q).unwrap()), [1, 2, 3]);
+        out.sent = 3;
+        assert!(out.next_entries(&store, &q).unwrap().is_empty());
+        store.close();
+    }
 }
