@@ -566,16 +566,22 @@ mod tests {
         entries.iter().map(|(s, _)| *s).collect()
     }
 
+    /// A store holding entries `1..=n` of bob/1, and bob/1's outbound state
+    /// towards node-2 with nothing sent or announced yet.
+    async fn bob_stored(dir: &std::path::Path, n: u64) -> (Store, QueueKey, Outbound) {
+        let store = store(dir);
+        let q = QueueKey::new("bob", 1);
+        let stored: Vec<(u64, Bytes)> = (1..=n).map(|s| (s, item(s as u8))).collect();
+        store.submit_ship([7; 16], q.clone(), stored).await.unwrap().await.unwrap();
+        let mut out = Outbound::new();
+        out.dest = Some("node-2".into());
+        (store, q, out)
+    }
+
     #[tokio::test]
     async fn announced_entries_ship_without_a_read_and_gaps_are_read_from_the_store() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(dir.path());
-        let q = QueueKey::new("bob", 1);
-        let stored: Vec<(u64, Bytes)> = (1..=5).map(|s| (s, item(s as u8))).collect();
-        store.submit_ship([7; 16], q.clone(), stored).await.unwrap().await.unwrap();
-
-        let mut out = Outbound::new();
-        out.dest = Some("node-2".into());
+        let (store, q, mut out) = bob_stored(dir.path(), 5).await;
         // Announced from seq 3 on, but 1 and 2 were never sent: read them all.
         out.announce(3, Bytes::from_static(b"x"));
         out.announce(4, Bytes::from_static(b"x"));
@@ -601,13 +607,7 @@ mod tests {
     #[tokio::test]
     async fn the_store_is_read_only_up_to_the_highest_seq_known_to_be_there() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(dir.path());
-        let q = QueueKey::new("bob", 1);
-        let stored: Vec<(u64, Bytes)> = (1..=3).map(|s| (s, item(s as u8))).collect();
-        store.submit_ship([7; 16], q.clone(), stored).await.unwrap().await.unwrap();
-
-        let mut out = Outbound::new();
-        out.dest = Some("node-2".into());
+        let (store, q, mut out) = bob_stored(dir.path(), 3).await;
         // Their notices were lost (a full channel): nothing is known past
         // `sent`, so shipping what is acknowledged reads nothing.
         assert!(out.next_entries(&store, &q).unwrap().is_empty());
