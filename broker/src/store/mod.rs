@@ -107,13 +107,11 @@ impl From<CorruptItem> for StoreError {
     }
 }
 
-/// Told by the writer, after the batch is durable, of each entry it queued.
-/// Must not block: it runs on the writer thread.
+/// Told by the writer of each entry it queued, once the batch is written and
+/// before its WAL sync. Must not block: it runs on the writer thread.
 pub trait QueueListener: Send + Sync + 'static {
-    /// Entry `seq` of `queue` is stored; `value` is its stored bytes. Called
-    /// from the writer thread after the batch is written and before its WAL
-    /// sync (the entry survives a crash of the process, not yet one of the
-    /// machine), so it must not block.
+    /// Entry `seq` of `queue` is stored; `value` is its stored bytes. It
+    /// survives a crash of the process, not yet one of the machine.
     fn queued(&self, queue: &QueueKey, seq: u64, value: &Bytes);
 }
 
