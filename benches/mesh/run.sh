@@ -635,7 +635,7 @@ write_meta() {
   M_LOADGEN=$("$LOADGEN" --version) \
   M_NATS=$("$NATS_BIN" --version) \
   M_RUSTC=$(rustc --version) \
-  M_GIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo "+uncommitted changes") \
+  M_GIT=$GIT_DESC \
   M_USERS=$USERS M_BODY=$BODY_BYTES M_WARMUP=$WARMUP_S M_CHAT_S=$CHAT_S M_MAX_S=$MAX_S \
   M_RATES="${RATES[*]}" M_SATURATED=$SATURATED_BELOW M_SLACK=$RUN_SLACK_S M_SETUPS="${SETUPS[*]}" \
   python3 - >"$DATA/meta.json" <<'EOF'
@@ -668,6 +668,9 @@ main() {
   build
 
   TMP_ROOT=$(mktemp -d "${TMPDIR:-/tmp}/tern-mesh-bench.XXXXXX")
+  # The commit measured, taken before this run deletes its old data files
+  # (which would otherwise count as uncommitted changes).
+  GIT_DESC=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo "+uncommitted changes")
   rm -f "$DATA"/*.json "$DATA/runs.jsonl" "$DATA"/configs/*
   write_meta
 
