@@ -483,13 +483,11 @@ impl ShipActor {
                 out.progress = now;
                 metrics::counter!("tern_mesh_reships_total").increment(1);
             }
-            // Held queues (no known location) wait for a `Moved` notice;
-            // they are looked up again now and then in case one was missed.
-            let held_long = out.dest.is_none() && (out.retry_soon || now - out.progress > HELD_RETRY);
-            if held_long || out.dest.is_some() && out.sent == out.acked {
+            if out.dest.is_some() && out.sent == out.acked {
                 retry.push(q.clone());
             }
         }
+        retry.extend(due_held(&self.queues, now));
         for q in retry {
             if let Some(out) = self.queues.get_mut(&q) {
                 if out.dest.is_none() && !out.resolving {
@@ -520,6 +518,28 @@ impl ShipActor {
             }
         }
     }
+}
+
+/// Held queues looked up again per sweep, at most: a broker holding queues
+/// for many offline devices spreads their lookups over several sweeps
+/// instead of asking the directory for all of them at once.
+const HELD_LOOKUPS_PER_SWEEP: usize = 256;
+
+/// The held queues (no known location) to look up again at this sweep. They
+/// wait for a `Moved` notice; this is the safety net in case one was missed.
+/// Those whose last lookup failed come first, then the longest unchecked,
+/// up to [`HELD_LOOKUPS_PER_SWEEP`].
+fn due_held(queues: &HashMap<QueueKey, Outbound>, now: Instant) -> Vec<QueueKey> {
+    let mut due: Vec<(bool, Instant, &QueueKey)> = queues
+        .iter()
+        .filter(|(_, o)| o.dest.is_none() && !o.resolving && (o.retry_soon || now - o.progress > HELD_RETRY))
+        .map(|(q, o)| (!o.retry_soon, o.progress, q))
+        .collect();
+    if due.len() > HELD_LOOKUPS_PER_SWEEP {
+        due.select_nth_unstable(HELD_LOOKUPS_PER_SWEEP);
+        due.truncate(HELD_LOOKUPS_PER_SWEEP);
+    }
+    due.into_iter().map(|(_, _, q)| q.clone()).collect()
 }
 
 /// The later of two locations (by epoch), or whichever is known.
@@ -617,5 +637,47 @@ mod tests {
         out.sent = 3;
         assert!(out.next_entries(&store, &q).unwrap().is_empty());
         store.close();
+    }
+
+    #[test]
+    fn held_queues_are_looked_up_again_failed_first_then_oldest_and_a_bounded_number_per_sweep() {
+        let start = Instant::now();
+        let now = start + HELD_RETRY + Duration::from_secs(HELD_LOOKUPS_PER_SWEEP as u64 + 10);
+        let mut queues = HashMap::new();
+        // Held since `start + i` seconds: all past `HELD_RETRY`, more of them
+        // than one sweep looks up.
+        for i in 0..HELD_LOOKUPS_PER_SWEEP as u64 + 5 {
+            let mut out = Outbound::new();
+            out.progress = start + Duration::from_secs(i);
+            queues.insert(QueueKey::new(&format!("u{i}"), 1), out);
+        }
+        // Checked just now: not due. A failed lookup just now: due first.
+        let mut fresh = Outbound::new();
+        fresh.progress = now;
+        queues.insert(QueueKey::new("fresh", 1), fresh);
+        let mut failed = Outbound::new();
+        failed.progress = now;
+        failed.retry_soon = true;
+        queues.insert(QueueKey::new("failed", 1), failed);
+        // A lookup in flight, or a known destination: never.
+        let mut resolving = Outbound::new();
+        resolving.progress = start;
+        resolving.resolving = true;
+        queues.insert(QueueKey::new("resolving", 1), resolving);
+        let mut shipping = Outbound::new();
+        shipping.progress = start;
+        shipping.dest = Some("node-2".into());
+        queues.insert(QueueKey::new("shipping", 1), shipping);
+
+        let due = due_held(&queues, now);
+        assert_eq!(due.len(), HELD_LOOKUPS_PER_SWEEP);
+        assert!(due.contains(&QueueKey::new("failed", 1)));
+        for name in ["fresh", "resolving", "shipping"] {
+            assert!(!due.contains(&QueueKey::new(name, 1)), "{name} is not due");
+        }
+        // The oldest held ones are taken, the newest wait for a later sweep.
+        assert!(due.contains(&QueueKey::new("u0", 1)));
+        let last = HELD_LOOKUPS_PER_SWEEP as u64 + 4;
+        assert!(!due.contains(&QueueKey::new(&format!("u{last}"), 1)));
     }
 }
