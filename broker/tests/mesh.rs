@@ -53,6 +53,19 @@ fn stored(broker: &Broker, handle: &str) -> Option<usize> {
     broker.store().read(&queue, 0, 1000, 1 << 24).ok().map(|e| e.len())
 }
 
+/// A 3-broker mesh in which alice (at node-1) has sent bob messages
+/// `0..n`, which reached bob's broker node-3 and wait there: bob has gone
+/// offline without reading them. Returns alice's connection and bob's key.
+async fn messages_held_for_bob_at_node_3(cluster: &TestCluster, n: u64) -> (Raw, ed25519_dalek::SigningKey) {
+    let (mut alice, _) = user(cluster.broker(0), "alice").await;
+    let (bob, bob_key) = user(cluster.broker(2), "bob").await;
+    send_all(&mut alice, "bob", 0..n).await;
+    let held = wait_for(Duration::from_secs(10), || stored(cluster.broker(2), "bob") == Some(n as usize)).await;
+    assert!(held, "node-3 holds bob's first {n} messages");
+    drop(bob);
+    (alice, bob_key)
+}
+
 /// Logs `handle`'s device 1 in at `broker`.
 async fn login(broker: &Broker, handle: &str, key: &ed25519_dalek::SigningKey) -> Raw {
     let mut raw = Raw::connect(broker).await;
@@ -367,13 +380,8 @@ async fn a_client_moves_to_another_broker_when_its_own_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_in_flight_keep_their_order_when_the_recipient_moves() {
     let cluster = TestCluster::spawn(3).await;
-    let (mut alice, _) = user(cluster.broker(0), "alice").await;
-    let (bob, bob_key) = user(cluster.broker(2), "bob").await;
     // Entries reach node-3 and wait there (bob reads nothing).
-    send_all(&mut alice, "bob", 0..100).await;
-    let held = wait_for(Duration::from_secs(10), || stored(cluster.broker(2), "bob") == Some(100)).await;
-    assert!(held, "node-3 holds bob's first 100 messages");
-    drop(bob);
+    let (mut alice, bob_key) = messages_held_for_bob_at_node_3(&cluster, 100).await;
     // Bob moves to node-2 while alice keeps sending: node-3 hands its 100
     // over, node-1 ships the new ones; bob must see them in send order.
     let sender = tokio::spawn(async move {
@@ -442,12 +450,7 @@ async fn a_handoff_wait_outlasts_a_membership_change() {
 async fn a_holder_that_missed_the_move_hands_over_when_its_link_heals() {
     // bob/1's directory owner among node-1..3 is node-1.
     let cluster = TestCluster::spawn(3).await;
-    let (mut alice, _) = user(cluster.broker(0), "alice").await;
-    let (bob, bob_key) = user(cluster.broker(2), "bob").await;
-    send_all(&mut alice, "bob", 0..50).await;
-    let arrived = wait_for(Duration::from_secs(10), || stored(cluster.broker(2), "bob") == Some(50)).await;
-    assert!(arrived, "node-3 holds bob's first 50 messages");
-    drop(bob);
+    let (mut alice, bob_key) = messages_held_for_bob_at_node_3(&cluster, 50).await;
     let held =
         wait_for(Duration::from_secs(10), || cluster.broker(2).mesh_status().is_some_and(|s| s.held_queues == 1)).await;
     assert!(held, "node-3 holds bob's queue for lack of a location");
