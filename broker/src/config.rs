@@ -19,6 +19,10 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     /// HTTP address for `/metrics` and `/healthz`; off when unset.
     pub admin: Option<SocketAddr>,
+    /// Bearer token that admin endpoints which change state (`POST
+    /// /mesh/sever`) require; unset, they answer 403. `/metrics`,
+    /// `/healthz` and `GET /mesh` need none.
+    pub admin_token: Option<String>,
     /// This broker's name, shown to clients and in logs.
     pub node: String,
     /// TLS settings.
@@ -169,6 +173,7 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             data_dir: PathBuf::from("tern-data"),
             admin: None,
+            admin_token: None,
             node: "tern-1".into(),
             tls: TlsConfig::default(),
             store: StoreSection::default(),
@@ -288,12 +293,21 @@ impl BrokerConfig {
             "joining a mesh needs cluster.dir (--cluster NODEDIR) with this broker's cluster certificate".into()
         })?;
         if c.dir.is_some() {
-            let advertise = c.advertise.unwrap_or(self.listen);
-            check(
-                !advertise.ip().is_unspecified() && advertise.port() != 0 || c.advertise.is_none(),
-                "cluster.advertise",
-                || format!("{advertise} is not an address peers can reach"),
-            )?;
+            match c.advertise {
+                Some(advertise) => {
+                    check(!advertise.ip().is_unspecified() && advertise.port() != 0, "cluster.advertise", || {
+                        format!("{advertise} is not an address peers can reach")
+                    })?
+                }
+                // Port 0 is fine here: the port bound is advertised.
+                None => check(!self.listen.ip().is_unspecified(), "cluster.advertise", || {
+                    format!(
+                        "unset, and the listen address {} is not one peers can reach: set --advertise \
+                         (TERN_ADVERTISE, cluster.advertise) to this broker's address as peers see it",
+                        self.listen
+                    )
+                })?,
+            }
         }
         for seed in &c.join {
             check(
@@ -307,6 +321,18 @@ impl BrokerConfig {
         within(c.drain_secs, 0, 3600, "cluster.drain_secs")?;
         if let Some(token) = &self.registration.token {
             check(!token.is_empty(), "registration.token", || "must not be empty when set".into())?;
+        }
+        if let Some(token) = &self.admin_token {
+            check(
+                token.len() >= MIN_ADMIN_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic()),
+                "admin_token",
+                || {
+                    format!(
+                        "must be at least {MIN_ADMIN_TOKEN_LEN} printable ASCII characters without spaces (it is \
+                         sent as `Authorization: Bearer TOKEN`), e.g. the output of `openssl rand -hex 32`"
+                    )
+                },
+            )?;
         }
         Ok(())
     }
@@ -323,6 +349,8 @@ impl BrokerConfig {
 }
 
 const DAY_SECS: u64 = 86_400;
+/// Shortest admin token accepted: guessing one must be out of reach.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
 const YEAR_SECS: u64 = 365 * DAY_SECS;
 
 /// `value` must lie in `lo..=hi`.
@@ -360,6 +388,29 @@ mod tests {
         let mut c = BrokerConfig::default();
         c.store.sweep_interval_secs = u64::MAX;
         assert_eq!(c.validate().unwrap_err().field, "store.sweep_interval_secs");
+        for weak in ["", "short", "has a space in it, long enough"] {
+            let c = BrokerConfig { admin_token: Some(weak.into()), ..BrokerConfig::default() };
+            assert_eq!(c.validate().unwrap_err().field, "admin_token", "{weak:?}");
+        }
+        let c = BrokerConfig { admin_token: Some("0123456789abcdef".into()), ..BrokerConfig::default() };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_mesh_member_listening_on_any_address_needs_advertise() {
+        for listen in ["0.0.0.0:4433", "[::]:4433"] {
+            let mut c = BrokerConfig { listen: listen.parse().unwrap(), ..BrokerConfig::default() };
+            c.validate().unwrap();
+            c.cluster.dir = Some("node-1".into());
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, "cluster.advertise", "{listen}");
+            assert!(e.reason.contains("--advertise"), "{e}");
+            c.cluster.advertise = Some("10.0.0.5:4433".parse().unwrap());
+            c.validate().unwrap();
+        }
+        let mut c = BrokerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..BrokerConfig::default() };
+        c.cluster.dir = Some("node-1".into());
+        c.validate().expect("the bound port is advertised");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!   group-commit writer;
 //! - [`router`]: hands newly stored entries to online devices' sessions;
 //! - [`mesh`]: membership, peer links and delivery across brokers;
-//! - [`admin`]: `/metrics`, `/healthz` and `/mesh`.
+//! - [`admin`]: `/metrics`, `/healthz`, `/mesh` and the token-guarded
+//!   fault drill `POST /mesh/sever`.
 //!
 //! [`Broker::spawn`] starts everything from a [`BrokerConfig`]; the binary in
 //! `main.rs` only parses flags, loads the config and waits for a signal.
@@ -76,7 +77,8 @@ pub struct Broker {
     ctx: Context,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
-    admin_addr: Option<SocketAddr>,
+    /// Stopped last on shutdown, so `/healthz` says `draining` throughout.
+    admin: Option<admin::AdminServer>,
     cert_path: PathBuf,
     /// Stops the mesh's tasks, after the sessions (so held messages can
     /// still be shipped while clients move to other brokers).
@@ -121,7 +123,8 @@ impl Broker {
             addr: config.listen,
             source: std::io::Error::other("no async runtime"),
         })?;
-        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        let endpoint_config = transport::endpoint_config(&config.data_dir.join("tls"))?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let cancel = CancellationToken::new();
@@ -160,10 +163,12 @@ impl Broker {
             connections: Arc::new(AtomicUsize::new(0)),
             mesh,
         };
-        let admin_addr = match config.admin {
-            Some(addr) => {
-                Some(admin::serve(addr, ctx.clone()).await.map_err(|source| StartError::Bind { addr, source })?)
-            }
+        let admin = match config.admin {
+            Some(addr) => Some(
+                admin::AdminServer::serve(addr, ctx.clone())
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
             None => None,
         };
         ctx.tasks.spawn(transport::accept_loop(endpoint.clone(), ctx.clone()));
@@ -177,7 +182,7 @@ impl Broker {
                  acknowledged messages. This setting is for benchmarks; use `synced` in production"
             );
         }
-        Ok(Self { ctx, endpoint, local_addr, admin_addr, cert_path: tls.cert_path, mesh_cancel })
+        Ok(Self { ctx, endpoint, local_addr, admin, cert_path: tls.cert_path, mesh_cancel })
     }
 
     /// The bound QUIC address.
@@ -187,7 +192,7 @@ impl Broker {
 
     /// The bound admin HTTP address, if enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+        self.admin.as_ref().map(admin::AdminServer::addr)
     }
 
     /// The certificate clients should trust.
@@ -229,7 +234,8 @@ impl Broker {
     }
 
     /// Stops accepting, tells connected clients to reconnect elsewhere, waits
-    /// for sessions to end, closes the endpoint and flushes the store.
+    /// for sessions to end, closes the endpoint and flushes the store. The
+    /// admin port serves until the end (`/healthz`: `503 draining`).
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
         self.endpoint.set_server_config(None);
@@ -248,6 +254,9 @@ impl Broker {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         let store = self.ctx.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        if let Some(admin) = self.admin {
+            admin.stop().await;
+        }
         tracing::info!("shut down");
     }
 }

@@ -37,6 +37,11 @@ struct Args {
     /// HTTP address for Prometheus /metrics and /healthz (off unless set).
     #[arg(long, env = "TERN_ADMIN")]
     admin: Option<SocketAddr>,
+    /// Token that admin endpoints which change state (POST /mesh/sever) require,
+    /// sent as `Authorization: Bearer TOKEN`; without it they answer 403.
+    /// At least 16 characters.
+    #[arg(long, env = "TERN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// This broker's node name.
     #[arg(long, env = "TERN_NODE")]
     node: Option<String>,
@@ -63,6 +68,20 @@ struct Args {
     /// Most entries per device queue; sends beyond fail with QUEUE_FULL.
     #[arg(long, env = "TERN_MAX_QUEUE_LEN")]
     max_queue_len: Option<u64>,
+    /// Most requests folded into one write batch (one WAL sync).
+    #[arg(long, env = "TERN_MAX_BATCH")]
+    max_batch: Option<usize>,
+    /// Below this much free disk space, in MiB, sends fail with STORAGE_FULL.
+    #[arg(long, env = "TERN_MIN_FREE_DISK_MB")]
+    min_free_disk_mb: Option<u64>,
+    /// Most devices per user; linking more fails with TOO_MANY_DEVICES.
+    #[arg(long, env = "TERN_MAX_DEVICES")]
+    max_devices: Option<u32>,
+    /// Accounts cached in memory.
+    #[arg(long, env = "TERN_ACCOUNT_CACHE_ENTRIES")]
+    account_cache_entries: Option<u64>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Require this token to register a new handle.
     #[arg(long, env = "TERN_REGISTRATION_TOKEN")]
     registration_token: Option<String>,
@@ -78,12 +97,63 @@ struct Args {
     /// when listening on 0.0.0.0).
     #[arg(long, env = "TERN_ADVERTISE")]
     advertise: Option<SocketAddr>,
+    /// Device locations cached per broker (mesh).
+    #[arg(long, env = "TERN_LOCATION_CACHE_ENTRIES")]
+    location_cache_entries: Option<u64>,
+    /// Seconds a cached device location is trusted (mesh).
+    #[arg(long, env = "TERN_LOCATION_CACHE_TTL_SECS")]
+    location_cache_ttl_secs: Option<u64>,
+    /// On shutdown, seconds to keep shipping held messages to the brokers the
+    /// clients moved to before leaving the mesh.
+    #[arg(long, env = "TERN_DRAIN_SECS")]
+    drain_secs: Option<u64>,
     /// Log format.
     #[arg(long, env = "TERN_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tern_broker=debug`.
-    #[arg(long, env = "TERN_LOG", default_value = "info")]
+    /// A filter that does not parse exits with status 2.
+    #[arg(long, env = "TERN_LOG", default_value = "info", value_parser = parse_log_filter)]
     log: String,
+}
+
+/// `[limits]` flags: what one connection may do.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Largest frame accepted, in bytes (at least --max-body-len + 1024).
+    #[arg(long, env = "TERN_MAX_FRAME_LEN")]
+    max_frame_len: Option<usize>,
+    /// Largest message body accepted, in bytes.
+    #[arg(long, env = "TERN_MAX_BODY_LEN")]
+    max_body_len: Option<usize>,
+    /// Kernel receive and send buffer of the UDP socket, in bytes.
+    #[arg(long, env = "TERN_UDP_BUFFER_BYTES")]
+    udp_buffer_bytes: Option<usize>,
+    /// Most simultaneous client connections.
+    #[arg(long, env = "TERN_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Most deliveries pushed to a device and not yet acknowledged.
+    #[arg(long, env = "TERN_MAX_INFLIGHT")]
+    max_inflight: Option<usize>,
+    /// Most sends of one connection awaiting their durable ack.
+    #[arg(long, env = "TERN_MAX_PENDING_SENDS")]
+    max_pending_sends: Option<usize>,
+    /// Seconds a new connection has to log in.
+    #[arg(long, env = "TERN_HANDSHAKE_TIMEOUT_SECS")]
+    handshake_timeout_secs: Option<u64>,
+    /// Seconds without any packet before a connection is dropped (QUIC idle timeout).
+    #[arg(long, env = "TERN_IDLE_TIMEOUT_SECS")]
+    idle_timeout_secs: Option<u64>,
+    /// Failed login attempts before the connection is closed.
+    #[arg(long, env = "TERN_MAX_LOGIN_ATTEMPTS")]
+    max_login_attempts: Option<u32>,
+}
+
+/// Checks `--log` / `TERN_LOG` when the command line is parsed, so a typo
+/// exits 2 naming the flag instead of quietly logging at another level.
+fn parse_log_filter(filter: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| filter.to_owned())
+        .map_err(|e| format!("not a log filter ({e}); examples: `info`, `warn,tern_broker=debug`"))
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -143,9 +213,33 @@ impl Args {
         }
         set!(listen => listen, data_dir => data_dir, node => node, durability => store.durability,
              retention_secs => store.retention_secs, sweep_interval_secs => store.sweep_interval_secs,
-             max_queue_len => store.max_queue_len);
+             max_queue_len => store.max_queue_len, max_batch => store.max_batch,
+             min_free_disk_mb => store.min_free_disk_mb, max_devices => store.max_devices,
+             account_cache_entries => store.account_cache_entries,
+             location_cache_entries => cluster.location_cache_entries,
+             location_cache_ttl_secs => cluster.location_cache_ttl_secs, drain_secs => cluster.drain_secs);
+        let l = self.limits;
+        macro_rules! set_limits {
+            ($($field:ident),* $(,)?) => {
+                $(if let Some(v) = l.$field { c.limits.$field = v; })*
+            };
+        }
+        set_limits!(
+            max_frame_len,
+            max_body_len,
+            udp_buffer_bytes,
+            max_connections,
+            max_inflight,
+            max_pending_sends,
+            handshake_timeout_secs,
+            idle_timeout_secs,
+            max_login_attempts
+        );
         if self.admin.is_some() {
             c.admin = self.admin;
+        }
+        if self.admin_token.is_some() {
+            c.admin_token = self.admin_token;
         }
         if self.cert.is_some() {
             c.tls.cert = self.cert;
@@ -172,6 +266,7 @@ impl Args {
 }
 
 fn init_logging(format: &str, filter: &str) {
+    // Checked by `parse_log_filter` already.
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
@@ -317,5 +412,70 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<BrokerConfig, tern_broker::ConfigError> {
+        let args = Args::try_parse_from(std::iter::once("tern-broker").chain(args.iter().copied())).unwrap();
+        args.into_config()
+    }
+
+    #[test]
+    fn limit_store_and_cluster_flags_set_their_fields() {
+        let c = config(&[
+            "--max-batch=7",
+            "--min-free-disk-mb=9",
+            "--max-devices=3",
+            "--account-cache-entries=11",
+            "--max-frame-len=300000",
+            "--max-body-len=200000",
+            "--udp-buffer-bytes=1048576",
+            "--max-connections=12",
+            "--max-inflight=13",
+            "--max-pending-sends=14",
+            "--handshake-timeout-secs=15",
+            "--idle-timeout-secs=16",
+            "--max-login-attempts=17",
+            "--location-cache-entries=18",
+            "--location-cache-ttl-secs=19",
+            "--drain-secs=20",
+        ])
+        .unwrap();
+        let (s, l, cl) = (&c.store, &c.limits, &c.cluster);
+        assert_eq!((s.max_batch, s.min_free_disk_mb, s.max_devices, s.account_cache_entries), (7, 9, 3, 11));
+        assert_eq!((l.max_frame_len, l.max_body_len, l.udp_buffer_bytes), (300_000, 200_000, 1 << 20));
+        assert_eq!((l.max_connections, l.max_inflight, l.max_pending_sends), (12, 13, 14));
+        assert_eq!((l.handshake_timeout_secs, l.idle_timeout_secs, l.max_login_attempts), (15, 16, 17));
+        assert_eq!((cl.location_cache_entries, cl.location_cache_ttl_secs, cl.drain_secs), (18, 19, 20));
+    }
+
+    #[test]
+    fn flags_override_the_file_and_are_validated() {
+        let dir = std::env::temp_dir().join(format!("tern-broker-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("broker.toml");
+        std::fs::write(&file, "[store]\nmax_batch = 5\n[limits]\nmax_inflight = 6\n").unwrap();
+        let path = file.to_str().unwrap();
+        let c = config(&["--config", path, "--max-inflight=8"]).unwrap();
+        assert_eq!((c.store.max_batch, c.limits.max_inflight), (5, 8));
+        assert_eq!(config(&["--config", path, "--drain-secs=4000"]).unwrap_err().field, "cluster.drain_secs");
+        std::fs::write(&file, "admin_token = \"from-the-file-0123\"\n").unwrap();
+        assert_eq!(config(&["--config", path]).unwrap().admin_token.as_deref(), Some("from-the-file-0123"));
+        let c = config(&["--config", path, "--admin-token=from-the-flag-0123"]).unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("from-the-flag-0123"));
+        assert_eq!(config(&["--admin-token=short"]).unwrap_err().field, "admin_token");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_a_usage_error() {
+        let e = Args::try_parse_from(["tern-broker", "--log", "tern_broker=loud"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--log"), "{e}");
+        assert!(Args::try_parse_from(["tern-broker", "--log", "warn,tern_broker=debug"]).is_ok());
     }
 }

@@ -21,6 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{QueueKey, QueueListener};
 
+/// Devices whose highest pushed seq is remembered for the redelivery count,
+/// at most (connected ones are always kept).
+const PUSHED_MAX: usize = 65_536;
+
 /// An entry pushed to a session: its seq and stored bytes.
 pub(crate) type Pushed = (u64, Bytes);
 
@@ -70,8 +74,15 @@ pub struct Attachment {
 
 impl Attachment {
     /// Records how far this session pushed, for the redelivery count.
+    /// Devices no longer connected are forgotten once more than
+    /// [`PUSHED_MAX`] are remembered (their next redeliveries go uncounted).
     pub(crate) fn record_pushed(&self, seq: u64) {
         if let Ok(mut pushed) = self.router.inner.pushed.lock() {
+            if pushed.len() >= PUSHED_MAX && !pushed.contains_key(&self.queue) {
+                if let Ok(sessions) = self.router.inner.sessions.lock() {
+                    pushed.retain(|q, _| sessions.contains_key(q));
+                }
+            }
             let entry = pushed.entry(self.queue.clone()).or_default();
             *entry = (*entry).max(seq);
         }
@@ -151,6 +162,20 @@ impl QueueListener for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_redelivery_record_of_devices_gone_is_bounded() {
+        let router = Router::default();
+        let online = router.attach(QueueKey::new("online", 1), 4);
+        online.0.record_pushed(7);
+        for i in 0..PUSHED_MAX + 10 {
+            let (attachment, _rx) = router.attach(QueueKey::new(&format!("u{i}"), 1), 4);
+            attachment.record_pushed(1);
+        }
+        let pushed = router.inner.pushed.lock().unwrap();
+        assert!(pushed.len() <= PUSHED_MAX, "{} devices remembered", pushed.len());
+        assert_eq!(pushed.get(&QueueKey::new("online", 1)), Some(&7), "a connected device is kept");
+    }
 
     #[tokio::test]
     async fn hands_over_and_flags_lag_when_full() {

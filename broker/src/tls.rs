@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Why the TLS material could not be loaded or made.
@@ -112,20 +113,25 @@ pub(crate) fn certified_key(
 
 /// Reads every certificate of a PEM file.
 pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = rustls_pemfile::certs(&mut std::fs::read(path).map_err(io(path))?.as_slice())
+    let pem = std::fs::read(path).map_err(io(path))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(io(path))?;
+        .map_err(|e| TlsError::Pem(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
         return Err(TlsError::Pem(format!("{}: no certificate found", path.display())));
     }
     Ok(certs)
 }
 
-/// Reads the private key of a PEM file.
+/// Reads the private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
 pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut std::fs::read(path).map_err(io(path))?.as_slice())
-        .map_err(io(path))?
-        .ok_or_else(|| TlsError::Pem(format!("{}: no private key found", path.display())))
+    let pem = std::fs::read(path).map_err(io(path))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            TlsError::Pem(format!("{}: no private key found", path.display()))
+        }
+        e => TlsError::Pem(format!("{}: {e}", path.display())),
+    })
 }
 
 fn generate(dir: &Path, cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), TlsError> {
@@ -145,4 +151,30 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
     let mut f =
         std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io(path))?;
     f.write_all(data).map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_files_are_read_and_bad_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        let id = TlsIdentity::load_or_generate(None, None, &tls, &["tern.example".into()]).unwrap();
+        assert_eq!(id.certs.len(), 1);
+        assert!(matches!(read_key(&tls.join("key.pem")).unwrap(), PrivateKeyDer::Pkcs8(_)));
+        let cert_only = tls.join("cert.pem");
+        let err = read_key(&cert_only).unwrap_err().to_string();
+        assert!(err.contains("cert.pem") && err.contains("no private key"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a PEM file\n").unwrap();
+        let err = read_certs(&empty).unwrap_err().to_string();
+        assert!(err.contains("empty.pem") && err.contains("no certificate"), "{err}");
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nAAAA\n").unwrap();
+        let err = read_certs(&broken).unwrap_err().to_string();
+        assert!(err.contains("broken.pem"), "{err}");
+        assert!(matches!(read_certs(&dir.path().join("missing.pem")), Err(TlsError::Io { .. })));
+    }
 }

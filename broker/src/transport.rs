@@ -1,13 +1,97 @@
 //! The QUIC endpoint and its accept loop: each incoming connection is
 //! checked against the connection limit, completes its handshake, opens its
 //! session stream and becomes a [`Session`](crate::session::Session) task.
+//!
+//! The endpoint's stateless reset key is made once and kept in the data
+//! directory ([`endpoint_config`]), so a broker restarted after a crash
+//! answers its predecessor's connections with a stateless reset (RFC 9000,
+//! 10.3) and their clients reconnect at once instead of after their idle
+//! timeout.
 
+use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::session::Session;
+use crate::tls::TlsError;
 use crate::Context;
+
+/// Bytes of the stateless reset key (an HMAC-SHA256 key).
+const RESET_KEY_LEN: usize = 64;
+
+/// The endpoint configuration, with the stateless reset key from
+/// `<tls_dir>/reset.key`, made (mode 0600) on first start. The key is a
+/// secret: whoever has it can end this broker's connections.
+pub(crate) fn endpoint_config(tls_dir: &Path) -> Result<quinn::EndpointConfig, TlsError> {
+    let key = reset_key(&tls_dir.join("reset.key"))?;
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(hmac));
+    config.cid_generator(|| Box::new(RandomCids));
+    Ok(config)
+}
+
+/// Random 8-byte connection ids, recognised by any process of this broker.
+/// quinn's default generator signs its ids with a key made per process and
+/// resets only packets whose id carries its own signature: a restarted
+/// broker would ignore its predecessor's connections instead of resetting
+/// them. Unsigned ids cost a reset answer to stray packets, which quinn
+/// limits in rate and keeps smaller than the packet that caused it.
+#[derive(Debug)]
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Reads the reset key at `path`, or makes it: written to a temporary file,
+/// synced and renamed into place, so a crash never leaves half a key.
+fn reset_key(path: &Path) -> Result<[u8; RESET_KEY_LEN], TlsError> {
+    let io = |source| TlsError::Io { path: path.to_owned(), source };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let len = bytes.len();
+            return bytes.try_into().map_err(|_| {
+                io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{len} bytes, expected {RESET_KEY_LEN}; delete the file to make a new key"),
+                ))
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let mut key = [0u8; RESET_KEY_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| TlsError::Crypto("no system randomness for the stateless reset key".into()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = path.with_extension("key.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&key)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(io)?;
+    tracing::info!(path = %path.display(), "generated the QUIC stateless reset key");
+    Ok(key)
+}
 
 /// Transport parameters tuned for many mostly idle chat connections.
 pub(crate) fn transport_config(idle_timeout_secs: u64) -> quinn::TransportConfig {
@@ -16,7 +100,11 @@ pub(crate) fn transport_config(idle_timeout_secs: u64) -> quinn::TransportConfig
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(Duration::from_secs(idle_timeout_secs).try_into().ok());
     t.keep_alive_interval(Some(Duration::from_secs(idle_timeout_secs.max(2) / 2)));
-    t.stream_receive_window((1u32 << 20).into());
+    // As large as a peer link's: peer links are accepted with this config,
+    // and a live connection's stream window cannot be raised. The
+    // connection window below still bounds what one client can make the
+    // broker buffer (`mesh::link` raises it for peers).
+    t.stream_receive_window((16u32 << 20).into());
     t.receive_window((2u32 << 20).into());
     t.send_window(2 << 20);
     t
@@ -105,4 +193,22 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Context) -> anyhow::Re
     };
     Session::new(ctx, conn, send, recv).run().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_key_is_made_once_private_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tls/reset.key");
+        let first = reset_key(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(reset_key(&path).unwrap(), first, "read back, not made again");
+        std::fs::write(&path, b"short").unwrap();
+        let err = reset_key(&path).unwrap_err().to_string();
+        assert!(err.contains("reset.key") && err.contains("expected 64"), "{err}");
+    }
 }

@@ -285,8 +285,9 @@ fn cluster_ca(cluster: &TestCluster) -> std::path::PathBuf {
 }
 
 fn roots(ca: &std::path::Path) -> rustls::RootCertStore {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     roots
@@ -302,11 +303,9 @@ fn endpoint_with(tls: rustls::ClientConfig) -> quinn::Endpoint {
 /// A peer-ALPN client presenting the node certificate in `node_dir` and
 /// trusting that directory's CA.
 fn peer_endpoint(node_dir: &std::path::Path) -> quinn::Endpoint {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut std::fs::read(node_dir.join("cert.pem")).unwrap().as_slice())
-        .map(Result::unwrap)
-        .collect();
-    let key =
-        rustls_pemfile::private_key(&mut std::fs::read(node_dir.join("key.pem")).unwrap().as_slice()).unwrap().unwrap();
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let certs: Vec<_> = CertificateDer::pem_file_iter(node_dir.join("cert.pem")).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(node_dir.join("key.pem")).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

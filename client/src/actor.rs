@@ -11,9 +11,14 @@
 //!
 //! When the connection drops the actor reconnects with jittered exponential
 //! backoff, trying the brokers a `Redirect` named first and then rotating
-//! through the configured ones, logs in again, repeats its last ack if the
-//! broker is behind, and resends every send still awaiting its ack with the
-//! same message id (the broker stores it once), in the order first sent.
+//! through the configured ones, logs in again, and resends every send still
+//! awaiting its ack with the same message id (the broker stores it once), in
+//! the order first sent. Each delay is drawn once and runs to its end while
+//! the application keeps sending: sends made meanwhile wait for the
+//! reconnect, up to [`ClientConfig::max_offline_sends`] of them; beyond that
+//! a send fails at once with [`SendError::Backlogged`]. Acks are per
+//! connection (see [`Dedup`]): nothing acknowledged on an earlier connection
+//! is repeated on the new one, whose seqs are its broker's own.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -240,6 +245,11 @@ impl Actor {
             let _ = earlier.send(Err(SendError::Closed(format!("superseded by a resend of {id}"))));
             return None;
         }
+        let max = self.config.max_offline_sends;
+        if self.conn.is_none() && self.pending.len() >= max {
+            let _ = reply.send(Err(SendError::Backlogged { max }));
+            return None;
+        }
         let order = self.next_order;
         self.next_order += 1;
         self.pending.insert(id, PendingSend { to, body, reply, order });
@@ -347,29 +357,11 @@ impl Actor {
     /// should stop (the login itself was refused, or the app closed it).
     async fn reconnect(&mut self) -> bool {
         loop {
-            let delay = self.backoff.next_delay();
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                cmd = self.cmds.recv() => {
-                    match cmd {
-                        None => return false,
-                        Some(Cmd::Close(done)) => {
-                            self.closed = Some(done);
-                            return false;
-                        }
-                        Some(Cmd::Send { id, to, body, reply }) => {
-                            self.enqueue(id, to, body, reply);
-                        }
-                        Some(Cmd::Ack(seq)) => {
-                            // Sent with the next login (see `Dedup::handle_login`).
-                            self.dedup.handle_app_ack(seq);
-                        }
-                        Some(Cmd::Call(_, reply)) => {
-                            let _ = reply.send(Err(SendError::Closed("not connected; reconnecting".into())));
-                        }
-                    }
-                    continue;
-                }
+            // Drawn once per attempt: commands arriving meanwhile do not
+            // push the attempt back.
+            let deadline = tokio::time::Instant::now() + self.backoff.next_delay();
+            if !self.wait_offline(deadline).await {
+                return false;
             }
             match self.login().await {
                 Ok(()) => return true,
@@ -382,8 +374,40 @@ impl Actor {
         }
     }
 
-    /// One attempt: connect to the next broker, log in, repeat the ack,
-    /// resend what is pending.
+    /// Serves commands while disconnected until `deadline`: sends wait for
+    /// the reconnect (within `max_offline_sends`), acks are recorded, calls
+    /// fail at once. False if the application closed the client.
+    async fn wait_offline(&mut self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let cmd = tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return true,
+                cmd = self.cmds.recv() => cmd,
+            };
+            match cmd {
+                None => return false,
+                Some(Cmd::Close(done)) => {
+                    self.closed = Some(done);
+                    return false;
+                }
+                Some(Cmd::Send { id, to, body, reply }) => {
+                    // Written after the login, with every other pending send.
+                    self.enqueue(id, to, body, reply);
+                }
+                Some(Cmd::Ack(seq)) => {
+                    // Retires what the application processed. Nothing is sent:
+                    // the next connection's seqs are its own, and its
+                    // redeliveries of these items are acknowledged there.
+                    self.dedup.handle_app_ack(seq);
+                }
+                Some(Cmd::Call(_, reply)) => {
+                    let _ = reply.send(Err(SendError::Closed("not connected; reconnecting".into())));
+                }
+            }
+        }
+    }
+
+    /// One attempt: connect to the next broker, log in, start the new
+    /// connection's ack state, resend what is pending.
     async fn login(&mut self) -> Result<(), ClientError> {
         let addr = self.pick_broker();
         let server_name = self.config.server_name.as_deref();
@@ -393,12 +417,8 @@ impl Actor {
         self.backoff.reset();
         self.max_body_len = conn.max_body_len;
         self.conn = Some(conn);
-        if let Some(up_to) = self.dedup.handle_login(ok.acked_seq) {
-            if let Step::Disconnected(reason) = self.write(0, C::Ack(pb::Ack { up_to_seq: up_to })).await {
-                self.drop_connection();
-                return Err(ClientError::ConnectionLost(reason));
-            }
-        }
+        // The new broker's seqs; no ack of the old connection is repeated.
+        self.dedup.handle_login(ok.acked_seq);
         // Callers that gave up waiting were told resending is safe; drop theirs.
         self.pending.retain(|_, p| !p.reply.is_closed());
         let mut ids: Vec<(u64, MessageId)> = self.pending.iter().map(|(id, p)| (p.order, *id)).collect();

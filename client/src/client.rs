@@ -32,7 +32,9 @@ pub enum Incoming {
     /// A message to this device's user (or a copy of one sent by another
     /// device of the same user).
     Message {
-        /// Sequence number in this device's queue; pass it to [`Client::ack`].
+        /// Sequence number in this device's queue at the broker that
+        /// delivered it; pass it to [`Client::ack`]. Each broker numbers its
+        /// own queue, so after a reconnect seqs may start lower.
         seq: u64,
         /// The sender's message id.
         id: MessageId,
@@ -49,7 +51,8 @@ pub enum Incoming {
     },
     /// A device acknowledged a message this device sent.
     Receipt {
-        /// Sequence number in this device's queue.
+        /// Sequence number in this device's queue at the broker that
+        /// delivered it, as for a message.
         seq: u64,
         /// The message that was delivered.
         message_id: MessageId,
@@ -268,8 +271,14 @@ impl Client {
         })
     }
 
-    /// Acknowledges every delivered item up to `seq` (cumulative): the broker
-    /// deletes them. Acknowledge only what has been processed.
+    /// Acknowledges the item received with `seq` and every item received
+    /// before it (cumulative): the broker deletes them. Acknowledge only what
+    /// has been processed, in the order received.
+    ///
+    /// Seqs belong to the connection that delivered them, and an item may
+    /// come again after a reconnect (never to the application): the client
+    /// translates, acknowledging on the current connection the seqs its
+    /// broker gave the items processed, and only those.
     pub async fn ack(&self, seq: u64) {
         let _ = self.cmd.send(Cmd::Ack(seq)).await;
     }

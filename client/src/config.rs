@@ -34,9 +34,17 @@ pub struct ClientConfig {
     /// keeps serving sends and lets the broker push the rest again later; it
     /// never blocks on a slow reader.
     pub incoming_buffer: usize,
+    /// Most sends kept while no broker is connected, each waiting to be
+    /// written after the reconnect; a send beyond it fails at once with
+    /// [`SendError::Backlogged`](crate::SendError::Backlogged), so an
+    /// application that keeps sending through a long outage is told instead
+    /// of growing the client's memory without bound.
+    pub max_offline_sends: usize,
     /// QUIC idle timeout: a broker that vanished without closing (crash,
     /// network cut) is noticed after this long, and the client reconnects.
-    /// Keep-alives go out at a third of it.
+    /// A crashed broker that is back sooner is noticed sooner: it answers
+    /// the old connection's next packet with a stateless reset. Keep-alives
+    /// go out at a third of it.
     pub idle_timeout: Duration,
     /// Use this endpoint (UDP socket) instead of opening one per client. Its
     /// trust and idle timeout are the ones it was made with.
@@ -57,6 +65,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(10),
             dedup_window: 65_536,
             incoming_buffer: 1024,
+            max_offline_sends: 10_000,
             idle_timeout: Duration::from_secs(10),
             endpoint: None,
         }
@@ -93,6 +102,9 @@ impl ClientConfig {
         if self.incoming_buffer == 0 {
             return bad("incoming_buffer", "must be at least 1");
         }
+        if self.max_offline_sends == 0 {
+            return bad("max_offline_sends", "must be at least 1");
+        }
         Ok(())
     }
 }
@@ -123,13 +135,14 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         type Change = fn(&mut ClientConfig);
-        let cases: [(&str, Change); 6] = [
+        let cases: [(&str, Change); 7] = [
             ("brokers", |c| c.brokers.push("no-port".into())),
             ("brokers", |c| c.brokers.push(":4433".into())),
             ("request_timeout", |c| c.request_timeout = Duration::ZERO),
             ("backoff_max", |c| c.backoff_max = Duration::from_millis(1)),
             ("dedup_window", |c| c.dedup_window = 0),
             ("incoming_buffer", |c| c.incoming_buffer = 0),
+            ("max_offline_sends", |c| c.max_offline_sends = 0),
         ];
         for (field, change) in cases {
             let mut c = config();

@@ -2,18 +2,32 @@
 //! once; and which acknowledgements are safe to send on its behalf.
 //!
 //! Sans-IO: the actor feeds it deliveries (`handle_delivery`), the
-//! application's acks (`handle_app_ack`) and reconnects (`handle_login`);
+//! application's acks (`handle_app_ack`) and new logins (`handle_login`);
 //! each call returns what to do (hand the item over, drop it, send an ack).
 //!
-//! The broker redelivers everything unacknowledged after a reconnect. An item
-//! handed to the application is remembered by its identity (for a message:
-//! sender, sender device, message id; for a receipt: message id and
-//! acknowledging device) in a bounded window. A duplicate is dropped. Acks
-//! are cumulative, so a dropped duplicate is acknowledged by the client only
-//! when no item with a smaller or equal seq is still waiting for the
-//! application (handed over and not acked, or held back); otherwise it is
-//! remembered and acknowledged together with the application's ack that
-//! unblocks it.
+//! Two kinds of state, with different lifetimes:
+//!
+//! - **Identity survives reconnects.** An item handed to the application is
+//!   remembered by its identity (for a message: sender, sender device,
+//!   message id; for a receipt: message id and acknowledging device) in a
+//!   bounded window. A redelivery of it, on any connection and under any
+//!   seq, is dropped.
+//! - **Seqs are per connection.** A seq means something only at the broker
+//!   that pushed it, on the connection that pushed it: each broker of a mesh
+//!   numbers its own copy of a device's queue. So everything kept by seq
+//!   (the cumulative ack, dropped duplicates, the hold below) starts again at
+//!   each login from that broker's `LoginOk.acked_seq`, and the client
+//!   acknowledges only seqs delivered on the current connection. Nothing is
+//!   repeated from an earlier connection.
+//!
+//! Items handed to the application and not yet acknowledged by it are kept
+//! in hand-over order with the connection they came on. The application's
+//! `ack(seq)` names one of them (its seq may be an earlier connection's): it
+//! retires that item and everything handed before it. Acks are cumulative,
+//! so the client acknowledges up to a seq of the current connection only
+//! when nothing at or below it still waits for the application: an item
+//! handed over on this connection and not acked, a duplicate of an item the
+//! application still holds (from whichever connection), or an item held back.
 //!
 //! When the application's buffer is full the client must not block (sends
 //! and their acks share the connection), so it discards new items from that
@@ -21,7 +35,7 @@
 //! first discarded seq is acked until a fresh login makes the broker push
 //! them again.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 /// Identity of a delivered item.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,55 +58,91 @@ pub(crate) enum Verdict {
     Discard,
 }
 
+/// An item the application has and has not acknowledged yet.
+#[derive(Debug)]
+struct Handed {
+    /// The connection it came on (see `Dedup::conn`).
+    conn: u64,
+    /// Its seq on that connection.
+    seq: u64,
+    key: ItemKey,
+}
+
 #[derive(Debug)]
 pub(crate) struct Dedup {
     seen: HashSet<ItemKey>,
     order: VecDeque<ItemKey>,
     capacity: usize,
-    /// Seqs handed to the application and not yet acknowledged by it.
+    /// Counts logins: the connection the seqs below belong to.
+    conn: u64,
+    /// Handed to the application and not yet acknowledged by it, in order.
+    handed: VecDeque<Handed>,
+    /// The identities in `handed`.
+    held: HashSet<ItemKey>,
+    /// Seqs of `handed` items that came on the current connection.
     outstanding: BTreeSet<u64>,
-    /// Seqs of dropped duplicates not yet covered by an ack sent.
-    dropped: BTreeSet<u64>,
+    /// This connection's dropped duplicates not yet covered by an ack sent.
+    dropped: BTreeMap<u64, ItemKey>,
     /// The first seq discarded because the application's buffer was full.
     hold_from: Option<u64>,
-    /// Highest cumulative ack sent (or known to the broker).
+    /// Highest cumulative ack on this connection: sent, or the broker's
+    /// `LoginOk.acked_seq`.
     acked: u64,
+    /// Highest seq delivered on this connection.
+    received: u64,
 }
 
 impl Dedup {
-    /// Remembers up to `capacity` ids; `acked` is the broker's `LoginOk.acked_seq`.
+    /// Remembers up to `capacity` ids; `acked` is the first connection's
+    /// `LoginOk.acked_seq`.
     pub(crate) fn new(capacity: usize, acked: u64) -> Self {
         Self {
             seen: HashSet::new(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
+            conn: 0,
+            handed: VecDeque::new(),
+            held: HashSet::new(),
             outstanding: BTreeSet::new(),
-            dropped: BTreeSet::new(),
+            dropped: BTreeMap::new(),
             hold_from: None,
             acked,
+            received: acked,
         }
     }
 
-    /// Seqs below this may be acknowledged without skipping anything the
-    /// application has not processed.
+    /// This connection's seqs below this may be acknowledged without
+    /// skipping anything the application has not processed.
     fn ack_limit(&self) -> u64 {
-        let first_outstanding = self.outstanding.first().copied().unwrap_or(u64::MAX);
-        first_outstanding.min(self.hold_from.unwrap_or(u64::MAX))
+        let outstanding = self.outstanding.first().copied().unwrap_or(u64::MAX);
+        let blocked = self.dropped.iter().find(|(_, key)| self.held.contains(*key)).map_or(u64::MAX, |(&seq, _)| seq);
+        outstanding.min(blocked).min(self.hold_from.unwrap_or(u64::MAX))
     }
 
-    /// Item `seq` arrived; `room` says whether the application's buffer can
-    /// take it now.
+    /// The cumulative ack to send now, if it moves this connection's ack
+    /// forward; never above a seq delivered on this connection.
+    fn next_ack(&mut self) -> Option<u64> {
+        let up_to = self.ack_limit().saturating_sub(1).min(self.received);
+        if up_to <= self.acked {
+            return None;
+        }
+        self.acked = up_to;
+        self.dropped = self.dropped.split_off(&up_to.saturating_add(1));
+        Some(up_to)
+    }
+
+    /// Item `seq` arrived on the current connection; `room` says whether the
+    /// application's buffer can take it now.
     pub(crate) fn handle_delivery(&mut self, seq: u64, key: ItemKey, room: bool) -> Verdict {
-        if self.seen.contains(&key) {
-            if seq < self.ack_limit() && seq > self.acked {
-                self.acked = seq;
-                self.dropped.retain(|&d| d > seq);
-                return Verdict::DropAndAck(seq);
-            }
+        self.received = self.received.max(seq);
+        if self.seen.contains(&key) || self.held.contains(&key) {
             if seq > self.acked {
-                self.dropped.insert(seq);
+                self.dropped.insert(seq, key);
             }
-            return Verdict::Drop;
+            return match self.next_ack() {
+                Some(up_to) => Verdict::DropAndAck(up_to),
+                None => Verdict::Drop,
+            };
         }
         if !room || self.hold_from.is_some() {
             self.hold_from = Some(self.hold_from.map_or(seq, |h| h.min(seq)));
@@ -104,40 +154,52 @@ impl Dedup {
             }
         }
         self.seen.insert(key.clone());
-        self.order.push_back(key);
+        self.order.push_back(key.clone());
+        self.held.insert(key.clone());
         self.outstanding.insert(seq);
+        self.handed.push_back(Handed { conn: self.conn, seq, key });
         Verdict::Deliver
     }
 
-    /// The application acknowledged everything up to `seq`; returns the
-    /// cumulative ack to send, if it moves the broker's ack forward. It may
-    /// go beyond `seq` to cover duplicates dropped after it.
+    /// The application acknowledged the item it received with `seq`, and
+    /// everything it received before it; returns the cumulative ack to send
+    /// on the current connection, if it moves forward. It may go beyond the
+    /// item to cover duplicates dropped after it.
+    ///
+    /// `seq` names the first item still held with that seq, whichever
+    /// connection it came on (the application acknowledges in the order it
+    /// received). A seq no held item has (the items were acknowledged
+    /// already, or it is beyond them) acknowledges the oldest connection's
+    /// items up to it.
     pub(crate) fn handle_app_ack(&mut self, seq: u64) -> Option<u64> {
-        self.outstanding = self.outstanding.split_off(&seq.saturating_add(1));
-        let limit = self.ack_limit();
-        let covered = self.dropped.range(..limit).next_back().copied().unwrap_or(0);
-        let up_to = seq.max(covered);
-        self.dropped = self.dropped.split_off(&up_to.saturating_add(1));
-        if up_to > self.acked {
-            self.acked = up_to;
-            Some(up_to)
-        } else {
-            None
+        let through = match self.handed.iter().position(|h| h.seq == seq) {
+            Some(i) => i + 1,
+            None => {
+                let oldest = self.handed.front().map(|h| h.conn);
+                self.handed.iter().take_while(|h| Some(h.conn) == oldest && h.seq <= seq).count()
+            }
+        };
+        for h in self.handed.drain(..through) {
+            self.held.remove(&h.key);
+            if h.conn == self.conn {
+                self.outstanding.remove(&h.seq);
+            }
         }
+        self.next_ack()
     }
 
-    /// Logged in again (`acked_seq` from `LoginOk`): everything unacked is
+    /// Logged in on a new connection, whose broker has acknowledged up to
+    /// `acked_seq` (`LoginOk`): its seqs start afresh. Everything unacked is
     /// pushed again, so held-back and dropped items are forgotten (they come
-    /// back). Returns the ack to repeat when the broker is behind.
-    pub(crate) fn handle_login(&mut self, acked_seq: u64) -> Option<u64> {
-        self.hold_from = None;
+    /// back); items the application still holds stay, matched by identity
+    /// when they come back.
+    pub(crate) fn handle_login(&mut self, acked_seq: u64) {
+        self.conn += 1;
+        self.acked = acked_seq;
+        self.received = acked_seq;
+        self.outstanding.clear();
         self.dropped.clear();
-        if self.acked > acked_seq {
-            Some(self.acked)
-        } else {
-            self.acked = acked_seq;
-            None
-        }
+        self.hold_from = None;
     }
 
     /// True while items are being discarded for lack of room; a fresh login
@@ -161,10 +223,52 @@ mod tests {
         assert_eq!(d.handle_delivery(1, msg(1), true), Verdict::Deliver);
         assert_eq!(d.handle_delivery(2, msg(2), true), Verdict::Deliver);
         assert_eq!(d.handle_app_ack(2), Some(2));
-        // The ack was lost with the connection; the broker says it has 0.
-        assert_eq!(d.handle_login(0), Some(2), "repeat the app's ack");
-        assert_eq!(d.handle_delivery(1, msg(1), true), Verdict::Drop, "already covered by the repeated ack");
+        // The ack was lost with the connection; the broker says it has 0 and
+        // pushes both again: they are dropped and acknowledged as they come.
+        d.handle_login(0);
+        assert_eq!(d.handle_delivery(1, msg(1), true), Verdict::DropAndAck(1));
+        assert_eq!(d.handle_delivery(2, msg(2), true), Verdict::DropAndAck(2));
+    }
+
+    /// Issue 11, 2.2: the seqs of one broker say nothing about another's.
+    /// After a failover the client acknowledges what the new broker delivers
+    /// (it used to repeat its old ack, which deleted the new broker's pushed
+    /// but unprocessed entries, and then to stay silent until the new seqs
+    /// passed the old value, so the queue never drained).
+    #[test]
+    fn acks_after_a_failover_are_in_the_new_brokers_seq_space() {
+        let mut d = Dedup::new(100, 0);
+        for seq in 1..=50 {
+            assert_eq!(d.handle_delivery(seq, msg(seq as u8), true), Verdict::Deliver);
+        }
+        assert_eq!(d.handle_app_ack(50), Some(50));
+        // At the new broker the device's queue has seqs 1..=3 of its own.
+        d.handle_login(0);
+        for seq in 1..=3 {
+            assert_eq!(d.handle_delivery(seq, msg(100 + seq as u8), true), Verdict::Deliver);
+        }
+        assert_eq!(d.handle_app_ack(1), Some(1), "acked although below the old broker's 50");
+        assert_eq!(d.handle_app_ack(3), Some(3));
+        // A redelivery there of something seen at the old broker is dropped
+        // by identity and acknowledged at its new seq.
+        assert_eq!(d.handle_delivery(4, msg(7), true), Verdict::DropAndAck(4));
+    }
+
+    #[test]
+    fn an_item_from_an_earlier_connection_is_acked_at_its_new_seq_once_the_app_acks_it() {
+        let mut d = Dedup::new(100, 0);
+        assert_eq!(d.handle_delivery(40, msg(1), true), Verdict::Deliver);
+        assert_eq!(d.handle_delivery(41, msg(2), true), Verdict::Deliver);
+        // Failover while the application still holds both; the new broker
+        // pushes them again as 1 and 2, then a new item 3.
+        d.handle_login(0);
+        assert_eq!(d.handle_delivery(1, msg(1), true), Verdict::Drop, "the app has not processed it");
         assert_eq!(d.handle_delivery(2, msg(2), true), Verdict::Drop);
+        assert_eq!(d.handle_delivery(3, msg(3), true), Verdict::Deliver);
+        // The app acks with the old connection's seqs; the client translates.
+        assert_eq!(d.handle_app_ack(40), Some(1));
+        assert_eq!(d.handle_app_ack(41), Some(2), "3 is still with the app");
+        assert_eq!(d.handle_app_ack(3), Some(3));
     }
 
     #[test]
@@ -172,7 +276,7 @@ mod tests {
         let mut d = Dedup::new(100, 0);
         assert_eq!(d.handle_delivery(1, msg(1), true), Verdict::Deliver);
         assert_eq!(d.handle_delivery(2, msg(2), true), Verdict::Deliver);
-        assert_eq!(d.handle_login(0), None);
+        d.handle_login(0);
         // Seq 1 and 2 are still with the application: acking them now would
         // delete them from the broker before they are processed.
         assert_eq!(d.handle_delivery(1, msg(1), true), Verdict::Drop);
@@ -212,6 +316,14 @@ mod tests {
     }
 
     #[test]
+    fn acks_never_go_beyond_what_this_connection_delivered() {
+        let mut d = Dedup::new(100, 10);
+        assert_eq!(d.handle_app_ack(1_000), None, "nothing delivered yet");
+        assert_eq!(d.handle_delivery(11, msg(1), true), Verdict::Deliver);
+        assert_eq!(d.handle_app_ack(u64::MAX), Some(11));
+    }
+
+    #[test]
     fn a_full_buffer_holds_everything_from_the_first_discarded_seq() {
         let mut d = Dedup::new(100, 0);
         assert_eq!(d.handle_delivery(1, msg(1), true), Verdict::Deliver);
@@ -223,7 +335,7 @@ mod tests {
         assert_eq!(d.handle_delivery(4, msg(1), true), Verdict::Drop);
         assert_eq!(d.handle_app_ack(1), Some(1), "only up to what the app had");
         // After a fresh login the discarded items come again and are new.
-        assert_eq!(d.handle_login(1), None);
+        d.handle_login(1);
         assert!(!d.holding());
         assert_eq!(d.handle_delivery(2, msg(2), true), Verdict::Deliver);
         assert_eq!(d.handle_delivery(3, msg(3), true), Verdict::Deliver);

@@ -97,6 +97,14 @@ pub enum SendError {
     /// Bad input on this side.
     #[error("{0}")]
     Invalid(String),
+    /// The client is reconnecting and already holds `max` sends waiting for
+    /// a broker ([`ClientConfig::max_offline_sends`](crate::ClientConfig::max_offline_sends));
+    /// nothing was queued. Send again once the client is connected.
+    #[error("not connected and {max} sends already wait for the reconnect; nothing was queued")]
+    Backlogged {
+        /// The configured maximum.
+        max: usize,
+    },
     /// The body is larger than the broker accepts (`Challenge.max_body_len`);
     /// nothing was sent.
     #[error("message body of {len} bytes exceeds the broker's maximum of {max}")]

@@ -63,23 +63,34 @@ enum Command {
     },
     /// Receive messages, printing one line each, and acknowledge them.
     Recv {
-        /// Exit 0 once this many messages arrived (default: run until --timeout or Ctrl-C).
+        /// Exit 0 once this many lines were printed: messages, and with
+        /// --receipts delivery receipts too (default: run until --timeout or Ctrl-C).
         #[arg(long)]
         count: Option<u64>,
-        /// Give up after this many seconds (exit status 3 if --count was not reached).
-        #[arg(long)]
-        timeout: Option<f64>,
-        /// One JSON object per line: id, from, from_device, to, seq, sent_at_ms, text.
+        /// Give up after this many seconds (fractions allowed; exit status 3
+        /// if --count was not reached). `inf` waits without a limit, like
+        /// leaving it out.
+        #[arg(long, value_name = "SECS|inf", value_parser = parse_timeout)]
+        timeout: Option<Duration>,
+        /// One JSON object per line: id, from, from_device, to, seq, sent_at_ms,
+        /// text; receipts (with --receipts) have receipt, handle, device, seq,
+        /// delivered_at_ms.
         #[arg(long)]
         json: bool,
-        /// Also print delivery receipts for messages this device sent.
+        /// Also print delivery receipts for messages this device sent (they
+        /// count towards --count).
         #[arg(long)]
         receipts: bool,
     },
-    /// List a user's devices (default: your own).
+    /// List a user's devices (default: your own), with the time each was
+    /// added (RFC 3339, UTC).
     Devices {
         /// The handle.
         user: Option<String>,
+        /// One JSON object per device and line: handle, device_id, public_key
+        /// (hex), added_at_ms (ms since the Unix epoch).
+        #[arg(long)]
+        json: bool,
     },
     /// Show this profile's identity.
     Whoami,
@@ -100,6 +111,37 @@ enum Command {
         /// Token printed by `tern approve` on an existing device.
         token: String,
     },
+}
+
+/// `--timeout`: seconds, or `inf` for no limit ([`Duration::MAX`]).
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    if matches!(text.to_ascii_lowercase().as_str(), "inf" | "infinity") {
+        return Ok(Duration::MAX);
+    }
+    let secs: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds (or `inf`)"))?;
+    if secs.is_nan() || secs < 0.0 {
+        return Err(format!("{text} is not a number of seconds >= 0 (or `inf`)"));
+    }
+    // Beyond what a Duration holds is as good as no limit.
+    Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+}
+
+/// Milliseconds since the Unix epoch as an RFC 3339 UTC time with
+/// milliseconds, `2025-01-31T12:00:00.000Z` (the raw number if out of range).
+fn rfc3339_ms(ms: u64) -> String {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
+        return format!("{ms} ms");
+    };
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 fn config(args: &Args) -> anyhow::Result<ClientConfig> {
@@ -169,13 +211,21 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let client = connect(&args, &profile).await?;
             return recv(&client, *count, *timeout, *json, *receipts).await;
         }
-        Command::Devices { user } => {
+        Command::Devices { user, json } => {
             let client = connect(&args, &profile).await?;
             let handle = user.clone().unwrap_or_else(|| client.identity().handle.clone());
             let list = client.devices(&handle).await.with_context(|| format!("devices of {handle}"))?;
             client.close().await;
             for d in list.devices {
-                println!("{}/{}  {}  added {}", handle, d.device_id, hex::encode(&d.public_key), d.added_at_ms);
+                let key = hex::encode(&d.public_key);
+                if *json {
+                    let line = serde_json::json!({
+                        "handle": handle, "device_id": d.device_id, "public_key": key, "added_at_ms": d.added_at_ms,
+                    });
+                    println!("{line}");
+                } else {
+                    println!("{handle}/{}  {key}  added {}", d.device_id, rfc3339_ms(d.added_at_ms));
+                }
             }
         }
         Command::Whoami => match profile.identity()? {
@@ -223,11 +273,12 @@ async fn connect(args: &Args, profile: &Profile) -> anyhow::Result<Client> {
 async fn recv(
     client: &Client,
     count: Option<u64>,
-    timeout: Option<f64>,
+    timeout: Option<Duration>,
     json: bool,
     receipts: bool,
 ) -> anyhow::Result<ExitCode> {
-    let deadline = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    // No deadline for `inf` (or anything too far off to represent).
+    let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
     let mut got = 0u64;
     let mut stdout = std::io::stdout().lock();
     while count.is_none_or(|n| got < n) {
@@ -244,7 +295,9 @@ async fn recv(
         let Some(item) = item else {
             client.close().await;
             if let Some(n) = count {
-                eprintln!("tern: timed out after {:.1} s with {got} of {n} messages", timeout.unwrap_or(0.0));
+                let what = if receipts { "messages and receipts" } else { "messages" };
+                let secs = timeout.unwrap_or_default().as_secs_f64();
+                eprintln!("tern: timed out after {secs:.1} s with {got} of {n} {what}");
                 return Ok(ExitCode::from(3));
             }
             return Ok(ExitCode::SUCCESS);
@@ -275,6 +328,7 @@ async fn recv(
                     } else {
                         writeln!(stdout, "delivered {message_id} to {handle}/{device}")?;
                     }
+                    got += 1;
                 }
             }
         }
@@ -283,4 +337,28 @@ async fn recv(
     }
     client.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_seconds_or_inf() {
+        assert_eq!(parse_timeout("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_timeout("0"), Ok(Duration::ZERO));
+        for inf in ["inf", "INF", "infinity", "1e400"] {
+            assert_eq!(parse_timeout(inf), Ok(Duration::MAX), "{inf}");
+        }
+        for bad in ["nan", "-1", "", "10s"] {
+            assert!(parse_timeout(bad).unwrap_err().contains("inf"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dates_are_rfc3339_utc_with_milliseconds() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_ms(u64::MAX), format!("{} ms", u64::MAX));
+    }
 }

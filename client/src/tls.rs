@@ -6,6 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::{pem::PemObject, CertificateDer};
+
 use crate::ClientError;
 
 /// A QUIC endpoint (one UDP socket) that several [`Client`](crate::Client)s
@@ -35,7 +37,7 @@ pub(crate) fn endpoint(ca: &Path, idle_timeout: Duration, ipv6: bool) -> Result<
     let bad = |reason: String| ClientError::Ca { path: ca.display().to_string(), reason };
     let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
     }
     if roots.is_empty() {

@@ -1,6 +1,7 @@
 //! End to end through the binaries: a `tern-broker` process and two `tern`
 //! profiles exchanging messages, online and offline, with JSON output,
-//! receipts, a timeout, device linking and clear errors.
+//! receipts, timeouts (`inf` included), device linking, device lists with
+//! human dates, and clear errors.
 //!
 //! Needs `tern-broker` built next to `tern` (`cargo build --workspace --bins`,
 //! which `scripts/test.sh` runs first).
@@ -134,6 +135,7 @@ fn linking_a_second_device_and_errors_that_say_what_to_do() {
     assert_eq!(ok(tern(&b, &laptop, &["link", "bob", &token])).trim(), "linked as bob (device 2)");
     let devices = ok(tern(&b, &alice, &["devices", "bob"]));
     assert_eq!(devices.lines().count(), 2, "{devices}");
+    assert_device_list(&devices, &ok(tern(&b, &alice, &["devices", "bob", "--json"])), &key);
 
     ok(tern(&b, &alice, &["send", "bob", "to both"]));
     for profile in [&bob, &laptop] {
@@ -160,4 +162,87 @@ fn linking_a_second_device_and_errors_that_say_what_to_do() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach broker 127.0.0.1:1"), "{stderr}");
+}
+
+/// `tern devices` prints `HANDLE/ID  KEY  added <RFC 3339 UTC>`; `--json`
+/// keeps the raw milliseconds.
+fn assert_device_list(text: &str, json: &str, second_key: &str) {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "{json}");
+    assert_eq!(rows[1]["public_key"], second_key);
+    for (line, row) in text.lines().zip(&rows) {
+        let added_at_ms = row["added_at_ms"].as_u64().unwrap();
+        assert!(now_ms.saturating_sub(added_at_ms) < 600_000, "added just now: {row}");
+        let (head, date) = line.split_once("  added ").unwrap_or_else(|| panic!("{line:?}"));
+        assert_eq!(head, format!("bob/{}  {}", row["device_id"], row["public_key"].as_str().unwrap()));
+        // 2025-01-31T12:00:00.000Z: digits where digits belong, and the milliseconds of the raw value.
+        let shape = date.bytes().enumerate().all(|(i, c)| match i {
+            4 | 7 => c == b'-',
+            10 => c == b'T',
+            13 | 16 => c == b':',
+            19 => c == b'.',
+            23 => c == b'Z',
+            _ => c.is_ascii_digit(),
+        });
+        assert!(shape && date.len() == 24, "not RFC 3339: {line:?}");
+        assert_eq!(&date[20..23], format!("{:03}", added_at_ms % 1000).as_str(), "{line:?}");
+        assert!(date.starts_with("20"), "{line:?}");
+    }
+}
+
+fn spawn_tern(b: &Broker, profile: &Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["--broker", &b.addr, "--ca"])
+        .arg(&b.ca)
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` to exit, killing it (and failing) after `limit`.
+fn wait_at_most(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tern did not exit within {limit:?}: {:?}", child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn recv_timeout_inf_and_receipts_counted_by_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start_broker(&dir.path().join("broker"));
+    let alice = dir.path().join("alice");
+    let bob = dir.path().join("bob");
+    ok(tern(&b, &alice, &["register", "alice"]));
+    ok(tern(&b, &bob, &["register", "bob"]));
+
+    // `--timeout inf` waits with no limit (it used to panic).
+    let waiting = spawn_tern(&b, &bob, &["recv", "--count", "1", "--timeout", "inf"]);
+    let id = ok(tern(&b, &alice, &["send", "bob", "no hurry"])).trim().to_owned();
+    assert_eq!(ok(wait_at_most(waiting, Duration::from_secs(30))).trim(), "alice: no hurry");
+
+    // A timeout that is not a duration is refused up front, naming the flag.
+    for bad in ["nan", "-1", "soon"] {
+        let out = tern(&b, &bob, &["recv", &format!("--timeout={bad}")]);
+        assert_eq!(out.status.code(), Some(2), "--timeout {bad}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--timeout") && stderr.contains("inf"), "{stderr}");
+    }
+
+    // With --receipts, --count counts the receipts it prints.
+    let out = ok(tern(&b, &alice, &["recv", "--receipts", "--count", "1", "--timeout", "20", "--json"]));
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["receipt"], id.as_str());
+    assert_eq!(lines[0]["handle"], "bob");
 }

@@ -26,22 +26,35 @@ pub(crate) struct Cli {
 }
 
 impl Cli {
-    pub(crate) fn common(&self) -> &Common {
+    /// The flags shared with the other scenarios; `chaos` has its own
+    /// (it starts the brokers itself, so it takes no `--target`).
+    pub(crate) fn common(&self) -> Option<&Common> {
         match &self.scenario {
-            Scenario::Chat(a) => &a.common,
-            Scenario::Max(a) => &a.common,
-            Scenario::Offline(a) => &a.common,
-            Scenario::Connections(a) => &a.common,
-            Scenario::Storm(a) => &a.common,
+            Scenario::Chat(a) => Some(&a.common),
+            Scenario::Max(a) => Some(&a.common),
+            Scenario::Offline(a) => Some(&a.common),
+            Scenario::Connections(a) => Some(&a.common),
+            Scenario::Storm(a) => Some(&a.common),
+            Scenario::Chaos(_) => None,
+        }
+    }
+
+    /// `--quiet` and `--json` of any scenario.
+    pub(crate) fn output(&self) -> (bool, Option<PathBuf>) {
+        match (&self.scenario, self.common()) {
+            (Scenario::Chaos(a), _) => (a.quiet, a.json.clone()),
+            (_, Some(c)) => (c.quiet, c.json.clone()),
+            (_, None) => (false, None),
         }
     }
 
     /// Runtime worker threads (`--threads`, default: the number of CPUs).
     pub(crate) fn threads(&self) -> usize {
-        self.common()
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
-            .max(1)
+        let threads = match &self.scenario {
+            Scenario::Chaos(a) => a.threads,
+            _ => self.common().and_then(|c| c.threads),
+        };
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)).max(1)
     }
 }
 
@@ -65,6 +78,15 @@ pub(crate) enum Scenario {
     /// USERS connected clients drop and reconnect, spread over --window
     /// seconds; reports the time until every one is served again.
     Storm(StormArgs),
+    /// Starts a mesh of --brokers tern-broker processes on loopback and runs
+    /// the chat workload over it (users spread over the brokers, each
+    /// failing over to the others) while brokers are SIGKILLed and
+    /// restarted, links between them cut, and brokers paused (SIGSTOP)
+    /// longer than the failure detector's timeout. After a quiet drain it
+    /// fails (exit 1) if any acknowledged message was lost, or any message
+    /// delivered twice or out of order. The fault schedule is drawn from
+    /// --seed (printed), so a failing run can be repeated.
+    Chaos(ChaosArgs),
 }
 
 /// Flags every scenario takes.
@@ -118,6 +140,19 @@ pub(crate) struct Common {
     /// Async runtime worker threads (default: number of CPUs).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
+    /// tern:// only: each user's client also lists the other --targets
+    /// (after its own, in rotation) and moves to the next when its broker
+    /// fails. Without it a user only ever uses its own target, so a slow
+    /// broker is not hidden by failing over.
+    #[arg(long)]
+    pub(crate) failover: bool,
+    /// Seconds a connection may be silent before it counts as broken (QUIC
+    /// idle timeout; keep-alives go at a third of it).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub(crate) idle_timeout: f64,
+    /// Seconds to wait for one connection's handshake.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub(crate) connect_timeout: f64,
 }
 
 impl Common {
@@ -198,6 +233,91 @@ pub(crate) struct StormArgs {
     /// Reconnects are spread uniformly over this many seconds.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     pub(crate) window: f64,
+}
+
+/// A kind of fault `chaos` injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Fault {
+    /// SIGKILL a random broker every 2-5 s; restart it on its data
+    /// directory and port 0.5-2 s later.
+    Kill,
+    /// Cut a random peer link (`POST /mesh/sever/{node}?secs=N` on one
+    /// end's admin port) for 1-4 s, every 2-4 s.
+    Sever,
+    /// SIGSTOP a random broker for 8-11 s (longer than the failure
+    /// detector takes to declare it down), then SIGCONT.
+    Pause,
+}
+
+/// Flags of `chaos`.
+#[derive(Debug, Args)]
+pub(crate) struct ChaosArgs {
+    /// The tern-broker binary to run.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) broker_bin: PathBuf,
+    /// Directory for the brokers' certificates, data and logs (made if
+    /// missing; must be empty). Kept after the run.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+    /// Brokers in the mesh.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=9))]
+    pub(crate) brokers: u32,
+    /// Seconds of chaos, with the load running. Split into 60 s rounds:
+    /// kills for half of each, link cuts for a fifth, pauses for the rest.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub(crate) duration: f64,
+    /// Aggregate messages per second over all users.
+    #[arg(long, default_value_t = 500.0, value_name = "MSGS_PER_S")]
+    pub(crate) rate: f64,
+    /// Seed of the fault schedule (default: random, printed).
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Faults to inject (comma-separated); a round skips the phases of
+    /// the others.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,sever,pause")]
+    pub(crate) faults: Vec<Fault>,
+    /// Token for the brokers' admin endpoints: passed to each broker as
+    /// TERN_ADMIN_TOKEN and sent as `Authorization: Bearer` (default: a
+    /// random one per run).
+    #[arg(long, value_name = "TOKEN")]
+    pub(crate) admin_token: Option<String>,
+    /// Log filter for the brokers (their TERN_LOG); logs go to DIR/logs.
+    #[arg(long, default_value = "info", value_name = "FILTER")]
+    pub(crate) broker_log: String,
+    /// Seconds to keep watching after every acknowledged message has
+    /// arrived, so late duplicates and reorders show.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    pub(crate) settle: f64,
+    /// Number of users (each one connection), spread over the brokers.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(2..=100_000))]
+    pub(crate) users: u32,
+    /// Message body size in bytes (at least 23).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(23..=1_048_576))]
+    pub(crate) body_bytes: u32,
+    /// Write the report as JSON to FILE (`-` for standard output).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json: Option<PathBuf>,
+    /// No progress and no summary table (the JSON is still written).
+    #[arg(long, short)]
+    pub(crate) quiet: bool,
+    /// Seconds to wait for each durable ack before counting a Timeout.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub(crate) ack_timeout: f64,
+    /// Seconds to wait, after the chaos, for acks and deliveries before
+    /// counting the missing ones as lost.
+    #[arg(long, default_value_t = 120.0, value_name = "SECS")]
+    pub(crate) drain_timeout: f64,
+    /// The clients' QUIC idle timeout: how soon a user notices a paused or
+    /// vanished broker and moves to the next.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    pub(crate) idle_timeout: f64,
+    /// Seconds to wait for one handshake (a dead or paused broker).
+    #[arg(long, default_value_t = 3.0, value_name = "SECS")]
+    pub(crate) connect_timeout: f64,
+    /// Async runtime worker threads (default: number of CPUs).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
 }
 
 #[cfg(test)]

@@ -3,7 +3,10 @@
 //! delivered more than once (duplicated), delivered behind a later message of
 //! the same sender (reordered), or not delivered at all (lost). Latencies go
 //! into HdrHistograms, for the whole run and for the current interval (the
-//! `max` scenario's stages).
+//! `max` scenario's stages). For runs that hunt for defects (`chaos`), the
+//! ledger also keeps when each message was sent and acknowledged, and the
+//! first few anomalies in detail, so a loss can be matched to the fault
+//! that caused it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -41,6 +44,37 @@ struct SenderBook {
     next_seq: u64,
     acked: Bits,
     delivered: Bits,
+    /// With a timeline: per seq, (sent, acked) in ms since the epoch (acked
+    /// 0 until the ack).
+    times: Vec<(u32, u32)>,
+}
+
+/// Anomalies kept in detail (the counts are always complete).
+pub(crate) const MAX_ANOMALIES: usize = 100;
+
+/// One message that was lost, duplicated or reordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct Anomaly {
+    /// `lost`, `duplicated` or `reordered`.
+    pub(crate) kind: &'static str,
+    /// Sending user.
+    pub(crate) sender: u32,
+    /// Its number in the sender's stream.
+    pub(crate) seq: u64,
+    /// Receiving user (`None` for a loss: the ledger does not know whom it
+    /// was for; the scenario does).
+    pub(crate) receiver: Option<u32>,
+    /// Reordered: the later message of the same sender delivered before it.
+    pub(crate) after_seq: Option<u64>,
+    /// Whether the send was acknowledged (by the time of the anomaly).
+    pub(crate) acked: bool,
+    /// When it was sent, ms since the run's epoch (with a timeline).
+    pub(crate) sent_ms: Option<u32>,
+    /// When it was acknowledged, ms since the epoch (with a timeline).
+    pub(crate) acked_ms: Option<u32>,
+    /// When the anomaly showed (the delivery), ms since the epoch; for a
+    /// loss, when it was counted.
+    pub(crate) at_ms: u32,
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +124,14 @@ pub(crate) struct Ledger {
     duplicated: AtomicU64,
     reordered: AtomicU64,
     foreign: AtomicU64,
+    /// Acknowledged messages delivered at least once.
+    acked_delivered: AtomicU64,
+    /// Clients that stopped for good and were replaced by a new login.
+    client_restarts: AtomicU64,
     last_delivery_ns: AtomicU64,
+    /// Keep (sent, acked) times per message.
+    timeline: bool,
+    anomalies: Mutex<Vec<Anomaly>>,
 }
 
 /// Counters at one moment, for progress and stage decisions.
@@ -100,6 +141,9 @@ pub(crate) struct Counts {
     pub(crate) acked: u64,
     pub(crate) failed: u64,
     pub(crate) delivered: u64,
+    /// Acknowledged messages delivered at least once: when it reaches
+    /// `acked`, nothing acknowledged is missing.
+    pub(crate) acked_delivered: u64,
 }
 
 /// The final accounting of acknowledged messages.
@@ -130,6 +174,16 @@ pub(crate) struct Accounting {
 
 impl Ledger {
     pub(crate) fn new(users: usize) -> Self {
+        Self::build(users, false)
+    }
+
+    /// A ledger that also keeps when each message was sent and acknowledged
+    /// (8 bytes a message), for [`Ledger::lost`].
+    pub(crate) fn with_timeline(users: usize) -> Self {
+        Self::build(users, true)
+    }
+
+    fn build(users: usize, timeline: bool) -> Self {
         let v = |n: usize, f: fn() -> Latencies| (0..n).map(|_| Mutex::new(f())).collect();
         Self {
             epoch: Instant::now(),
@@ -146,8 +200,67 @@ impl Ledger {
             duplicated: AtomicU64::new(0),
             reordered: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
+            acked_delivered: AtomicU64::new(0),
+            client_restarts: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
+            timeline,
+            anomalies: Mutex::default(),
         }
+    }
+
+    fn now_ms(&self) -> u32 {
+        (self.now_ns() / 1_000_000).min(u64::from(u32::MAX)) as u32
+    }
+
+    fn note(&self, anomaly: Anomaly) {
+        let mut list = self.anomalies.lock().expect("ledger lock");
+        if list.len() < MAX_ANOMALIES {
+            list.push(anomaly);
+        }
+    }
+
+    /// The anomalies kept in detail (the first [`MAX_ANOMALIES`]).
+    pub(crate) fn anomalies(&self) -> Vec<Anomaly> {
+        self.anomalies.lock().expect("ledger lock").clone()
+    }
+
+    /// A client stopped for good and was replaced by a new login.
+    pub(crate) fn client_restarted(&self) {
+        self.client_restarts.fetch_add(1, Relaxed);
+    }
+
+    /// How many clients were replaced (see [`Ledger::client_restarted`]).
+    pub(crate) fn client_restarts(&self) -> u64 {
+        self.client_restarts.load(Relaxed)
+    }
+
+    /// The first `max` acknowledged messages never delivered, in detail.
+    pub(crate) fn lost(&self, max: usize) -> Vec<Anomaly> {
+        let at_ms = self.now_ms();
+        let mut out = Vec::new();
+        for (sender, book) in self.senders.iter().enumerate() {
+            let book = book.lock().expect("ledger lock");
+            for seq in 0..book.next_seq {
+                if out.len() >= max {
+                    return out;
+                }
+                if book.acked.get(seq) && !book.delivered.get(seq) {
+                    let times = book.times.get(seq as usize).copied();
+                    out.push(Anomaly {
+                        kind: "lost",
+                        sender: sender as u32,
+                        seq,
+                        receiver: None,
+                        after_seq: None,
+                        acked: true,
+                        sent_ms: times.map(|t| t.0),
+                        acked_ms: times.map(|t| t.1),
+                        at_ms,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Nanoseconds since the run's epoch.
@@ -170,6 +283,9 @@ impl Ledger {
         let mut book = self.senders[sender as usize].lock().expect("ledger lock");
         let seq = book.next_seq;
         book.next_seq += 1;
+        if self.timeline {
+            book.times.push(((sent_ns / 1_000_000).min(u64::from(u32::MAX)) as u32, 0));
+        }
         self.sent.fetch_add(1, Relaxed);
         Stamp { sender, seq, sent_ns }
     }
@@ -177,7 +293,16 @@ impl Ledger {
     /// Records the durable ack of `stamp`.
     pub(crate) fn acked(&self, stamp: Stamp) {
         let now = self.now_ns();
-        self.senders[stamp.sender as usize].lock().expect("ledger lock").acked.set(stamp.seq);
+        {
+            let mut book = self.senders[stamp.sender as usize].lock().expect("ledger lock");
+            book.acked.set(stamp.seq);
+            if book.delivered.get(stamp.seq) {
+                self.acked_delivered.fetch_add(1, Relaxed);
+            }
+            if let Some(t) = book.times.get_mut(stamp.seq as usize) {
+                t.1 = (now / 1_000_000).min(u64::from(u32::MAX)) as u32;
+            }
+        }
         self.acked.fetch_add(1, Relaxed);
         if stamp.sent_ns >= self.timed_from_ns.load(Relaxed) {
             let us = now.saturating_sub(stamp.sent_ns) / 1000;
@@ -204,17 +329,31 @@ impl Ledger {
             self.foreign.fetch_add(1, Relaxed);
             return;
         };
-        if sender.lock().expect("ledger lock").delivered.set(stamp.seq) {
-            self.duplicated.fetch_add(1, Relaxed);
-            return;
-        }
+        let (acked, times) = {
+            let mut book = sender.lock().expect("ledger lock");
+            let acked = book.acked.get(stamp.seq);
+            let times = book.times.get(stamp.seq as usize).copied();
+            if book.delivered.set(stamp.seq) {
+                drop(book);
+                self.duplicated.fetch_add(1, Relaxed);
+                self.note(self.anomaly("duplicated", stamp, receiver, None, acked, times));
+                return;
+            }
+            if acked {
+                self.acked_delivered.fetch_add(1, Relaxed);
+            }
+            (acked, times)
+        };
         self.delivered.fetch_add(1, Relaxed);
         self.last_delivery_ns.fetch_max(now, Relaxed);
         if let Some(book) = self.receivers.get(receiver as usize) {
             let mut book = book.lock().expect("ledger lock");
             let last = book.last.entry(stamp.sender).or_insert(stamp.seq);
             if stamp.seq < *last {
+                let after = *last;
+                drop(book);
                 self.reordered.fetch_add(1, Relaxed);
+                self.note(self.anomaly("reordered", stamp, receiver, Some(after), acked, times));
             } else {
                 *last = stamp.seq;
             }
@@ -227,12 +366,35 @@ impl Ledger {
         }
     }
 
+    fn anomaly(
+        &self,
+        kind: &'static str,
+        stamp: Stamp,
+        receiver: u32,
+        after_seq: Option<u64>,
+        acked: bool,
+        times: Option<(u32, u32)>,
+    ) -> Anomaly {
+        Anomaly {
+            kind,
+            sender: stamp.sender,
+            seq: stamp.seq,
+            receiver: Some(receiver),
+            after_seq,
+            acked,
+            sent_ms: times.map(|t| t.0),
+            acked_ms: times.map(|t| t.1).filter(|&t| t > 0),
+            at_ms: self.now_ms(),
+        }
+    }
+
     pub(crate) fn counts(&self) -> Counts {
         Counts {
             sent: self.sent.load(Relaxed),
             acked: self.acked.load(Relaxed),
             failed: self.failed.load(Relaxed),
             delivered: self.delivered.load(Relaxed),
+            acked_delivered: self.acked_delivered.load(Relaxed),
         }
     }
 

@@ -35,12 +35,27 @@ impl Progress {
         self.0.set_message(msg);
     }
 
-    /// Prints a line above the bar (or to stderr when hidden and not quiet).
+    /// Prints a line above the bar (nothing when the bar is hidden).
     pub(crate) fn println(&self, line: &str) {
         if self.0.is_hidden() {
             return;
         }
         self.0.println(line);
+    }
+
+    /// Prints a line above the bar, or on stderr when the bar is hidden
+    /// but the run is not `--quiet` (output to a file or a CI log).
+    pub(crate) fn log(&self, quiet: bool, line: &str) {
+        if !self.0.is_hidden() {
+            self.0.println(line);
+        } else if !quiet {
+            eprintln!("{line}");
+        }
+    }
+
+    /// Whether nothing is drawn (quiet, or stderr is not a terminal).
+    pub(crate) fn is_hidden(&self) -> bool {
+        self.0.is_hidden()
     }
 
     pub(crate) fn finish(&self) {

@@ -7,7 +7,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::ledger::Accounting;
+use crate::ledger::{Accounting, Anomaly};
 use crate::LoadError;
 
 /// Percentiles of one latency histogram, in microseconds.
@@ -121,6 +121,72 @@ pub(crate) struct StormResult {
     pub(crate) reconnect_ms: LatencySummary,
 }
 
+/// One fault a `chaos` run injected, as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ChaosEvent {
+    /// Seconds since the load started.
+    pub(crate) at_s: f64,
+    /// Time of day (UTC) as the brokers' logs print it.
+    pub(crate) utc: String,
+    /// `kill`, `restart`, `sever`, `pause`, `resume`, or `exited` (a broker
+    /// that stopped by itself).
+    pub(crate) kind: &'static str,
+    /// The broker it was done to (for `sever`: the one asked).
+    pub(crate) node: String,
+    /// What else there is to say: the link cut and for how long, the start
+    /// number, how long a pause lasted.
+    pub(crate) detail: String,
+    /// Why it did not work, if it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<String>,
+}
+
+/// One broker's outbox after the drain (`GET /mesh`).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct OutboxLeft {
+    pub(crate) node: String,
+    /// Queues held for devices with no known location.
+    pub(crate) held_queues: u64,
+    /// Queues still being shipped to other brokers.
+    pub(crate) outbox_queues: u64,
+    /// Entries shipped and not yet acknowledged.
+    pub(crate) outbox_in_flight: u64,
+}
+
+/// Result of `chaos`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct ChaosResult {
+    /// Seed of the fault schedule (`--seed` repeats it).
+    pub(crate) seed: u64,
+    pub(crate) brokers: usize,
+    pub(crate) faults: Vec<crate::cli::Fault>,
+    /// Seconds of chaos (and of sending).
+    pub(crate) chaos_s: f64,
+    /// Seconds from the end of the chaos until every acknowledged message
+    /// had arrived (or the drain timed out), plus the settle time.
+    pub(crate) drain_s: f64,
+    pub(crate) kills: u64,
+    pub(crate) pauses: u64,
+    pub(crate) severs: u64,
+    /// Faults that could not be injected (a sever the admin port refused).
+    pub(crate) failed_faults: u64,
+    /// Brokers that exited without being killed (a crash).
+    pub(crate) unexpected_exits: u64,
+    /// Clients that stopped for good and were replaced by a new login.
+    pub(crate) client_restarts: u64,
+    /// Acknowledged messages still missing at the end.
+    pub(crate) missing_at_end: u64,
+    /// Whether nothing acknowledged was lost, nothing duplicated, nothing
+    /// reordered, and no broker crashed.
+    pub(crate) passed: bool,
+    /// Where the brokers' data and logs are.
+    pub(crate) dir: String,
+    pub(crate) events: Vec<ChaosEvent>,
+    /// The first anomalies in detail, times in ms since the load started.
+    pub(crate) anomalies: Vec<Anomaly>,
+    pub(crate) outboxes_after_drain: Vec<OutboxLeft>,
+}
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Report {
@@ -150,9 +216,25 @@ pub(crate) struct Report {
     pub(crate) connections: Option<ConnectionsResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) storm: Option<StormResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) chaos: Option<ChaosResult>,
 }
 
 impl Report {
+    /// Why the run failed (exit status 1), if it did: acknowledged messages
+    /// lost; for `chaos` also any duplicate, reorder or broker crash.
+    pub(crate) fn failure(&self) -> Option<String> {
+        let a = &self.accounting;
+        if let Some(c) = self.chaos.as_ref().filter(|c| !c.passed) {
+            return Some(format!(
+                "chaos run failed: {} lost, {} duplicated, {} reordered, {} broker crash(es), {} acknowledged \
+                 (seed {}; data and logs in {})",
+                a.lost, a.duplicated, a.reordered, c.unexpected_exits, a.acked, c.seed, c.dir
+            ));
+        }
+        (a.lost > 0).then(|| format!("{} acknowledged message(s) were never delivered (see `lost` above)", a.lost))
+    }
+
     /// Writes the JSON to `path` (`-`: standard output).
     pub(crate) fn write_json(&self, path: &Path) -> Result<(), LoadError> {
         let json = serde_json::to_string_pretty(self).map_err(|e| LoadError::Io(e.to_string()))?;
@@ -268,6 +350,9 @@ impl Report {
                 s.served, s.clients, s.failed, s.all_served_s, s.window_s, s.reconnect_ms.p50, s.reconnect_ms.p99, s.reconnect_ms.max
             );
         }
+        if let Some(c) = &self.chaos {
+            out += &chaos_table(self, c);
+        }
         if let Some(b) = &self.broker {
             let pids: Vec<String> = b.pids.iter().map(u32::to_string).collect();
             let who = if b.brokers > 1 {
@@ -285,4 +370,59 @@ impl Report {
         }
         out
     }
+}
+
+/// The `chaos` summary: faults, the accounting and delivery latency in one
+/// row, then the verdict.
+fn chaos_table(r: &Report, c: &ChaosResult) -> String {
+    let a = &r.accounting;
+    let faults: Vec<String> = c.faults.iter().map(|f| format!("{f:?}").to_lowercase()).collect();
+    let mut out = format!(
+        "chaos: {} brokers, {:.0} s of {} (seed {}), then {:.1} s of drain\n",
+        c.brokers,
+        c.chaos_s,
+        faults.join(", "),
+        c.seed,
+        c.drain_s
+    );
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header([
+        "kills",
+        "pauses",
+        "severs",
+        "sent",
+        "acked",
+        "delivered",
+        "lost",
+        "duplicated",
+        "reordered",
+        "p50 ms",
+        "p99 ms",
+    ]);
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
+    let cells = [c.kills, c.pauses, c.severs, a.sent, a.acked, a.delivered, a.lost, a.duplicated, a.reordered]
+        .into_iter()
+        .map(|n| n.to_string())
+        .chain([ms(r.deliver_latency_us.p50), ms(r.deliver_latency_us.p99)])
+        .map(|v| Cell::new(v).set_alignment(CellAlignment::Right));
+    t.add_row(cells);
+    out += &format!("{t}\n(latency: send -> first delivery)\n");
+    out += &format!(
+        "failed sends {} (not counted as lost), delivered though unacknowledged {}, client restarts {}, \
+         broker crashes {}, faults not injected {}\n",
+        a.failed, a.delivered_unacked, c.client_restarts, c.unexpected_exits, c.failed_faults
+    );
+    for o in c.outboxes_after_drain.iter().filter(|o| o.held_queues + o.outbox_queues + o.outbox_in_flight > 0) {
+        out += &format!(
+            "after the drain {} still holds {} queue(s) for unknown locations, ships {} queue(s), {} entries unacknowledged\n",
+            o.node, o.held_queues, o.outbox_queues, o.outbox_in_flight
+        );
+    }
+    out += &if c.passed {
+        "PASS: every acknowledged message delivered, none twice, none out of order\n".to_owned()
+    } else {
+        format!("FAIL (seed {}; brokers' data and logs in {})\n", c.seed, c.dir)
+    };
+    out
 }

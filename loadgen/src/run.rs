@@ -69,9 +69,10 @@ impl Run {
             ca: c.ca.clone(),
             run_id: hex::encode(run_id),
             request_timeout: secs("ack-timeout", c.ack_timeout)?,
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: secs("connect-timeout", c.connect_timeout)?,
             endpoints: c.endpoints as usize,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: secs("idle-timeout", c.idle_timeout)?,
+            failover: c.failover,
         };
         let adapter = adapter::open(&targets, &opts, users).await?;
         let broker_pids = if c.broker_pid.is_empty() { find_brokers(&targets, c.quiet) } else { dedup(&c.broker_pid) };
@@ -87,6 +88,18 @@ impl Run {
             cpu_start: None,
             target: targets.to_string(),
         })
+    }
+
+    /// Stops reading broker CPU and memory (their processes are replaced
+    /// during the run, so the figures would mean nothing).
+    pub(crate) fn forget_brokers(&mut self) {
+        self.broker_pids.clear();
+    }
+
+    /// Keeps when each message was sent and acknowledged, so losses can be
+    /// told in detail ([`Ledger::with_timeline`]). Call before any send.
+    pub(crate) fn keep_timeline(&mut self) {
+        self.ledger = Arc::new(Ledger::with_timeline(self.users as usize));
     }
 
     /// Whether the broker processes are known (so CPU and memory can be read).
@@ -161,7 +174,7 @@ impl Run {
         while Instant::now() < deadline {
             let c = self.ledger.counts();
             bar.set_message(format!("draining: {} acked, {} delivered", c.acked, c.delivered));
-            if c.acked + c.failed >= c.sent && c.delivered >= c.acked {
+            if c.acked + c.failed >= c.sent && c.acked_delivered >= c.acked {
                 // Give stragglers (duplicates, late copies) a moment to show.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 return;

@@ -108,4 +108,91 @@ mod tests {
             transcript(Purpose::Login, &[1; 32], &[2; 32], "a", 1, &[0; 32]),
         );
     }
+
+    /// `bytes[0] = start, bytes[1] = start + 1, ...`
+    fn counting(start: u8) -> [u8; 32] {
+        std::array::from_fn(|i| start + i as u8)
+    }
+
+    /// HKDF-Expand-Label of RFC 8446 section 7.1, with SHA-256.
+    fn hkdf_expand_label(secret: &[u8], label: &[u8], context: &[u8], len: usize) -> Vec<u8> {
+        use ring::hmac;
+        let full_label = [b"tls13 ", label].concat();
+        let mut info = (len as u16).to_be_bytes().to_vec();
+        info.push(full_label.len() as u8);
+        info.extend_from_slice(&full_label);
+        info.push(context.len() as u8);
+        info.extend_from_slice(context);
+        // HKDF-Expand (RFC 5869): T(i) = HMAC(secret, T(i-1) || info || i).
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let (mut out, mut t) = (Vec::new(), Vec::new());
+        for i in 1u8.. {
+            if out.len() >= len {
+                break;
+            }
+            t = hmac::sign(&key, &[&t[..], &info, &[i]].concat()).as_ref().to_vec();
+            out.extend_from_slice(&t);
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// The TLS exporter of RFC 8446 section 7.5 for an empty context.
+    fn tls_exporter(exporter_secret: &[u8], label: &[u8], len: usize) -> Vec<u8> {
+        let empty_hash = ring::digest::digest(&ring::digest::SHA256, b"");
+        let derived = hkdf_expand_label(exporter_secret, label, empty_hash.as_ref(), 32);
+        hkdf_expand_label(&derived, b"exporter", empty_hash.as_ref(), len)
+    }
+
+    /// Every value of the test vectors in docs/protocol.md ("Test vectors"),
+    /// computed here with the real transcript code: the test fails if the
+    /// code or the page drifts.
+    #[test]
+    fn the_documented_login_test_vectors_hold() {
+        use ed25519_dalek::{Signer, SigningKey};
+        // Checked once against OpenSSL 3.0 (`s_client -keylogfile` gave the
+        // EXPORTER_SECRET, `-keymatexport EXPORTER-tern/1-auth` the value).
+        let openssl = tls_exporter(
+            &hex::decode("79297748df4e099d378e34d2eaaecd8473357b9b7f4332885a8eadfd39e0e19e").unwrap(),
+            EXPORTER_LABEL,
+            EXPORTER_LEN,
+        );
+        assert_eq!(hex::encode(openssl), "3556e71f33ff4a283a37be919de1bafb26408a4d9e2a6209f9b3877a741dbe9e");
+
+        let exporter: [u8; 32] = tls_exporter(&counting(0x40), EXPORTER_LABEL, EXPORTER_LEN).try_into().unwrap();
+        let nonce = counting(0x80);
+        let key = SigningKey::from_bytes(&counting(0x00));
+        let public_key = key.verifying_key().to_bytes();
+        let login = transcript(Purpose::Login, &exporter, &nonce, "alice", 1, &[0; 32]);
+        let register = transcript(Purpose::Register, &exporter, &nonce, "alice", 0, &public_key);
+        let approver = SigningKey::from_bytes(&counting(0x20));
+        let approval = approval("alice", &public_key, 1_700_000_000_000);
+        let approval_signature = hex::encode(approver.sign(&approval).to_bytes());
+        let values = [
+            ("exporter_master_secret", hex::encode(counting(0x40))),
+            ("exporter", hex::encode(exporter)),
+            ("nonce", hex::encode(nonce)),
+            ("private_key", hex::encode(counting(0x00))),
+            ("public_key", hex::encode(public_key)),
+            ("login_transcript", hex::encode(&login)),
+            ("login_signature", hex::encode(key.sign(&login).to_bytes())),
+            ("register_transcript", hex::encode(&register)),
+            ("register_signature", hex::encode(key.sign(&register).to_bytes())),
+            ("approver_private_key", hex::encode(counting(0x20))),
+            ("approver_public_key", hex::encode(approver.verifying_key().to_bytes())),
+            ("approval", hex::encode(&approval)),
+            ("approval_signature", approval_signature.clone()),
+            ("token", format!("1.1700000000000.{approval_signature}")),
+        ];
+        // The page shows them as `name = hex`, long values wrapped over lines.
+        let doc: String = include_str!("../../docs/protocol.md").split_whitespace().collect();
+        let mut missing = Vec::new();
+        for (name, value) in values {
+            let line = format!("{name}={value}");
+            if !doc.contains(&line) {
+                missing.push(format!("{name} = {value}"));
+            }
+        }
+        assert!(missing.is_empty(), "docs/protocol.md lacks or misstates:\n{}", missing.join("\n"));
+    }
 }

@@ -9,7 +9,9 @@
 //! - [`auth`]: the exact bytes a device signs to log in, register or approve a
 //!   new device, bound to the TLS session through an exporter value;
 //! - [`handle`] and [`MessageId`]: validated identifiers;
-//! - [`ErrorCode`]: the typed error codes every failure is reported with.
+//! - [`ErrorCode`]: the typed error codes every failure is reported with;
+//! - [`shipping`]: the rule by which a broker admits entries shipped to it by
+//!   another broker (gaps refused, order kept across brokers).
 //!
 //! Data flows one way through it: bytes from a QUIC stream go into
 //! [`codec::decode`], which yields a [`pb::ClientFrame`] or [`pb::ServerFrame`];
@@ -20,6 +22,7 @@ pub mod auth;
 pub mod codec;
 pub mod handle;
 mod message_id;
+pub mod shipping;
 
 /// Generated protobuf types for `tern.v1` (see `proto/tern.proto`).
 #[allow(missing_docs, clippy::all, unreachable_pub, missing_debug_implementations)]

@@ -3,10 +3,26 @@
 //! Either end may dial (ALPN `tern-peer/1`, mutual TLS under the cluster CA).
 //! The dialer opens the link stream and both ends send a `PeerHello` first;
 //! the name in it must be the common name of the certificate the peer proved
-//! it holds. Then the link task reads frames and datagrams and hands them to
-//! the [`Mesh`], and writes what the mesh queues for the peer: it blocks for
-//! one outgoing frame, drains every other one already queued, and writes them
-//! with one call, so frames share packets.
+//! it holds. Then three tasks share the link, so none waits for another:
+//!
+//! - the reader hands frames to the [`Mesh`] in link order (for shipped
+//!   entries it waits for the store to take them: the link's backpressure);
+//! - the writer blocks for one outgoing frame the mesh queued, drains every
+//!   other one already queued, and writes them with one call, so frames
+//!   share packets; `ShipAck`s wait up to `ACK_DELAY` to ride along;
+//! - gossip datagrams are read on their own, so failure detection never
+//!   waits for the stream.
+//!
+//! So a write that waits for the peer's flow control never stops the
+//! reading that frees the peer's own writes: two brokers shipping more than
+//! a window at each other would otherwise both wait forever, while QUIC
+//! keep-alives hold the stuck link up. When any of the three ends, the
+//! others are stopped and the link is torn down once.
+//!
+//! A connection a peer dialed is accepted with the endpoint's client-facing
+//! transport settings (the ALPN is known only after the handshake); it gets
+//! the windows of a peer link once it is known to be one (see
+//! [`peer_windows`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,11 +32,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tern_protocol::peer::{
-    peer_frame::Kind as P, reply, request, Gossip, PeerFrame, PeerHello, Reply, Request, ShipAck,
+    peer_frame::Kind as P, reply, request, Gossip, PeerFrame, PeerHello, Reply, Request, ShipAck, ShipNack,
 };
 use tern_protocol::{codec, DecodeError};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::cluster_tls::{peer_node_name, PEER_SERVER_NAME};
 use super::membership::{MembershipMsg, NodeId};
@@ -31,6 +48,14 @@ pub(crate) const MAX_PEER_FRAME: usize = 8 << 20;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames queued for one link before senders wait.
 const OUTBOX_FRAMES: usize = 4096;
+/// Most frames written with one call.
+const BATCH_FRAMES: usize = 1024;
+/// Connection receive and send windows of a peer link, as
+/// [`super::peer_transport`] gives the dialer: room for shipped batches at
+/// WAN round trips.
+const RECEIVE_WINDOW: u32 = 32 << 20;
+/// See [`RECEIVE_WINDOW`].
+const SEND_WINDOW: u64 = 32 << 20;
 /// How long a `ShipAck` may wait for others to share its packet. Only the
 /// sender's deletion of its copy waits on it, never a delivery.
 const ACK_DELAY: Duration = Duration::from_millis(5);
@@ -134,6 +159,26 @@ impl LinkHandle {
         }
     }
 
+    /// Tells the peer nothing of its shipment of `queue` was stored: it
+    /// should resend from `expected` (0: from what was acknowledged), no
+    /// sooner than `retry_after`.
+    pub(crate) fn nack(
+        &self,
+        queue: &crate::store::QueueKey,
+        expected: u64,
+        code: tern_protocol::ErrorCode,
+        retry_after: Duration,
+    ) {
+        let nack = ShipNack {
+            handle: queue.handle().to_owned(),
+            device: queue.device(),
+            expected,
+            code: code as i32,
+            retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
+        };
+        self.send(PeerFrame { kind: Some(P::ShipNack(nack)) });
+    }
+
     /// Queues a frame, waiting for room; false when the link is gone.
     pub(crate) async fn send_wait(&self, frame: PeerFrame) -> bool {
         self.out.send(frame).await.is_ok()
@@ -228,6 +273,7 @@ pub(crate) async fn accept(mesh: Mesh, conn: quinn::Connection) -> Result<(), Li
         conn.close(3u32.into(), b"a cluster certificate is required");
         return Err(LinkError::NoCertificate);
     };
+    peer_windows(&conn);
     let (mut send, mut recv) =
         tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await.map_err(|_| LinkError::Timeout)??;
     let mut inbuf = BytesMut::new();
@@ -240,6 +286,23 @@ pub(crate) async fn accept(mesh: Mesh, conn: quinn::Connection) -> Result<(), Li
     let dialer = peer.name.clone();
     run(mesh, conn, send, recv, inbuf, peer, dialer).await;
     Ok(())
+}
+
+/// Gives a connection accepted on the client port the windows of a peer
+/// link. The endpoint has one server transport config, the client-facing
+/// one, and what tells a peer from a client (the ALPN) is known only after
+/// the handshake; of [`super::peer_transport`], quinn lets a live connection
+/// change the connection's receive and send windows, set here. The rest
+/// holds without it: the client-facing per-stream receive window is as large
+/// as a peer link's (the connection window bounds what one client may make
+/// the broker buffer); the idle timeout is negotiated as the smaller of both
+/// ends' (the dialer's 5 s); and the dialer's keep-alive every second resets
+/// this end's keep-alive timer (quinn restarts it on every packet received),
+/// so the client-facing one never fires on a live link, and a dead dialer is
+/// noticed by the idle timeout.
+fn peer_windows(conn: &quinn::Connection) {
+    conn.set_receive_window(RECEIVE_WINDOW.into());
+    conn.set_send_window(SEND_WINDOW);
 }
 
 async fn read_hello(recv: &mut quinn::RecvStream, inbuf: &mut BytesMut, cert_name: &str) -> Result<NodeId, LinkError> {
@@ -279,18 +342,20 @@ async fn write_frames(send: &mut quinn::SendStream, frames: &[PeerFrame]) -> Res
 
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
-/// The link's life: registered with the mesh (or closed as a duplicate), then
-/// frames in both directions until either end goes away.
+/// The link's life: registered with the mesh (or closed as a duplicate),
+/// then its reader (this task), writer and datagram tasks, until any of them
+/// ends (the peer went away, a write failed, a bad frame) or the broker shuts
+/// down; the others are then stopped and the link is torn down, once.
 async fn run(
     mesh: Mesh,
     conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mut inbuf: BytesMut,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    inbuf: BytesMut,
     peer: NodeId,
     dialer: String,
 ) {
-    let (tx, mut rx) = mpsc::channel(OUTBOX_FRAMES);
+    let (tx, rx) = mpsc::channel(OUTBOX_FRAMES);
     let handle = LinkHandle {
         id: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
         peer: peer.clone(),
@@ -306,67 +371,43 @@ async fn run(
         conn.close(4u32.into(), b"duplicate link");
         return;
     }
-    let cancel = mesh.cancel_token();
-    // Frames that came in the same read as the peer's hello.
-    if let Err(e) = read_frames(&mesh, &handle, &mut inbuf).await {
-        tracing::warn!(peer = %peer.name, error = %e, "bad frame from peer; closing the link");
-        conn.close(5u32.into(), b"bad frame");
-    }
-    let mut out = BytesMut::new();
-    // When the waiting acks go out, unless other frames take them first.
-    let mut acks_due: Option<tokio::time::Instant> = None;
-    let end = loop {
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => break "shutdown".to_owned(),
-            () = handle.acks.first.notified(), if acks_due.is_none() => {
-                acks_due = Some(tokio::time::Instant::now() + ACK_DELAY);
-            }
-            () = tokio::time::sleep_until(acks_due.unwrap_or_else(tokio::time::Instant::now)), if acks_due.is_some() => {
-                acks_due = None;
-                let frames = handle.acks.take();
-                if let Err(e) = write_batch(&mut send, &mut out, &frames, &handle.stats).await {
-                    break e;
-                }
-            }
-            datagram = conn.read_datagram() => match datagram {
-                Ok(packet) => mesh.membership(MembershipMsg::Packet(packet)),
-                Err(e) => break e.to_string(),
-            },
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break "link dropped".to_owned() };
-                let mut frames = vec![frame];
-                while frames.len() < 1024 {
-                    match rx.try_recv() {
-                        Ok(f) => frames.push(f),
-                        Err(_) => break,
-                    }
-                }
-                // Waiting acks ride along.
-                if acks_due.take().is_some() {
-                    frames.extend(handle.acks.take());
-                }
-                if let Err(e) = write_batch(&mut send, &mut out, &frames, &handle.stats).await {
-                    break e;
-                }
-            }
-            read = recv.read_buf(reserve(&mut inbuf)) => match read {
-                Ok(0) => break "stream closed".to_owned(),
-                Err(e) => break e.to_string(),
-                Ok(_) => {
-                    if let Err(e) = read_frames(&mesh, &handle, &mut inbuf).await {
-                        tracing::warn!(peer = %peer.name, error = %e, "bad frame from peer; closing the link");
-                        conn.close(5u32.into(), b"bad frame");
-                    }
-                }
-            },
-        }
+    // Stops the link's tasks: cancelled when any of them ends, or this one
+    // is dropped, and on shutdown.
+    let stop = mesh.cancel_token().child_token();
+    let _stop_link = stop.clone().drop_guard();
+    let writer = Writer { send, rx, acks: handle.acks.clone(), stats: handle.stats.clone(), acks_due: None };
+    let writer = tokio::spawn(writer.run(stop.clone()));
+    let datagrams = tokio::spawn(read_datagrams(mesh.clone(), conn.clone(), stop.clone()));
+    let read = tokio::select! {
+        end = read_until_end(&mesh, &handle, recv, inbuf) => Some(end),
+        () = stop.cancelled() => None,
     };
+    stop.cancel();
+    let ended = |r: Result<Option<String>, tokio::task::JoinError>| r.unwrap_or_else(|e| Some(e.to_string()));
+    let (wrote, datagram) = (ended(writer.await), ended(datagrams.await));
+    let end = read.or(wrote).or(datagram).unwrap_or_else(|| "shutdown".to_owned());
     tracing::info!(peer = ?peer, reason = %end, "peer link down");
     mesh.unregister_link(&handle);
     // Waiters see the link go down instead of waiting for their timeout.
     handle.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     conn.close(0u32.into(), b"bye");
+}
+
+/// The reader: hands the peer's frames to the mesh, in link order, first
+/// those that came in the same read as its hello. Returns why it ended.
+async fn read_until_end(mesh: &Mesh, handle: &LinkHandle, mut recv: quinn::RecvStream, mut inbuf: BytesMut) -> String {
+    loop {
+        if let Err(e) = read_frames(mesh, handle, &mut inbuf).await {
+            tracing::warn!(peer = %handle.peer.name, error = %e, "bad frame from peer; closing the link");
+            handle.conn.close(5u32.into(), b"bad frame");
+            return format!("bad frame: {e}");
+        }
+        match recv.read_buf(reserve(&mut inbuf)).await {
+            Ok(0) => return "stream closed".to_owned(),
+            Ok(_) => {}
+            Err(e) => return e.to_string(),
+        }
+    }
 }
 
 /// Hands every complete frame in `inbuf` to the mesh.
@@ -376,6 +417,90 @@ async fn read_frames(mesh: &Mesh, handle: &LinkHandle, inbuf: &mut BytesMut) -> 
         mesh.on_frame(handle, frame).await;
     }
     Ok(())
+}
+
+/// Hands gossip datagrams to membership until the link stops. Returns why
+/// it ended, if not stopped.
+async fn read_datagrams(mesh: Mesh, conn: quinn::Connection, stop: CancellationToken) -> Option<String> {
+    let _stop_link = stop.clone().drop_guard();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            datagram = conn.read_datagram() => match datagram {
+                Ok(packet) => mesh.membership(MembershipMsg::Packet(packet)),
+                Err(e) => return Some(e.to_string()),
+            },
+        }
+    }
+}
+
+/// The writer: the frames the mesh queues for the peer, and `ShipAck`s.
+struct Writer {
+    send: quinn::SendStream,
+    rx: mpsc::Receiver<PeerFrame>,
+    acks: Arc<Acks>,
+    stats: Arc<LinkStats>,
+    /// When the waiting acks go out, unless other frames take them first.
+    acks_due: Option<tokio::time::Instant>,
+}
+
+impl Writer {
+    /// Writes batches until the link stops. Returns why it ended, if not
+    /// stopped.
+    async fn run(mut self, stop: CancellationToken) -> Option<String> {
+        let _stop_link = stop.clone().drop_guard();
+        let mut out = BytesMut::new();
+        loop {
+            let frames = tokio::select! {
+                () = stop.cancelled() => return None,
+                frames = self.next_batch() => frames,
+            };
+            let Some(frames) = frames else { return Some("link dropped".to_owned()) };
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                written = write_batch(&mut self.send, &mut out, &frames, &self.stats) => {
+                    if let Err(e) = written {
+                        return Some(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for something to write: one queued frame and every other one
+    /// already queued (up to `BATCH_FRAMES`), with the waiting acks; or the
+    /// acks alone once they waited `ACK_DELAY`. None when the outbox closed.
+    async fn next_batch(&mut self) -> Option<Vec<PeerFrame>> {
+        loop {
+            tokio::select! {
+                biased;
+                () = self.acks.first.notified(), if self.acks_due.is_none() => {
+                    self.acks_due = Some(tokio::time::Instant::now() + ACK_DELAY);
+                }
+                () = tokio::time::sleep_until(self.acks_due.unwrap_or_else(tokio::time::Instant::now)), if self.acks_due.is_some() => {
+                    self.acks_due = None;
+                    let frames = self.acks.take();
+                    if !frames.is_empty() {
+                        return Some(frames);
+                    }
+                }
+                frame = self.rx.recv() => {
+                    let mut frames = vec![frame?];
+                    while frames.len() < BATCH_FRAMES {
+                        match self.rx.try_recv() {
+                            Ok(f) => frames.push(f),
+                            Err(_) => break,
+                        }
+                    }
+                    // Waiting acks ride along.
+                    if self.acks_due.take().is_some() {
+                        frames.extend(self.acks.take());
+                    }
+                    return Some(frames);
+                }
+            }
+        }
+    }
 }
 
 /// Encodes `frames` and writes them with one call, so they share packets.
@@ -428,5 +553,66 @@ mod tests {
         assert_eq!(frames, [("bob".to_owned(), 1, 9), ("carol".to_owned(), 2, 3)]);
         assert!(acks.take().is_empty());
         assert!(acks.add("bob", 1, 10), "after a flush the next ack starts a new delay");
+    }
+
+    /// A dialed and an accepted connection between two cluster nodes, set
+    /// up as brokers do: the dialer with `peer_transport`, the acceptor on an
+    /// endpoint with the client-facing transport config, then `peer_windows`.
+    async fn peer_pair(dir: &std::path::Path) -> ([quinn::Endpoint; 2], quinn::Connection, quinn::Connection) {
+        use crate::mesh::{create_ca, create_node_cert, ClusterIdentity};
+        let ca = dir.join("ca");
+        create_ca(&ca).unwrap();
+        let ids: Vec<ClusterIdentity> = ["n1", "n2"]
+            .iter()
+            .map(|n| {
+                create_node_cert(&ca, n, &dir.join(n)).unwrap();
+                ClusterIdentity::load(&dir.join(n), n).unwrap()
+            })
+            .collect();
+        let tls = crate::tls::TlsIdentity::load_or_generate(None, None, &dir.join("tls"), &[]).unwrap();
+        let mut server = quinn::ServerConfig::with_crypto(tls.server_crypto(Some(&ids[0])).unwrap());
+        server.transport_config(Arc::new(crate::transport::transport_config(30)));
+        let acceptor = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let dialer = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let config = ids[1].client_config(Arc::new(super::super::peer_transport())).unwrap();
+        let addr = acceptor.local_addr().unwrap();
+        let dialing = dialer.connect_with(config, addr, PEER_SERVER_NAME).unwrap();
+        let (dialed, accepted) = tokio::join!(dialing, async { acceptor.accept().await.unwrap().await });
+        let accepted = accepted.unwrap();
+        peer_windows(&accepted);
+        ([acceptor, dialer], dialed.unwrap(), accepted)
+    }
+
+    /// Bytes `send` takes, in 1 MiB writes up to `limit`, before a write
+    /// waits a second (the reader reads nothing).
+    async fn written_ahead(send: &mut quinn::SendStream, limit: usize) -> usize {
+        let chunk = Bytes::from(vec![0u8; 1 << 20]);
+        let mut written = 0;
+        while written < limit {
+            match tokio::time::timeout(Duration::from_secs(1), send.write_chunk(chunk.clone())).await {
+                Ok(Ok(())) => written += chunk.len(),
+                _ => break,
+            }
+        }
+        written
+    }
+
+    /// Ahead of a reader that is busy (the store applying a shipment), a
+    /// writer gets as far as the reader's stream window, 16 MiB on a peer
+    /// link, both ways: an accepted link too, though accepted with the
+    /// client-facing settings (with them the dialer got 1 MiB ahead, the
+    /// acceptor 2 MiB).
+    #[tokio::test]
+    async fn an_accepted_link_has_a_peer_links_windows_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_endpoints, dialed, accepted) = peer_pair(dir.path()).await;
+        let (mut to_acceptor, _from_acceptor) = dialed.open_bi().await.unwrap();
+        to_acceptor.write_all(b"hello").await.unwrap();
+        let (mut to_dialer, _from_dialer) = accepted.accept_bi().await.unwrap();
+        let limit = 15 << 20;
+        let ahead = written_ahead(&mut to_acceptor, limit).await;
+        assert_eq!(ahead >> 20, limit >> 20, "MiB the dialer could write ahead of the acceptor");
+        let ahead = written_ahead(&mut to_dialer, limit).await;
+        assert_eq!(ahead >> 20, limit >> 20, "MiB the acceptor could write ahead of the dialer");
     }
 }

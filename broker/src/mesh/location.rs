@@ -90,13 +90,10 @@ impl Mesh {
         }
         let frame =
             pp::Location { handle: queue.handle().to_owned(), device: queue.device(), node: location.node, epoch };
-        match self.link(&owner) {
-            Some(link) => {
-                link.send(PeerFrame { kind: Some(P::Location(frame)) });
-            }
-            None => {
-                tracing::debug!(%queue, %owner, "no link to the directory owner; location sent on the next membership change")
-            }
+        let sent = self.link(&owner).is_some_and(|link| link.send(PeerFrame { kind: Some(P::Location(frame)) }));
+        if !sent {
+            metrics::counter!("tern_location_registrations_deferred_total").increment(1);
+            tracing::debug!(%queue, %owner, "location not sent to the directory owner; sent again when the link to it is up");
         }
     }
 
@@ -170,10 +167,11 @@ impl Mesh {
         let _ = self.inner.ship.try_send(ShipMsg::Moved { queue, location, handoff });
     }
 
-    /// Tells `node` this broker has handed over everything it held for `queue`.
-    pub(crate) fn handoff_done(&self, node: &str, queue: &QueueKey) {
+    /// Tells `node` this broker has handed over everything it held for
+    /// `queue` (since its `HandoffRequest` `request_id`; 0: unasked).
+    pub(crate) fn handoff_done(&self, node: &str, queue: &QueueKey, request_id: u64) {
         if let Some(link) = self.link(node) {
-            let done = pp::HandoffDone { handle: queue.handle().to_owned(), device: queue.device() };
+            let done = pp::HandoffDone { handle: queue.handle().to_owned(), device: queue.device(), request_id };
             link.send(PeerFrame { kind: Some(P::HandoffDone(done)) });
         }
     }
@@ -228,6 +226,19 @@ impl Mesh {
     /// Drops the cached location of `queue`.
     pub(crate) fn forget_location(&self, queue: &QueueKey) {
         self.inner.directory.forget(queue);
+    }
+
+    /// A link to `node` came up: sends it the location of every device
+    /// connected here whose directory owner it is. A registration lost with
+    /// the link before (or never sent for lack of one) is made good, so other
+    /// brokers do not hold an online device's messages until it logs in again.
+    pub(super) fn reregister_with(&self, node: &str) {
+        let hosted: Vec<(QueueKey, u64)> = lock(&self.inner.hosted).iter().map(|(q, e)| (q.clone(), *e)).collect();
+        for (queue, epoch) in hosted {
+            if self.owner_of(queue.as_bytes()) == node {
+                self.send_location(&queue, epoch);
+            }
+        }
     }
 
     /// Sends every hosted device's location to its owner whenever the member

@@ -8,6 +8,8 @@
 //! - [`location`]: this broker's side of the directory: logins, `Moved`
 //!   notices, lookups, and the handoff a device's new broker waits for;
 //! - [`ship`]: the outbox that moves queue entries to the device's broker;
+//! - [`settle`]: shipments that wait for another broker's handoff, so one
+//!   sender's messages keep their order across brokers;
 //! - [`accounts`]: account records, written at a primary and replicated;
 //! - [`status`]: what `/mesh` shows.
 //!
@@ -23,6 +25,7 @@ mod directory;
 mod link;
 mod location;
 mod membership;
+mod settle;
 mod ship;
 mod status;
 
@@ -48,7 +51,7 @@ pub(crate) use ship::ShipMsg;
 pub use status::{LinkStatus, MemberStatus, MeshStatus};
 
 use crate::router::Router;
-use crate::store::{QueueKey, Store};
+use crate::store::{QueueKey, ShipHeader, ShipOutcome, Store};
 
 /// Cheap, cloneable handle to this broker's part of the mesh.
 #[derive(Clone, Debug)]
@@ -77,10 +80,8 @@ struct Inner {
     /// handed over what it held: shipments from others wait (see
     /// [`Handoff`]).
     handoffs: Mutex<HashMap<QueueKey, Handoff>>,
-    /// Per (origin store, queue): the first seq of a deferred shipment. Later
-    /// shipments from that origin are deferred too until it is sent again,
-    /// so nothing is stored past a gap (the ack is cumulative).
-    deferred: Mutex<HashMap<([u8; 16], QueueKey), u64>>,
+    /// Shipments waiting for another broker's handoff (see [`settle`]).
+    settling: Mutex<settle::Waits>,
     ship: mpsc::Sender<ShipMsg>,
     /// Peers whose links are refused until the given time (fault drills).
     severed: Mutex<HashMap<String, tokio::time::Instant>>,
@@ -151,7 +152,7 @@ impl Mesh {
                 directory: Directory::new(setup.cache_entries, setup.cache_ttl),
                 hosted: Mutex::new(HashMap::new()),
                 handoffs: Mutex::new(HashMap::new()),
-                deferred: Mutex::new(HashMap::new()),
+                settling: Mutex::new(HashMap::new()),
                 ship: ship_tx.clone(),
                 severed: Mutex::new(HashMap::new()),
                 outbox: ship::OutboxGauge::default(),
@@ -247,6 +248,7 @@ impl Mesh {
         drop(links);
         tracing::info!(peer = ?peer, "peer link up");
         let _ = self.inner.ship.try_send(ShipMsg::LinkUp(peer.name.clone()));
+        self.reregister_with(&peer.name);
         self.membership(MembershipMsg::Announce(peer));
         true
     }
@@ -318,11 +320,29 @@ impl Mesh {
             }
             Some(P::HandoffDone(done)) => {
                 let Ok(queue) = queue_key(&done.handle, done.device) else { return };
+                let node = from.peer.name.clone();
+                let returned = ShipMsg::Returned { node, queue: queue.clone() };
+                let _ = self.inner.ship.send(returned).await;
+                if done.request_id != 0 {
+                    self.on_handoff_answer(&queue, &from.peer.name, done.request_id).await;
+                    return;
+                }
                 let mut handoffs = lock(&self.inner.handoffs);
                 if handoffs.get(&queue).is_some_and(|h| h.from.as_deref() == Some(from.peer.name.as_str())) {
                     handoffs.remove(&queue);
                     metrics::counter!("tern_mesh_handoffs_total").increment(1);
                 }
+            }
+            Some(P::ShipNack(n)) => {
+                let Ok(queue) = queue_key(&n.handle, n.device) else { return };
+                let node = from.peer.name.clone();
+                let retry_after = Duration::from_millis(u64::from(n.retry_after_ms).min(60_000));
+                let _ = self.inner.ship.send(ShipMsg::Nacked { node, queue, expected: n.expected, retry_after }).await;
+            }
+            Some(P::HandoffRequest(r)) => {
+                let Ok(queue) = queue_key(&r.handle, r.device) else { return };
+                let node = from.peer.name.clone();
+                let _ = self.inner.ship.send(ShipMsg::HandoffAsked { node, queue, id: r.request_id }).await;
             }
             Some(P::ShipDefer(d)) => {
                 let Ok(queue) = queue_key(&d.handle, d.device) else { return };
@@ -346,47 +366,44 @@ impl Mesh {
     }
 
     /// Stores shipped entries (queued for the writer before the next frame
-    /// is read, so in link order) and acknowledges them once durable.
+    /// is read, so in link order) and acknowledges them once durable; or
+    /// says why nothing was stored (a gap, a wait for another broker's
+    /// handoff, a store failure), so the sender resends from the right seq.
     async fn on_ship(&self, from: &LinkHandle, ship: pp::Ship) {
         let Ok(queue) = queue_key(&ship.handle, ship.device) else { return };
         let Ok(origin) = <[u8; 16]>::try_from(ship.origin.as_ref()) else { return };
-        let first = ship.entries.first().map_or(0, |e| e.seq);
-        let key = (origin, queue.clone());
-        let after_gap = {
-            let mut deferred = lock(&self.inner.deferred);
-            match deferred.get(&key) {
-                Some(gap) if first > *gap && !ship.restart => true,
-                Some(_) => {
-                    deferred.remove(&key);
-                    false
-                }
-                None => false,
-            }
-        };
-        if after_gap || self.defers(&queue, &from.peer.name) {
+        if self.defers(&queue, &from.peer.name) {
             metrics::counter!("tern_mesh_ship_deferred_total").increment(1);
-            let mut deferred = lock(&self.inner.deferred);
-            let gap = deferred.entry(key).or_insert(first);
-            *gap = (*gap).min(first);
-            drop(deferred);
             let defer = pp::ShipDefer { handle: queue.handle().to_owned(), device: queue.device() };
             from.send(PeerFrame { kind: Some(P::ShipDefer(defer)) });
             return;
         }
+        // Entries another broker acknowledged matter only if it is not this one.
+        let via = Some(ship.handed_to).filter(|n| !n.is_empty() && n != self.node());
+        let header = ShipHeader { base: ship.base, handed_up_to: if via.is_some() { ship.handed_up_to } else { 0 } };
         let entries = ship.entries.into_iter().map(|e| (e.seq, e.value)).collect();
-        let outcome = match self.inner.store.submit_ship(origin, queue.clone(), entries).await {
+        let outcome = match self.inner.store.submit_ship(origin, queue.clone(), header, entries).await {
             Ok(o) => o,
             Err(e) => {
-                tracing::warn!(queue = %queue, error = %e, "shipped entries not stored; the sender will resend");
+                from.nack(&queue, 0, store_code(&e), STORE_RETRY);
                 return;
             }
         };
-        let link = from.clone();
+        let (mesh, link) = (self.clone(), from.clone());
         self.inner.tasks.spawn(async move {
             match outcome.await {
-                Ok(up_to) => link.ack(queue.handle(), queue.device(), up_to),
+                Ok(ShipOutcome::Acked(up_to)) => link.ack(queue.handle(), queue.device(), up_to),
+                Ok(ShipOutcome::Gap { expected }) => {
+                    link.nack(&queue, expected, ErrorCode::Unspecified, Duration::ZERO)
+                }
+                Ok(ShipOutcome::Wait { up_to, expected }) => {
+                    let Some(via) = via else { return };
+                    let retry = mesh.await_handoff(&queue, &via, origin, up_to).await;
+                    link.nack(&queue, expected, ErrorCode::Unspecified, retry);
+                }
                 Err(e) => {
-                    tracing::warn!(queue = %queue, error = %e, "shipped entries not stored; the sender will resend")
+                    tracing::warn!(queue = %queue, error = %e, "shipped entries not stored; the sender will resend");
+                    link.nack(&queue, 0, store_code(&e), STORE_RETRY);
                 }
             }
         });
@@ -465,6 +482,20 @@ impl Mesh {
 fn queue_key(handle: &str, device: u32) -> Result<QueueKey, tern_protocol::HandleError> {
     tern_protocol::validate_handle(handle)?;
     Ok(QueueKey::new(handle, device))
+}
+
+/// How long a sender waits after the store here failed to take its entries.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// The error code a store failure is reported with to a peer.
+fn store_code(e: &crate::store::StoreError) -> ErrorCode {
+    use crate::store::StoreError as E;
+    match e {
+        E::QueueFull(..) => ErrorCode::QueueFull,
+        E::Full(_) => ErrorCode::StorageFull,
+        E::Closed => ErrorCode::ShuttingDown,
+        _ => ErrorCode::StorageError,
+    }
 }
 
 fn failure(code: ErrorCode, message: impl Into<String>) -> pp::Failure {

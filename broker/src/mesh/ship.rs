@@ -77,12 +77,46 @@ pub(crate) enum ShipMsg {
         node: String,
         queue: QueueKey,
     },
-    /// A location lookup finished; `bounds` are the queue's current ones;
+    /// `node` stored nothing of a shipment: it needs `expected` next (0:
+    /// unknown, the store failed); resend no sooner than `retry_after`.
+    Nacked {
+        node: String,
+        queue: QueueKey,
+        expected: u64,
+        retry_after: Duration,
+    },
+    /// `node` asks for everything held here for the queue (it waits for it
+    /// before storing newer entries another broker shipped it), and a
+    /// `HandoffDone` with `id` when nothing from before the ask is left.
+    HandoffAsked {
+        node: String,
+        queue: QueueKey,
+        id: u64,
+    },
+    /// The queue's bounds when `node`'s ask `id` came.
+    AskBounds {
+        node: String,
+        queue: QueueKey,
+        id: u64,
+        bounds: QueueBounds,
+    },
+    /// A hold on the queue (after a nack) is over: ship again.
+    Wake(QueueKey),
+    /// `node` handed over to this broker everything it held of the queue
+    /// (`HandoffDone`): it no longer holds entries shipped from here, so
+    /// receivers need not wait for it.
+    Returned {
+        node: String,
+        queue: QueueKey,
+    },
+    /// A location lookup finished; `bounds` are the queue's current ones and
+    /// `handed` the broker that last stored its entries (from the store);
     /// `failed`: the directory owner could not be asked.
     Resolved {
         queue: QueueKey,
         location: Option<Location>,
         bounds: QueueBounds,
+        handed: Option<(String, u64)>,
         failed: bool,
     },
     LinkUp(String),
@@ -125,10 +159,27 @@ const DEFER_RETRY: Duration = Duration::from_millis(100);
 /// How often a held queue's device is looked up again.
 const HELD_RETRY: Duration = Duration::from_secs(30);
 
+/// A broker's ask for what is held here (see [`ShipMsg::HandoffAsked`]).
+#[derive(Debug)]
+struct Ask {
+    node: String,
+    id: u64,
+    /// The queue's tail when it asked: answered once everything up to it is
+    /// gone from here.
+    tail: u64,
+    at: Instant,
+}
+
+/// Asks not answered within this long are dropped (the asker asks again).
+const ASK_FORGET: Duration = Duration::from_secs(60);
+
 #[derive(Debug)]
 struct Outbound {
     /// Where the entries go; `None` while unknown (held here).
     dest: Option<String>,
+    /// The link `sent` counts shipments on: entries sent on an earlier link
+    /// (gone, or replaced by a restarted peer's) are sent again.
+    link: u64,
     /// Highest seq sent to `dest`.
     sent: u64,
     /// Highest seq `dest` acknowledged (deleted here).
@@ -153,12 +204,20 @@ struct Outbound {
     /// Held here (the device was here, or nowhere known): when it turns up
     /// elsewhere, that broker may be waiting for this one's handoff.
     held: bool,
+    /// The broker that last acknowledged entries of this queue, and up to
+    /// which seq: a receiver lacking them waits for that broker's handoff.
+    handed: Option<(String, u64)>,
+    /// No shipping before this (a receiver's nack asked to wait).
+    hold_until: Option<Instant>,
+    /// Brokers waiting for everything held here to be handed over.
+    asks: Vec<Ask>,
 }
 
 impl Outbound {
     fn new() -> Self {
         Self {
             dest: None,
+            link: 0,
             sent: 0,
             acked: 0,
             tail: 0,
@@ -169,7 +228,34 @@ impl Outbound {
             held: false,
             retry_soon: false,
             fresh: VecDeque::new(),
+            handed: None,
+            hold_until: None,
+            asks: Vec::new(),
         }
+    }
+
+    /// What the receiver must be told the sender no longer holds: `base`,
+    /// and the broker that last acknowledged entries if it is not `dest`.
+    fn header(&self, dest: &str) -> (u64, String, u64) {
+        match &self.handed {
+            Some((node, up_to)) if node != dest => (self.acked, node.clone(), *up_to),
+            _ => (self.acked, String::new(), 0),
+        }
+    }
+
+    /// Removes and returns the asks of `node` that everything acknowledged
+    /// so far answers.
+    fn answered(&mut self, node: &str) -> Vec<u64> {
+        let acked = self.acked;
+        let mut ids = Vec::new();
+        self.asks.retain(|a| {
+            let done = a.node == node && a.tail <= acked;
+            if done {
+                ids.push(a.id);
+            }
+            !done
+        });
+        ids
     }
 
     /// Keeps an announced entry for the next shipment (not for held queues:
@@ -271,10 +357,14 @@ impl ShipActor {
                 out.acked = up_to;
                 out.sent = out.sent.max(up_to);
                 out.progress = Instant::now();
+                out.handed = Some((node.clone(), up_to));
+                for id in out.answered(&node) {
+                    self.mesh.handoff_done(&node, &queue, id);
+                }
                 let store = self.store.clone();
                 let q = queue.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = store.shipped(q.clone(), up_to).await {
+                    if let Err(e) = store.shipped(q.clone(), up_to, node).await {
                         tracing::warn!(queue = %q, up_to, error = %e, "shipped entries not deleted; they may be shipped again");
                     }
                 });
@@ -316,11 +406,89 @@ impl ShipActor {
                     mesh.locate(&q).await
                 });
             }
-            ShipMsg::Resolved { queue, location, bounds, failed } => {
+            ShipMsg::Nacked { node, queue, expected, retry_after } => {
+                let Some(out) = self.queues.get_mut(&queue) else { return };
+                if out.dest.as_deref() != Some(node.as_str()) {
+                    return;
+                }
+                // The receiver stored nothing past `expected - 1`.
+                out.sent = out.acked.max(expected.saturating_sub(1));
+                let now = Instant::now();
+                out.progress = now;
+                if retry_after.is_zero() {
+                    if out.hold_until.is_none_or(|t| t <= now) {
+                        self.pump(&queue);
+                    }
+                    return;
+                }
+                out.hold_until = Some(out.hold_until.map_or(now + retry_after, |t| t.max(now + retry_after)));
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(retry_after).await;
+                    if let Some(tx) = tx.upgrade() {
+                        let _ = tx.send(ShipMsg::Wake(queue)).await;
+                    }
+                });
+            }
+            ShipMsg::Wake(queue) => {
+                let Some(out) = self.queues.get_mut(&queue) else { return };
+                if out.hold_until.is_some_and(|t| t <= Instant::now()) {
+                    out.hold_until = None;
+                    self.pump(&queue);
+                }
+            }
+            ShipMsg::Returned { node, queue } => {
+                if let Some(out) = self.queues.get_mut(&queue) {
+                    if out.handed.as_ref().is_some_and(|(n, _)| *n == node) {
+                        out.handed = None;
+                    }
+                }
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.forget_handed(queue.clone(), node).await {
+                        tracing::debug!(%queue, error = %e, "cannot drop the record of a broker that handed back");
+                    }
+                });
+            }
+            ShipMsg::HandoffAsked { node, queue, id } => {
+                let (store, tx) = (self.store.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let Ok(bounds) = store.bounds(queue.clone()).await else { return };
+                    if let Some(tx) = tx.upgrade() {
+                        let _ = tx.send(ShipMsg::AskBounds { node, queue, id, bounds }).await;
+                    }
+                });
+            }
+            ShipMsg::AskBounds { node, queue, id, bounds } => {
+                if bounds.head >= bounds.tail {
+                    // Nothing held here.
+                    self.mesh.handoff_done(&node, &queue, id);
+                    return;
+                }
+                let out = self.queues.entry(queue.clone()).or_insert_with(Outbound::new);
+                out.asks.push(Ask { node: node.clone(), id, tail: bounds.tail, at: Instant::now() });
+                out.tail = out.tail.max(bounds.tail);
+                if out.dest.as_deref() == Some(node.as_str()) {
+                    self.pump(&queue);
+                } else if !out.resolving {
+                    // The asker says the device is there: look it up again.
+                    out.resolving = true;
+                    self.mesh.forget_location(&queue);
+                    let mesh = self.mesh.clone();
+                    let q = queue.clone();
+                    self.resolved_later(queue, async move { mesh.locate(&q).await });
+                }
+            }
+            ShipMsg::Resolved { queue, location, bounds, handed, failed } => {
                 let me = self.mesh.node().to_owned();
                 let Some(out) = self.queues.get_mut(&queue) else { return };
                 out.resolving = false;
                 out.retry_soon = failed;
+                if let Some((node, up_to)) = handed {
+                    if out.handed.as_ref().is_none_or(|(_, known)| *known < up_to) {
+                        out.handed = Some((node, up_to));
+                    }
+                }
                 out.acked = out.acked.max(bounds.head);
                 out.tail = out.tail.max(bounds.tail);
                 out.sent = out.acked;
@@ -415,8 +583,13 @@ impl ShipActor {
             let failed = location.is_none();
             // Unknown bounds (a store error): read from the start, up to anything.
             let bounds = store.bounds(queue.clone()).await.unwrap_or(QueueBounds { head: 0, tail: u64::MAX });
+            let handed = store.handed(&queue).unwrap_or_else(|e| {
+                tracing::warn!(%queue, error = %e, "cannot read which broker last stored this queue's entries");
+                None
+            });
             if let Some(tx) = tx.upgrade() {
-                let _ = tx.send(ShipMsg::Resolved { queue, location: location.flatten(), bounds, failed }).await;
+                let _ =
+                    tx.send(ShipMsg::Resolved { queue, location: location.flatten(), bounds, handed, failed }).await;
             }
         });
     }
@@ -431,9 +604,17 @@ impl ShipActor {
         let Some(out) = self.queues.get_mut(queue) else { return };
         let Some(dest) = out.dest.clone() else { return };
         let Some(link) = self.mesh.link(&dest) else { return };
+        if out.link != link.id {
+            // What went out on another link may have died with it (or with
+            // the peer process it reached): send it again.
+            out.link = link.id;
+            out.sent = out.acked;
+        }
+        if out.hold_until.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
         let origin = self.store.id();
         while out.sent - out.acked < WINDOW {
-            let restart = out.sent == out.acked;
             let entries = match out.next_entries(&self.store, queue) {
                 Ok(e) => e,
                 Err(e) => {
@@ -444,20 +625,28 @@ impl ShipActor {
             let Some(last) = entries.last().map(|(seq, _)| *seq) else {
                 if out.sent == out.acked && out.handoff {
                     // Everything shipped and acknowledged.
-                    self.mesh.handoff_done(&dest, queue);
+                    self.mesh.handoff_done(&dest, queue, 0);
                     out.handoff = false;
+                }
+                if out.sent == out.acked {
+                    for id in out.answered(&dest) {
+                        self.mesh.handoff_done(&dest, queue, id);
+                    }
                 }
                 // Kept while the conversation goes on, so the next entry
                 // ships at once (no lookup, no bounds read); the sweep drops
                 // it after `IDLE_FORGET` without traffic.
                 return;
             };
+            let (base, handed_to, handed_up_to) = out.header(&dest);
             let ship = Ship {
                 handle: queue.handle().to_owned(),
                 device: queue.device(),
                 origin: bytes::Bytes::copy_from_slice(&origin),
                 entries: entries.into_iter().map(|(seq, value)| ShipEntry { seq, value }).collect(),
-                restart,
+                base,
+                handed_to,
+                handed_up_to,
             };
             let count = ship.entries.len() as u64;
             if !link.send(PeerFrame { kind: Some(P::Ship(ship)) }) {
@@ -474,8 +663,12 @@ impl ShipActor {
     /// while the device was offline).
     async fn sweep(&mut self) {
         let now = Instant::now();
-        self.queues
-            .retain(|_, o| o.resolving || o.dest.is_none() || o.sent > o.acked || now - o.progress < IDLE_FORGET);
+        for out in self.queues.values_mut() {
+            out.asks.retain(|a| now - a.at < ASK_FORGET);
+        }
+        self.queues.retain(|_, o| {
+            o.resolving || o.dest.is_none() || o.sent > o.acked || !o.asks.is_empty() || now - o.progress < IDLE_FORGET
+        });
         let mut retry = Vec::new();
         for (q, out) in &mut self.queues {
             if out.sent > out.acked && now - out.progress > RESEND_AFTER {
@@ -504,6 +697,11 @@ impl ShipActor {
                 return;
             }
         };
+        self.answer_emptied(&waiting);
+        // Held queues whose entries are all gone (expired, or delivered
+        // since) are forgotten: they would be looked up forever.
+        let holding: std::collections::HashSet<&QueueKey> = waiting.iter().map(|(q, _)| q).collect();
+        self.queues.retain(|q, o| o.dest.is_some() || o.resolving || !o.asks.is_empty() || holding.contains(q));
         for (q, bounds) in waiting {
             match self.queues.get_mut(&q) {
                 // Entries whose notice was dropped (a full channel) are
@@ -516,6 +714,26 @@ impl ShipActor {
                 None if !self.router.is_attached(&q) => self.track(q),
                 None => {}
             }
+        }
+    }
+}
+
+impl ShipActor {
+    /// Answers the asks of queues whose entries from before the ask are all
+    /// gone from here by other means (delivered, expired): `waiting` lists
+    /// every queue still holding entries.
+    fn answer_emptied(&mut self, waiting: &[(QueueKey, QueueBounds)]) {
+        let heads: HashMap<&QueueKey, u64> = waiting.iter().map(|(q, b)| (q, b.head)).collect();
+        for (queue, out) in &mut self.queues {
+            let head = heads.get(queue).copied().unwrap_or(u64::MAX);
+            let mesh = &self.mesh;
+            out.asks.retain(|a| {
+                let done = a.tail <= head;
+                if done {
+                    mesh.handoff_done(&a.node, queue, a.id);
+                }
+                !done
+            });
         }
     }
 }
@@ -592,7 +810,7 @@ mod tests {
         let store = store(dir);
         let q = QueueKey::new("bob", 1);
         let stored: Vec<(u64, Bytes)> = (1..=n).map(|s| (s, item(s as u8))).collect();
-        store.submit_ship([7; 16], q.clone(), stored).await.unwrap().await.unwrap();
+        store.submit_ship([7; 16], q.clone(), Default::default(), stored).await.unwrap().await.unwrap();
         let mut out = Outbound::new();
         out.dest = Some("node-2".into());
         (store, q, out)

@@ -99,7 +99,16 @@ impl Delivery {
     }
 
     /// The device acknowledged up to `up_to`. Returns the seq to acknowledge
-    /// in the store, clamped to what was pushed, if it moved forward.
+    /// in the store, clamped to what this session pushed, if it moved
+    /// forward.
+    ///
+    /// Clamped rather than refused: an `Ack` has no answer, so a refusal
+    /// could only close the connection, and a client that repeats a stale
+    /// ack after each login would then never get its queue; the broker
+    /// cannot tell most stale acks (those at or below what it pushed) from
+    /// good ones anyway, so the client must not send them (docs/protocol.md,
+    /// "Sequence numbers and acks"). Clamping keeps the harm of a bad ack to
+    /// what a good one could delete: entries this session pushed.
     pub(crate) fn on_ack(&mut self, up_to: u64) -> Option<u64> {
         let up_to = up_to.min(self.last_pushed());
         if up_to <= self.acked {

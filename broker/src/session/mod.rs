@@ -5,10 +5,11 @@
 //! `Register`, `Login` or `LinkDevice` proves the device's key. From then on
 //! the connection acts only as that device: `Send` goes to the store (the
 //! answer waits, without blocking the session, until the batch is durable),
-//! `Ack` deletes from its own queue, and the [`delivery`] state pushes its
-//! queue in order. Everything happens in one task: a `select!` over the
-//! stream, finished sends, handed-over entries and shutdown, then one write of
-//! everything produced.
+//! `Ack` deletes from its own queue (never beyond what this session pushed:
+//! seqs mean something only on the connection that delivered them), and the
+//! [`delivery`] state pushes its queue in order. Everything happens in one
+//! task: a `select!` over the stream, finished sends, handed-over entries and
+//! shutdown, then one write of everything produced.
 
 mod auth;
 mod delivery;
@@ -427,6 +428,13 @@ impl Session {
 
     async fn ack(&mut self, up_to: u64) {
         let Some(d) = &mut self.device else { return };
+        if up_to > d.delivery.last_pushed() {
+            // A seq this session never pushed: the client acks from another
+            // connection's (or broker's) seq space. Clamped, see `on_ack`.
+            metrics::counter!("tern_acks_clamped_total").increment(1);
+            let pushed = d.delivery.last_pushed();
+            tracing::debug!(queue = %d.delivery.queue, up_to, pushed, "ack beyond what this session pushed; clamped");
+        }
         let Some(up_to) = d.delivery.on_ack(up_to) else { return };
         metrics::counter!("tern_acks_total").increment(1);
         if let Err(e) = self.ctx.store.ack_detached(d.delivery.queue.clone(), up_to).await {

@@ -14,7 +14,8 @@
 //! | `mesh` | `id` | this store's random 16-byte id (names it as the origin of shipped entries; made anew after an unclean stop across a reboot) |
 //! | `mesh` | `boot` | boot id of the machine the store was last opened on |
 //! | `mesh` | `closed` | empty; present only while the store is closed cleanly |
-//! | `mesh` | `shipped` + origin id + queue key | highest origin seq stored from that origin's queue (u64 BE) |
+//! | `mesh` | `shipped` + origin id + queue key | highest origin seq accounted for (stored, or settled by a handoff) from that origin's queue (u64 BE) |
+//! | `mesh` | `handed` + queue key | the seq (u64 BE) up to which another broker last stored this queue's entries shipped from here, then that broker's node name |
 
 use std::fmt;
 
@@ -40,6 +41,29 @@ pub(crate) fn shipped_key(origin: &[u8; 16], queue: &QueueKey) -> Vec<u8> {
     k.extend_from_slice(origin);
     k.extend_from_slice(queue.as_bytes());
     k
+}
+
+/// Key of the broker that last stored `queue`'s entries shipped from here.
+pub(crate) fn handed_key(queue: &QueueKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + queue.as_bytes().len());
+    k.extend_from_slice(b"handed");
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// The value under [`handed_key`].
+pub(crate) fn encode_handed(node: &str, up_to: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + node.len());
+    v.extend_from_slice(&up_to.to_be_bytes());
+    v.extend_from_slice(node.as_bytes());
+    v
+}
+
+/// Reads a value written by [`encode_handed`].
+pub(crate) fn decode_handed(value: &[u8]) -> Option<(String, u64)> {
+    let up_to = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let node = std::str::from_utf8(value.get(8..)?).ok()?;
+    Some((node.to_owned(), up_to))
 }
 
 /// One device's queue: `handle \0 device_be32`.

@@ -19,7 +19,7 @@ mod writer;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -142,6 +142,38 @@ impl QueueBounds {
     }
 }
 
+/// What the sender of a shipment says it no longer holds (see
+/// [`tern_protocol::shipping`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShipHeader {
+    /// Every entry up to it is gone from the sender.
+    pub base: u64,
+    /// Entries up to it were last acknowledged by another broker (0: none,
+    /// or this one).
+    pub handed_up_to: u64,
+}
+
+/// What became of a shipment ([`Store::submit_ship`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShipOutcome {
+    /// Stored, or held already: acknowledge up to this origin seq.
+    Acked(u64),
+    /// Nothing stored: an earlier entry is missing; the sender resends
+    /// from `expected`.
+    Gap {
+        /// The origin seq needed next.
+        expected: u64,
+    },
+    /// Nothing stored: the entries up to `up_to` are at the broker that
+    /// acknowledged them, which must hand them over first.
+    Wait {
+        /// Origin seq that broker acknowledged up to.
+        up_to: u64,
+        /// The origin seq needed next from the sender.
+        expected: u64,
+    },
+}
+
 /// What a sweep removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Expired {
@@ -162,6 +194,8 @@ struct Inner {
     tx: mpsc::Sender<WriteCmd>,
     accounts: moka::sync::Cache<String, Arc<Account>>,
     disk_low: Arc<AtomicBool>,
+    /// Set by the sync thread when a WAL sync failed.
+    sync_failed: Arc<OnceLock<StoreError>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     config: StoreConfig,
     id: [u8; 16],
@@ -199,12 +233,22 @@ impl Store {
         let accounts = moka::sync::Cache::new(config.account_cache_entries);
         let disk_low = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
-        let actor = WriterActor::new(db.clone(), rx, accounts.clone(), listener, disk_low.clone(), config.clone())?;
+        let sync_failed = Arc::new(OnceLock::new());
+        let actor = WriterActor::new(
+            db.clone(),
+            rx,
+            accounts.clone(),
+            listener,
+            disk_low.clone(),
+            sync_failed.clone(),
+            config.clone(),
+        )?;
         let thread = std::thread::Builder::new()
             .name("tern-store-writer".into())
             .spawn(move || actor.run())
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { inner: Arc::new(Inner { db, tx, accounts, disk_low, writer: Mutex::new(Some(thread)), config, id }) })
+        let writer = Mutex::new(Some(thread));
+        Ok(Self { inner: Arc::new(Inner { db, tx, accounts, disk_low, sync_failed, writer, config, id }) })
     }
 
     /// This database's random origin id, made when it was created and made
@@ -215,22 +259,47 @@ impl Store {
     }
 
     /// Stores entries shipped by the broker whose store is `origin`, from
-    /// its copy of `queue`, in order; an entry whose origin seq was stored
-    /// before is skipped, so a resend is stored once. Resolves, once
-    /// durable, to the highest origin seq stored so far (for the ship ack).
+    /// its copy of `queue`, by the rule of [`tern_protocol::shipping::admit`]:
+    /// an entry whose origin seq was stored before is skipped, so a resend is
+    /// stored once, and nothing is stored past a seq that is neither here nor
+    /// known to be gone. Resolves, once durable, to what became of it.
     pub async fn submit_ship(
         &self,
         origin: [u8; 16],
         queue: QueueKey,
+        header: ShipHeader,
         entries: Vec<(u64, Bytes)>,
-    ) -> Result<WriteOutcome<u64>, StoreError> {
-        self.submit(|reply| WriteCmd::ApplyShip { origin, queue, entries, reply }).await
+    ) -> Result<WriteOutcome<ShipOutcome>, StoreError> {
+        self.submit(|reply| WriteCmd::ApplyShip { origin, queue, header, entries, reply }).await
     }
 
-    /// Deletes the entries of `queue` up to `up_to` once another broker has
-    /// stored them (no delivery receipts: nothing was delivered).
-    pub async fn shipped(&self, queue: QueueKey, up_to: u64) -> Result<QueueBounds, StoreError> {
-        self.call(|reply| WriteCmd::Shipped { queue, up_to, reply }).await
+    /// Records that every entry of `origin`'s copy of `queue` up to `up_to`
+    /// is accounted for here (the broker that held them handed them over):
+    /// shipments of later ones are stored from then on. Returns the highest
+    /// origin seq accounted for.
+    pub async fn settle(&self, origin: [u8; 16], queue: QueueKey, up_to: u64) -> Result<u64, StoreError> {
+        self.call(|reply| WriteCmd::Settle { origin, queue, up_to, reply }).await
+    }
+
+    /// Deletes the entries of `queue` up to `up_to` once broker `node` has
+    /// stored them (no delivery receipts: nothing was delivered), and
+    /// records that `node` holds them ([`Store::handed`]).
+    pub async fn shipped(&self, queue: QueueKey, up_to: u64, node: String) -> Result<QueueBounds, StoreError> {
+        self.call(|reply| WriteCmd::Shipped { queue, up_to, node, reply }).await
+    }
+
+    /// Forgets that `node` holds entries of `queue` shipped from here: it has
+    /// handed back everything it held of the queue.
+    pub async fn forget_handed(&self, queue: QueueKey, node: String) -> Result<(), StoreError> {
+        self.call(|reply| WriteCmd::ForgetHanded { queue, node, reply }).await.map(drop)
+    }
+
+    /// The broker that last stored entries of `queue` shipped from here, and
+    /// the seq up to which it did.
+    pub fn handed(&self, queue: &QueueKey) -> Result<Option<(String, u64)>, StoreError> {
+        let db = &self.inner.db;
+        let value = db.get_pinned_cf(cf(db, CF_MESH)?, keys::handed_key(queue))?;
+        Ok(value.and_then(|v| keys::decode_handed(&v)))
     }
 
     /// Stores an account record from another broker, unless the one held
@@ -345,6 +414,20 @@ impl Store {
     /// True while the low-disk flag is set.
     pub fn disk_low(&self) -> bool {
         self.inner.disk_low.load(Ordering::Relaxed)
+    }
+
+    /// The error of the WAL sync that failed, if one did: from then on every
+    /// request that needs a sync fails with it, until the broker restarts.
+    pub fn failure(&self) -> Option<&StoreError> {
+        self.inner.sync_failed.get()
+    }
+
+    /// Test hook: acts as if a WAL sync had failed with `reason` (a real
+    /// fsync failure cannot be caused on demand). Every later request that
+    /// needs a sync fails, exactly as after a real failure.
+    #[doc(hidden)]
+    pub fn fail_sync_for_test(&self, reason: &str) {
+        let _ = self.inner.sync_failed.set(StoreError::Db(reason.to_owned()));
     }
 
     /// The account of `handle`, if registered.

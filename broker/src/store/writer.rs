@@ -33,7 +33,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::config::Durability;
@@ -43,11 +43,14 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch, DB};
 use tern_protocol::pb;
 use tokio::sync::{mpsc, oneshot};
 
-use super::keys::{shipped_key, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES};
-use super::{
-    cf, now_ms, Account, Device, Enqueued, Expired, QueueBounds, QueueKey, QueueListener, StoreConfig, StoreError,
-    StoredItem,
+use super::keys::{
+    decode_handed, encode_handed, handed_key, shipped_key, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES,
 };
+use super::{
+    cf, now_ms, Account, Device, Enqueued, Expired, QueueBounds, QueueKey, QueueListener, ShipHeader, ShipOutcome,
+    StoreConfig, StoreError, StoredItem,
+};
+use tern_protocol::shipping::{admit, Admit};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -56,16 +59,67 @@ type Entries = Vec<(u64, Box<[u8]>)>;
 
 /// A request to the writer.
 pub(super) enum WriteCmd {
-    Register { handle: String, public_key: [u8; 32], reply: Reply<Account> },
-    AddDevice { handle: String, public_key: [u8; 32], reply: Reply<u32> },
-    Enqueue { sender: QueueKey, message_id: [u8; 16], to: String, body: Bytes, reply: Reply<Enqueued> },
-    Ack { queue: QueueKey, up_to: u64, reply: Reply<QueueBounds> },
-    Bounds { queue: QueueKey, reply: Reply<QueueBounds> },
-    Expire { cutoff_ms: u64, reply: Reply<Expired> },
-    ApplyShip { origin: [u8; 16], queue: QueueKey, entries: Vec<(u64, Bytes)>, reply: Reply<u64> },
-    Shipped { queue: QueueKey, up_to: u64, reply: Reply<QueueBounds> },
-    PutAccount { account: Account, reply: Reply<Account> },
-    Waiting { reply: Reply<Vec<(QueueKey, QueueBounds)>> },
+    Register {
+        handle: String,
+        public_key: [u8; 32],
+        reply: Reply<Account>,
+    },
+    AddDevice {
+        handle: String,
+        public_key: [u8; 32],
+        reply: Reply<u32>,
+    },
+    Enqueue {
+        sender: QueueKey,
+        message_id: [u8; 16],
+        to: String,
+        body: Bytes,
+        reply: Reply<Enqueued>,
+    },
+    Ack {
+        queue: QueueKey,
+        up_to: u64,
+        reply: Reply<QueueBounds>,
+    },
+    Bounds {
+        queue: QueueKey,
+        reply: Reply<QueueBounds>,
+    },
+    Expire {
+        cutoff_ms: u64,
+        reply: Reply<Expired>,
+    },
+    ApplyShip {
+        origin: [u8; 16],
+        queue: QueueKey,
+        header: ShipHeader,
+        entries: Vec<(u64, Bytes)>,
+        reply: Reply<ShipOutcome>,
+    },
+    Settle {
+        origin: [u8; 16],
+        queue: QueueKey,
+        up_to: u64,
+        reply: Reply<u64>,
+    },
+    Shipped {
+        queue: QueueKey,
+        up_to: u64,
+        node: String,
+        reply: Reply<QueueBounds>,
+    },
+    ForgetHanded {
+        queue: QueueKey,
+        node: String,
+        reply: Reply<u64>,
+    },
+    PutAccount {
+        account: Account,
+        reply: Reply<Account>,
+    },
+    Waiting {
+        reply: Reply<Vec<(QueueKey, QueueBounds)>>,
+    },
     Stop,
 }
 
@@ -77,6 +131,7 @@ enum Pending {
     Bounds(Reply<QueueBounds>, Result<QueueBounds, StoreError>),
     Expired(Reply<Expired>, Result<Expired, StoreError>),
     Seq(Reply<u64>, Result<u64, StoreError>),
+    Ship(Reply<ShipOutcome>, Result<ShipOutcome, StoreError>),
     Waiting(Reply<Vec<(QueueKey, QueueBounds)>>, Result<Vec<(QueueKey, QueueBounds)>, StoreError>),
 }
 
@@ -98,6 +153,7 @@ impl Pending {
             Self::Bounds(r, v) => answer!(r, v),
             Self::Expired(r, v) => answer!(r, v),
             Self::Seq(r, v) => answer!(r, v),
+            Self::Ship(r, v) => answer!(r, v),
             Self::Waiting(r, v) => answer!(r, v),
         }
     }
@@ -152,6 +208,8 @@ impl WriteCmd {
             | Self::Bounds { .. }
             | Self::Expire { .. }
             | Self::Shipped { .. }
+            | Self::Settle { .. }
+            | Self::ForgetHanded { .. }
             | Self::Waiting { .. }
             | Self::Stop => SyncNeed::None,
         }
@@ -184,7 +242,8 @@ struct Syncer {
     db: Arc<DB>,
     rx: std::sync::mpsc::Receiver<Written>,
     /// Set when a sync failed: nothing later is acknowledged as durable.
-    failed: Option<StoreError>,
+    /// Shared with the store, which reports it (`Store::failure`).
+    failed: Arc<OnceLock<StoreError>>,
 }
 
 impl Syncer {
@@ -236,12 +295,12 @@ impl Syncer {
             self.sync();
         }
         for written in pending.drain(..) {
-            written.answer(self.failed.as_ref());
+            written.answer(self.failed.get());
         }
     }
 
     fn sync(&mut self) {
-        if self.failed.is_some() {
+        if self.failed.get().is_some() {
             return;
         }
         let started = Instant::now();
@@ -251,7 +310,7 @@ impl Syncer {
             let e = StoreError::from(e);
             tracing::error!(error = %e, "WAL sync failed; the broker acknowledges nothing more until it restarts");
             metrics::counter!("tern_store_write_errors_total").increment(1);
-            self.failed = Some(e);
+            let _ = self.failed.set(e);
         }
     }
 }
@@ -289,11 +348,12 @@ impl WriterActor {
         accounts: moka::sync::Cache<String, Arc<Account>>,
         listener: Arc<dyn QueueListener>,
         disk_low: Arc<AtomicBool>,
+        sync_failed: Arc<OnceLock<StoreError>>,
         config: StoreConfig,
     ) -> Result<Self, StoreError> {
         let syncer = if config.durability == Durability::Synced {
             let (tx, rx) = std::sync::mpsc::channel();
-            let syncer = Syncer { db: db.clone(), rx, failed: None };
+            let syncer = Syncer { db: db.clone(), rx, failed: sync_failed };
             let thread = std::thread::Builder::new()
                 .name("tern-store-sync".into())
                 .spawn(move || syncer.run())
@@ -425,12 +485,20 @@ impl WriterActor {
                 let result = self.expire(batch, cutoff_ms);
                 batch.replies.push(Pending::Expired(reply, result));
             }
-            WriteCmd::ApplyShip { origin, queue, entries, reply } => {
-                let result = self.apply_ship(batch, &origin, &queue, entries);
+            WriteCmd::ApplyShip { origin, queue, header, entries, reply } => {
+                let result = self.apply_ship(batch, &origin, &queue, header, entries);
+                batch.replies.push(Pending::Ship(reply, result));
+            }
+            WriteCmd::Settle { origin, queue, up_to, reply } => {
+                let result = self.settle(batch, &origin, &queue, up_to);
                 batch.replies.push(Pending::Seq(reply, result));
             }
-            WriteCmd::Shipped { queue, up_to, reply } => {
-                let result = self.delete_up_to(batch, &queue, up_to, false);
+            WriteCmd::ForgetHanded { queue, node, reply } => {
+                let result = self.forget_handed(batch, &queue, &node);
+                batch.replies.push(Pending::Seq(reply, result));
+            }
+            WriteCmd::Shipped { queue, up_to, node, reply } => {
+                let result = self.shipped(batch, &queue, up_to, &node);
                 batch.replies.push(Pending::Bounds(reply, result));
             }
             WriteCmd::PutAccount { account, reply } => {
@@ -657,22 +725,40 @@ impl WriterActor {
         Ok(b)
     }
 
+    /// Highest origin seq of `origin`'s copy of `queue` accounted for here,
+    /// as this batch sees it.
+    fn shipped_done(&self, batch: &Batch, key: &[u8]) -> Result<u64, StoreError> {
+        match batch.shipped.get(key) {
+            Some(seq) => Ok(*seq),
+            None => Ok(self.db.get_pinned_cf(cf(&self.db, CF_MESH)?, key)?.map_or(0, |v| decode_u64(&v))),
+        }
+    }
+
+    /// Stores what [`admit`] lets in of a shipment, all or nothing.
     fn apply_ship(
         &mut self,
         batch: &mut Batch,
         origin: &[u8; 16],
         queue: &QueueKey,
+        header: ShipHeader,
         entries: Vec<(u64, Bytes)>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<ShipOutcome, StoreError> {
         let key = shipped_key(origin, queue);
-        let mut done = match batch.shipped.get(&key) {
-            Some(seq) => *seq,
-            None => self.db.get_pinned_cf(cf(&self.db, CF_MESH)?, &key)?.map_or(0, |v| decode_u64(&v)),
+        let done = self.shipped_done(batch, &key)?;
+        let seqs: Vec<u64> = entries.iter().map(|(seq, _)| *seq).collect();
+        let (from, to) = match admit(done, header.base, header.handed_up_to, &seqs) {
+            Admit::Store { from, to } => (from, to),
+            Admit::Duplicate { done } => return Ok(ShipOutcome::Acked(done)),
+            Admit::Gap { expected } => {
+                metrics::counter!("tern_mesh_ship_gaps_total").increment(1);
+                return Ok(ShipOutcome::Gap { expected });
+            }
+            Admit::Wait { up_to, expected } => return Ok(ShipOutcome::Wait { up_to, expected }),
+            Admit::Malformed => {
+                return Err(StoreError::Corrupt(format!("shipped entries of {queue} are not in seq order")));
+            }
         };
-        let fresh: Vec<(u64, Bytes)> = entries.into_iter().filter(|(seq, _)| *seq > done).collect();
-        if fresh.is_empty() {
-            return Ok(done);
-        }
+        let fresh: Vec<(u64, Bytes)> = entries.into_iter().filter(|(seq, _)| *seq >= from).collect();
         if self.disk_low.load(Ordering::Relaxed) {
             return Err(StoreError::Full("free disk space is below the configured minimum".into()));
         }
@@ -683,13 +769,61 @@ impl WriterActor {
         if let Some((seq, _)) = fresh.iter().find(|(_, value)| StoredItem::decode(value).is_err()) {
             return Err(StoreError::Corrupt(format!("shipped entry {seq} of {queue} does not decode")));
         }
-        for (seq, value) in fresh {
+        for (_, value) in fresh {
             self.push(batch, queue, value)?;
-            done = seq;
         }
-        batch.write.put_cf(cf(&self.db, CF_MESH)?, &key, done.to_be_bytes());
-        batch.shipped.insert(key, done);
-        Ok(done)
+        batch.write.put_cf(cf(&self.db, CF_MESH)?, &key, to.to_be_bytes());
+        batch.shipped.insert(key, to);
+        Ok(ShipOutcome::Acked(to))
+    }
+
+    /// Marks `origin`'s entries of `queue` up to `up_to` as accounted for.
+    fn settle(
+        &mut self,
+        batch: &mut Batch,
+        origin: &[u8; 16],
+        queue: &QueueKey,
+        up_to: u64,
+    ) -> Result<u64, StoreError> {
+        let key = shipped_key(origin, queue);
+        let done = self.shipped_done(batch, &key)?;
+        if up_to <= done {
+            return Ok(done);
+        }
+        batch.write.put_cf(cf(&self.db, CF_MESH)?, &key, up_to.to_be_bytes());
+        batch.shipped.insert(key, up_to);
+        Ok(up_to)
+    }
+
+    /// Drops the record that `node` holds entries of `queue` shipped from
+    /// here (it has handed back all it held); returns the seq it named, or 0.
+    fn forget_handed(&mut self, batch: &mut Batch, queue: &QueueKey, node: &str) -> Result<u64, StoreError> {
+        let mesh = cf(&self.db, CF_MESH)?;
+        let key = handed_key(queue);
+        let Some(value) = self.db.get_pinned_cf(mesh, &key)? else { return Ok(0) };
+        match decode_handed(&value) {
+            Some((holder, up_to)) if holder == node => {
+                batch.write.delete_cf(mesh, &key);
+                Ok(up_to)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// Deletes entries `node` stored, and records that it holds them.
+    fn shipped(
+        &mut self,
+        batch: &mut Batch,
+        queue: &QueueKey,
+        up_to: u64,
+        node: &str,
+    ) -> Result<QueueBounds, StoreError> {
+        let before = self.bounds_of(batch, queue)?;
+        let after = self.delete_up_to(batch, queue, up_to, false)?;
+        if after.head > before.head {
+            batch.write.put_cf(cf(&self.db, CF_MESH)?, handed_key(queue), encode_handed(node, after.head));
+        }
+        Ok(after)
     }
 
     fn put_newer_account(&mut self, batch: &mut Batch, account: Account) -> Result<Account, StoreError> {

@@ -66,8 +66,8 @@ pub async fn wait_for<F: FnMut() -> bool>(timeout: Duration, mut cond: F) -> boo
 
 pub fn client_endpoint(ca: &Path) -> quinn::Endpoint {
     let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca).unwrap();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -269,4 +269,27 @@ pub fn mid(n: u64) -> [u8; 16] {
     id[..8].copy_from_slice(&n.to_be_bytes());
     id[8..].copy_from_slice(&0x7e57_u64.to_be_bytes());
     id
+}
+
+/// The directory owner of `handle`'s device 1 among `nodes`: the rendezvous
+/// winner, computed as the broker does (docs/mesh.md). Tests pick handles by
+/// it to put a device's directory entry where a scenario needs it.
+pub fn directory_owner(handle: &str, nodes: &[String]) -> String {
+    let mut key = handle.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&1u32.to_be_bytes());
+    let score = |node: &str| {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(node.as_bytes());
+        ctx.update(&[0xff]);
+        ctx.update(&key);
+        u64::from_be_bytes(ctx.finish().as_ref()[..8].try_into().unwrap())
+    };
+    nodes.iter().max_by_key(|n| (score(n), n.as_str())).unwrap().clone()
+}
+
+/// The first of `prefix0`, `prefix1`, ... whose directory owner among
+/// `nodes` satisfies `want`.
+pub fn handle_owned(prefix: &str, nodes: &[String], want: impl Fn(&str) -> bool) -> String {
+    (0..).map(|i| format!("{prefix}{i}")).find(|h| want(&directory_owner(h, nodes))).unwrap()
 }

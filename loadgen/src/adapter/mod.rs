@@ -69,6 +69,9 @@ pub(crate) struct Options {
     pub(crate) endpoints: usize,
     /// Idle timeout for connections (keep-alives go at a third of it).
     pub(crate) idle_timeout: Duration,
+    /// Tern: each user's client lists every target (its own first) and
+    /// moves to the next when its broker fails; otherwise only its own.
+    pub(crate) failover: bool,
 }
 
 /// A broker the workload runs against.

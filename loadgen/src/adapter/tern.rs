@@ -1,24 +1,36 @@
 //! Tern through `tern-client`: each user is a handle with one device,
 //! registered on first use (its key kept in memory for later logins) at
 //! its own target, the only broker its config lists (so a slow broker is not
-//! hidden by failing over to another). All connections share a few UDP
-//! sockets per CA file. Deliveries are acknowledged
+//! hidden by failing over to another), unless `--failover` lists the other
+//! targets after it (the client then moves to the next when its broker
+//! fails, as an application given several brokers would). All connections
+//! share a few UDP sockets per CA file. Deliveries are acknowledged
 //! cumulatively every 64 items, or when none arrived for 5 ms.
+//!
+//! The client reconnects by itself and keeps its sends and its dedup
+//! state across reconnects. Should it stop for good (a login refused after
+//! a reconnect, a broker ending the session as replaced), the connection
+//! logs in again with a new client so the user keeps sending and receiving;
+//! such restarts are counted (`Ledger::client_restarts`), since a new
+//! client no longer knows what the old one had delivered.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use rand::RngCore;
-use tern_client::{Client, ClientConfig, ClientError, Identity, Incoming, MessageId, SendError, SharedEndpoint};
+use tern_client::{
+    Backoff, Client, ClientConfig, ClientError, Identity, Incoming, MessageId, SendError, SharedEndpoint,
+};
 use tokio::task::JoinHandle;
 
 use super::{user_name, AckFuture, Adapter, Connection, Options, SendFailure};
 use crate::ledger::Ledger;
-use crate::target::{Target, Targets};
+use crate::target::Targets;
 use crate::LoadError;
 
 /// Deliveries acknowledged together.
@@ -41,9 +53,9 @@ impl TernAdapter {
         // use the same address family): `--endpoints` sockets for each.
         let mut endpoints: HashMap<(PathBuf, bool), Vec<SharedEndpoint>> = HashMap::new();
         let mut configs = Vec::with_capacity(targets.len());
-        for (target, ca) in targets.all().iter().zip(cas) {
-            let base = base_config(target, ca.clone(), opts)?;
-            let shared = match endpoints.entry((ca, target.addr.starts_with('['))) {
+        for (t, ca) in cas.into_iter().enumerate() {
+            let base = base_config(&brokers_of(targets, t, opts.failover), ca.clone(), opts)?;
+            let shared = match endpoints.entry((ca, targets.all()[t].addr.starts_with('['))) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
                     e.insert((0..opts.endpoints.max(1)).map(|_| shared_endpoint(&base)).collect::<Result<_, _>>()?)
@@ -67,7 +79,9 @@ impl TernAdapter {
     async fn probe(&self, t: usize) -> Result<(), LoadError> {
         let key = tern_client::generate_key();
         let probe = Identity { handle: format!("lg-{}-probe", self.run_id), device_id: 1, signing_key: key };
-        match Client::connect(self.configs[t][0].clone(), probe).await {
+        // Only this target, even with failover.
+        let config = ClientConfig { brokers: vec![self.targets.all()[t].addr.clone()], ..self.configs[t][0].clone() };
+        match Client::connect(config, probe).await {
             // Reachable: the login is refused (unknown handle), which is fine.
             Ok(c) => {
                 c.close().await;
@@ -127,13 +141,51 @@ impl Adapter for TernAdapter {
 
     async fn connect(&self, user: u32, ledger: Arc<Ledger>) -> Result<Box<dyn Connection>, LoadError> {
         let client = self.login(user).await?;
-        let reader = tokio::spawn(receive(client.clone(), user, ledger));
-        Ok(Box::new(TernConnection { client, run_id: self.run_id.clone(), reader }))
+        let identity = client.identity().clone();
+        let slot = Arc::new(Mutex::new(client));
+        let closing = Arc::new(AtomicBool::new(false));
+        let relogin = Relogin { config: self.config(user), identity, closing: closing.clone() };
+        let reader = tokio::spawn(serve(slot.clone(), user, ledger, relogin));
+        Ok(Box::new(TernConnection { client: slot, run_id: self.run_id.clone(), reader, closing }))
     }
 }
 
-/// Feeds deliveries to the ledger and acknowledges them.
-async fn receive(client: Client, user: u32, ledger: Arc<Ledger>) {
+/// What a connection needs to replace a client that stopped.
+struct Relogin {
+    config: ClientConfig,
+    identity: Identity,
+    /// Set by [`Connection::close`]: a stop is then expected.
+    closing: Arc<AtomicBool>,
+}
+
+/// Receives for the client in `slot`; when it stops without being closed,
+/// logs in again and puts the new client in the slot.
+async fn serve(slot: Arc<Mutex<Client>>, user: u32, ledger: Arc<Ledger>, relogin: Relogin) {
+    loop {
+        let client = slot.lock().expect("client slot").clone();
+        receive(&client, user, &ledger).await;
+        if relogin.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(user, "the client stopped for good; logging in again with a new one");
+        ledger.client_restarted();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let fresh = loop {
+            match Client::connect(relogin.config.clone(), relogin.identity.clone()).await {
+                Ok(c) => break c,
+                Err(e) => tracing::warn!(user, error = %e, "login of a replacement client failed; retrying"),
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+            if relogin.closing.load(Ordering::Relaxed) {
+                return;
+            }
+        };
+        *slot.lock().expect("client slot") = fresh;
+    }
+}
+
+/// Feeds deliveries to the ledger and acknowledges them, until the client stops.
+async fn receive(client: &Client, user: u32, ledger: &Ledger) {
     let mut unacked: Option<u64> = None;
     let mut count = 0u64;
     loop {
@@ -177,9 +229,18 @@ fn ca_per_target(targets: &Targets, cas: &[PathBuf]) -> Result<Vec<PathBuf>, Loa
     }
 }
 
-/// The client settings for one target, checked.
-fn base_config(target: &Target, ca: PathBuf, opts: &Options) -> Result<ClientConfig, LoadError> {
-    let mut base = ClientConfig::new(vec![target.addr.clone()], ca);
+/// The brokers the users of target `t` list: that target, and with
+/// `failover` the others after it, in rotation (so the users of a failed
+/// broker spread over the rest).
+fn brokers_of(targets: &Targets, t: usize, failover: bool) -> Vec<String> {
+    let all = targets.all();
+    let n = if failover { all.len() } else { 1 };
+    (0..n).map(|i| all[(t + i) % all.len()].addr.clone()).collect()
+}
+
+/// The client settings for the users of one target, checked.
+fn base_config(brokers: &[String], ca: PathBuf, opts: &Options) -> Result<ClientConfig, LoadError> {
+    let mut base = ClientConfig::new(brokers.to_vec(), ca);
     base.client_name = concat!("tern-loadgen/", env!("CARGO_PKG_VERSION")).into();
     base.connect_timeout = opts.connect_timeout;
     base.request_timeout = opts.request_timeout;
@@ -198,9 +259,17 @@ fn shared_endpoint(base: &ClientConfig) -> Result<SharedEndpoint, LoadError> {
 }
 
 struct TernConnection {
-    client: Client,
+    /// The current client (replaced if one stops for good).
+    client: Arc<Mutex<Client>>,
     run_id: String,
     reader: JoinHandle<()>,
+    closing: Arc<AtomicBool>,
+}
+
+impl TernConnection {
+    fn client(&self) -> Client {
+        self.client.lock().expect("client slot").clone()
+    }
 }
 
 fn failure(e: SendError) -> SendFailure {
@@ -219,16 +288,18 @@ impl Connection for TernConnection {
     async fn submit(&self, to: u32, body: Bytes) -> Result<AckFuture, SendFailure> {
         let mut id = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut id);
-        let pending = self.client.enqueue(MessageId(id), &user_name(&self.run_id, to), body).await.map_err(failure)?;
+        let pending =
+            self.client().enqueue(MessageId(id), &user_name(&self.run_id, to), body).await.map_err(failure)?;
         Ok(Box::pin(async move { pending.await.map(|_| ()).map_err(failure) }))
     }
 
     async fn ping(&self) -> Result<(), SendFailure> {
-        self.client.ping().await.map(|_| ()).map_err(failure)
+        self.client().ping().await.map(|_| ()).map_err(failure)
     }
 
     async fn close(&self) {
-        self.client.close().await;
+        self.closing.store(true, Ordering::Relaxed);
+        self.client().close().await;
         self.reader.abort();
     }
 }
@@ -254,5 +325,13 @@ mod tests {
         let err = ca_per_target(&targets(3), &[a, b]).unwrap_err().to_string();
         assert!(err.contains("2 --ca files for 3 --target"), "{err}");
         assert!(ca_per_target(&targets(2), &[]).unwrap_err().to_string().contains("needs --ca"));
+    }
+
+    #[test]
+    fn failover_lists_every_target_starting_with_the_users_own() {
+        let t = targets(3);
+        assert_eq!(brokers_of(&t, 1, false), vec!["127.0.0.1:2"]);
+        assert_eq!(brokers_of(&t, 1, true), vec!["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:1"]);
+        assert_eq!(brokers_of(&targets(1), 0, true), vec!["127.0.0.1:1"]);
     }
 }

@@ -6,10 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::positive;
 use crate::cli::ChatArgs;
+use crate::ledger::Counts;
 use crate::progress::Progress;
 use crate::report::Report;
 use crate::run::{partner, Job, Run};
@@ -21,6 +22,47 @@ use crate::LoadError;
 /// are stamped with the time they actually leave, so latency is never
 /// flattered either.
 const TIMER_SLACK_NS: u64 = 1_000_000;
+
+/// When the sends of an open-loop run are due: send `k` at `start_ns + k / rate`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Schedule {
+    /// Ledger time of send 0.
+    pub(crate) start_ns: u64,
+    /// Sends per second.
+    pub(crate) rate: f64,
+    /// Sends in all.
+    pub(crate) total: u64,
+}
+
+/// Offers the load: sends `k` at its due time, round-robin over the users,
+/// each to its partner; `bar` shows how many went out and `status` of the counts.
+pub(crate) async fn offer(
+    run: &Run,
+    senders: &[mpsc::Sender<Job>],
+    in_flight: &Arc<Semaphore>,
+    schedule: Schedule,
+    bar: &Progress,
+    status: &(dyn Fn(Counts) -> String + Sync),
+) {
+    let (ledger, users) = (&run.ledger, run.users);
+    for k in 0..schedule.total {
+        let due_ns = schedule.start_ns + (k as f64 * 1e9 / schedule.rate) as u64;
+        if due_ns > ledger.now_ns() + TIMER_SLACK_NS {
+            tokio::time::sleep_until(ledger.instant(due_ns - TIMER_SLACK_NS).into()).await;
+        }
+        let permit = in_flight.clone().acquire_owned().await.expect("never closed");
+        let from = (k % u64::from(users)) as u32;
+        let stamp = ledger.stamp(from, due_ns.min(ledger.now_ns()));
+        if senders[from as usize].send(Job { to: partner(from, users), stamp, permit }).await.is_err() {
+            ledger.failed("Closed");
+        }
+        if k % 1024 == 0 {
+            bar.set_position(k);
+            bar.set_message(status(ledger.counts()));
+        }
+    }
+    bar.set_position(schedule.total);
+}
 
 pub(crate) async fn run(a: ChatArgs) -> Result<Report, LoadError> {
     let rate = positive("rate", a.rate)?;
@@ -44,24 +86,8 @@ pub(crate) async fn run(a: ChatArgs) -> Result<Report, LoadError> {
     ledger.time_from(start_ns + (a.warmup * 1e9) as u64);
     let total = ((a.warmup + duration) * rate).round() as u64;
     let bar = Progress::bar(run.quiet, total, "sending");
-    for k in 0..total {
-        let due_ns = start_ns + (k as f64 * 1e9 / rate) as u64;
-        if due_ns > ledger.now_ns() + TIMER_SLACK_NS {
-            tokio::time::sleep_until(ledger.instant(due_ns - TIMER_SLACK_NS).into()).await;
-        }
-        let permit = in_flight.clone().acquire_owned().await.expect("never closed");
-        let from = (k % u64::from(users)) as u32;
-        let stamp = ledger.stamp(from, due_ns.min(ledger.now_ns()));
-        if senders[from as usize].send(Job { to: partner(from, users), stamp, permit }).await.is_err() {
-            ledger.failed("Closed");
-        }
-        if k % 1024 == 0 {
-            bar.set_position(k);
-            let c = ledger.counts();
-            bar.set_message(format!("{} acked, {} delivered, {} failed", c.acked, c.delivered, c.failed));
-        }
-    }
-    bar.set_position(total);
+    let status = |c: Counts| format!("{} acked, {} delivered, {} failed", c.acked, c.delivered, c.failed);
+    offer(&run, &senders, &in_flight, Schedule { start_ns, rate, total }, &bar, &status).await;
     let sent_until_ns = ledger.now_ns();
     drop(senders);
     run.drain(&bar).await;

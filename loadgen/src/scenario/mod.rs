@@ -4,6 +4,7 @@ use crate::cli::{Cli, Scenario};
 use crate::report::Report;
 use crate::LoadError;
 
+mod chaos;
 mod chat;
 mod connections;
 mod max;
@@ -12,14 +13,14 @@ mod storm;
 
 /// Runs the scenario `cli` names, prints the summary and writes the JSON.
 pub(crate) async fn run(cli: Cli) -> Result<Report, LoadError> {
-    let common = cli.common();
-    let (quiet, json) = (common.quiet, common.json.clone());
+    let (quiet, json) = cli.output();
     let report = match cli.scenario {
         Scenario::Chat(a) => chat::run(a).await?,
         Scenario::Max(a) => max::run(a).await?,
         Scenario::Offline(a) => offline::run(a).await?,
         Scenario::Connections(a) => connections::run(a).await?,
         Scenario::Storm(a) => storm::run(a).await?,
+        Scenario::Chaos(a) => chaos::run(a).await?,
     };
     if !quiet {
         eprint!("{}", report.table());
