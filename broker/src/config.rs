@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod rate;
+
+pub use rate::{IpNet, Rate, RateSection};
+
 /// Everything a broker needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -31,6 +35,8 @@ pub struct BrokerConfig {
     pub store: StoreSection,
     /// Per-connection limits.
     pub limits: LimitsConfig,
+    /// How often a source address, handle or device may repeat a request.
+    pub rate: RateSection,
     /// Who may claim a handle.
     pub registration: RegistrationConfig,
     /// Mesh membership; a standalone broker when `cluster.dir` is unset.
@@ -157,6 +163,18 @@ pub struct LimitsConfig {
     pub idle_timeout_secs: u64,
     /// Failed login attempts before the connection is closed.
     pub max_login_attempts: u32,
+    /// Largest frame accepted before the connection has logged in, in bytes:
+    /// enough for `Hello`, `Register`, `Login` and `LinkDevice`, so an
+    /// unauthenticated connection never makes the broker buffer more.
+    pub max_frame_len_before_login: usize,
+    /// Client handshakes in progress above which a new address must first
+    /// show it receives what is sent to it (a QUIC Retry, one more round
+    /// trip) before the broker keeps any state for it; 0: always.
+    pub handshakes_before_retry: usize,
+    /// Seconds a handle (or device) that no mesh member knows is remembered
+    /// as unknown, so repeated logins, sends or lookups for it ask the
+    /// other members once per this time, not every time.
+    pub account_miss_cache_secs: u64,
 }
 
 /// `[registration]`.
@@ -178,6 +196,7 @@ impl Default for BrokerConfig {
             tls: TlsConfig::default(),
             store: StoreSection::default(),
             limits: LimitsConfig::default(),
+            rate: RateSection::default(),
             registration: RegistrationConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -211,6 +230,9 @@ impl Default for LimitsConfig {
             handshake_timeout_secs: 10,
             idle_timeout_secs: 30,
             max_login_attempts: 3,
+            max_frame_len_before_login: 4096,
+            handshakes_before_retry: 256,
+            account_miss_cache_secs: 5,
         }
     }
 }
@@ -288,6 +310,10 @@ impl BrokerConfig {
         within(l.handshake_timeout_secs, 1, 3600, "limits.handshake_timeout_secs")?;
         within(l.idle_timeout_secs, 1, DAY_SECS, "limits.idle_timeout_secs")?;
         within(u64::from(l.max_login_attempts), 1, 1000, "limits.max_login_attempts")?;
+        within(l.max_frame_len_before_login as u64, 1024, l.max_frame_len as u64, "limits.max_frame_len_before_login")?;
+        within(l.handshakes_before_retry as u64, 0, 100_000_000, "limits.handshakes_before_retry")?;
+        within(l.account_miss_cache_secs, 0, 3600, "limits.account_miss_cache_secs")?;
+        self.rate.validate()?;
         let c = &self.cluster;
         check(c.dir.is_some() || c.join.is_empty(), "cluster.join", || {
             "joining a mesh needs cluster.dir (--cluster NODEDIR) with this broker's cluster certificate".into()

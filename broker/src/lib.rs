@@ -3,7 +3,8 @@
 //! Read it top to bottom like the path of a message:
 //!
 //! - [`transport`]: the quinn endpoint and accept loop;
-//! - [`session`]: one authenticated connection (login, sends, acks, pushes);
+//! - [`session`]: one authenticated connection (login, sends, acks, pushes),
+//!   within the [`ratelimit`]s;
 //! - [`store`]: RocksDB queues, accounts and idempotency, behind one
 //!   group-commit writer;
 //! - [`router`]: hands newly stored entries to online devices' sessions;
@@ -17,6 +18,7 @@
 mod admin;
 pub mod config;
 pub mod mesh;
+mod ratelimit;
 pub mod router;
 mod session;
 pub mod store;
@@ -66,7 +68,16 @@ pub(crate) struct Context {
     pub(crate) router: Router,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    /// One per client connection, taken before its handshake
+    /// (`limits.max_connections`).
+    pub(crate) connection_permits: Arc<tokio::sync::Semaphore>,
+    /// Connections holding a permit (for `/healthz`).
     pub(crate) connections: Arc<AtomicUsize>,
+    /// Handshakes in progress (`limits.handshakes_before_retry`).
+    pub(crate) handshakes: Arc<AtomicUsize>,
+    pub(crate) rate: Arc<ratelimit::RateLimits>,
+    /// Account records looked up at other members, shared by the sessions.
+    pub(crate) lookups: Arc<session::AccountLookups>,
     /// Set when the broker is a mesh member (`--cluster`).
     pub(crate) mesh: Option<mesh::Mesh>,
 }
@@ -160,7 +171,14 @@ impl Broker {
             router,
             cancel,
             tasks,
+            connection_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
             connections: Arc::new(AtomicUsize::new(0)),
+            handshakes: Arc::new(AtomicUsize::new(0)),
+            rate: Arc::new(ratelimit::RateLimits::new(&config.rate)),
+            lookups: Arc::new(session::AccountLookups::new(
+                Duration::from_secs(config.limits.account_miss_cache_secs),
+                config.rate.max_keys,
+            )),
             mesh,
         };
         let admin = match config.admin {
@@ -231,6 +249,13 @@ impl Broker {
     /// The store (for tests and tools).
     pub fn store(&self) -> &Store {
         &self.ctx.store
+    }
+
+    /// How many times this broker's sessions asked the other mesh members
+    /// for an account record missing here (for tests and tools; a miss is
+    /// asked once per `limits.account_miss_cache_secs`).
+    pub fn remote_account_lookups(&self) -> u64 {
+        self.ctx.lookups.remote()
     }
 
     /// Stops accepting, tells connected clients to reconnect elsewhere, waits

@@ -82,6 +82,8 @@ struct Args {
     account_cache_entries: Option<u64>,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    rate: RateArgs,
     /// Require this token to register a new handle.
     #[arg(long, env = "TERN_REGISTRATION_TOKEN")]
     registration_token: Option<String>,
@@ -146,6 +148,47 @@ struct LimitArgs {
     /// Failed login attempts before the connection is closed.
     #[arg(long, env = "TERN_MAX_LOGIN_ATTEMPTS")]
     max_login_attempts: Option<u32>,
+    /// Largest frame accepted before a login, in bytes.
+    #[arg(long, env = "TERN_MAX_FRAME_LEN_BEFORE_LOGIN")]
+    max_frame_len_before_login: Option<usize>,
+    /// Client handshakes in progress above which new addresses are first
+    /// validated with a QUIC Retry (0: always).
+    #[arg(long, env = "TERN_HANDSHAKES_BEFORE_RETRY")]
+    handshakes_before_retry: Option<usize>,
+    /// Seconds a handle no mesh member knows is remembered as unknown.
+    #[arg(long, env = "TERN_ACCOUNT_MISS_CACHE_SECS")]
+    account_miss_cache_secs: Option<u64>,
+}
+
+/// `[rate]` flags. A RATE is BURST,EVERY: `20,30s` allows 20 at once, then
+/// one more every 30 s (units ms, s, m, h).
+#[derive(Debug, clap::Args)]
+struct RateArgs {
+    /// Rate limits on (true) or off (false).
+    #[arg(long = "rate-limits", env = "TERN_RATE_LIMITS", value_name = "BOOL")]
+    enabled: Option<bool>,
+    /// Source networks never rate limited, as CIDR (comma-separated;
+    /// replaces the default, loopback). An empty value exempts none.
+    #[arg(long = "rate-exempt", env = "TERN_RATE_EXEMPT", value_name = "CIDR", value_delimiter = ',', num_args = 0..)]
+    exempt: Option<Vec<String>>,
+    /// Most keys (addresses, handles, devices) each rate limiter tracks.
+    #[arg(long = "rate-max-keys", env = "TERN_RATE_MAX_KEYS")]
+    max_keys: Option<u64>,
+    /// `Register` requests per source address.
+    #[arg(long = "rate-register-per-ip", env = "TERN_RATE_REGISTER_PER_IP", value_name = "RATE")]
+    register_per_ip: Option<tern_broker::config::Rate>,
+    /// `Login` and `LinkDevice` requests per source address.
+    #[arg(long = "rate-login-per-ip", env = "TERN_RATE_LOGIN_PER_IP", value_name = "RATE")]
+    login_per_ip: Option<tern_broker::config::Rate>,
+    /// Failed logins per handle.
+    #[arg(long = "rate-login-failures-per-handle", env = "TERN_RATE_LOGIN_FAILURES_PER_HANDLE", value_name = "RATE")]
+    login_failures_per_handle: Option<tern_broker::config::Rate>,
+    /// `Send` requests per logged-in device.
+    #[arg(long = "rate-sends-per-device", env = "TERN_RATE_SENDS_PER_DEVICE", value_name = "RATE")]
+    sends_per_device: Option<tern_broker::config::Rate>,
+    /// Account lookups (`ListDevices`) per logged-in device.
+    #[arg(long = "rate-lookups-per-device", env = "TERN_RATE_LOOKUPS_PER_DEVICE", value_name = "RATE")]
+    lookups_per_device: Option<tern_broker::config::Rate>,
 }
 
 /// Checks `--log` / `TERN_LOG` when the command line is parsed, so a typo
@@ -233,8 +276,27 @@ impl Args {
             max_pending_sends,
             handshake_timeout_secs,
             idle_timeout_secs,
-            max_login_attempts
+            max_login_attempts,
+            max_frame_len_before_login,
+            handshakes_before_retry,
+            account_miss_cache_secs
         );
+        let r = self.rate;
+        macro_rules! set_rate {
+            ($($field:ident),* $(,)?) => {
+                $(if let Some(v) = r.$field { c.rate.$field = v; })*
+            };
+        }
+        set_rate!(enabled, max_keys, register_per_ip, login_per_ip, login_failures_per_handle, sends_per_device);
+        set_rate!(lookups_per_device);
+        if let Some(exempt) = r.exempt {
+            c.rate.exempt = exempt
+                .iter()
+                .filter(|net| !net.trim().is_empty())
+                .map(|net| net.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|reason| tern_broker::ConfigError { field: "rate.exempt", reason })?;
+        }
         if self.admin.is_some() {
             c.admin = self.admin;
         }
@@ -440,6 +502,17 @@ mod tests {
             "--handshake-timeout-secs=15",
             "--idle-timeout-secs=16",
             "--max-login-attempts=17",
+            "--max-frame-len-before-login=2048",
+            "--handshakes-before-retry=0",
+            "--account-miss-cache-secs=21",
+            "--rate-limits=false",
+            "--rate-exempt=10.0.0.0/8,2001:db8::/32",
+            "--rate-max-keys=22",
+            "--rate-register-per-ip=5,1m",
+            "--rate-login-per-ip=6,2s",
+            "--rate-login-failures-per-handle=7,3h",
+            "--rate-sends-per-device=8,9",
+            "--rate-lookups-per-device=10,11ms",
             "--location-cache-entries=18",
             "--location-cache-ttl-secs=19",
             "--drain-secs=20",
@@ -451,6 +524,23 @@ mod tests {
         assert_eq!((l.max_connections, l.max_inflight, l.max_pending_sends), (12, 13, 14));
         assert_eq!((l.handshake_timeout_secs, l.idle_timeout_secs, l.max_login_attempts), (15, 16, 17));
         assert_eq!((cl.location_cache_entries, cl.location_cache_ttl_secs, cl.drain_secs), (18, 19, 20));
+        assert_eq!((l.max_frame_len_before_login, l.handshakes_before_retry, l.account_miss_cache_secs), (2048, 0, 21));
+        let (r, rate) = (&c.rate, tern_broker::config::Rate::new);
+        assert_eq!((r.enabled, r.max_keys), (false, 22));
+        let exempt: Vec<String> = r.exempt.iter().map(ToString::to_string).collect();
+        assert_eq!(exempt, ["10.0.0.0/8", "2001:db8::/32"]);
+        assert_eq!((r.register_per_ip, r.login_per_ip), (rate(5, 60_000), rate(6, 2_000)));
+        assert_eq!(r.login_failures_per_handle, rate(7, 3 * 3_600_000));
+        assert_eq!((r.sends_per_device, r.lookups_per_device), (rate(8, 9), rate(10, 11)));
+    }
+
+    #[test]
+    fn rate_flags_are_checked() {
+        assert!(Args::try_parse_from(["tern-broker", "--rate-sends-per-device=100"]).is_err(), "no interval");
+        assert!(Args::try_parse_from(["tern-broker", "--rate-sends-per-device=100,1w"]).is_err(), "unknown unit");
+        assert_eq!(config(&["--rate-exempt=10.0.0.0/33"]).unwrap_err().field, "rate.exempt");
+        assert!(config(&["--rate-exempt="]).unwrap().rate.exempt.is_empty(), "an empty list exempts none");
+        assert_eq!(config(&["--rate-sends-per-device=0,1s"]).unwrap_err().field, "rate.sends_per_device");
     }
 
     #[test]

@@ -2,6 +2,18 @@
 //! checked against the connection limit, completes its handshake, opens its
 //! session stream and becomes a [`Session`](crate::session::Session) task.
 //!
+//! Before the broker keeps any state for a connection attempt
+//! ([`admit`]): while more than `limits.handshakes_before_retry`
+//! handshakes are in progress, an address that has not proved it receives
+//! what is sent to it gets a stateless Retry (RFC 9000, 8.1.2), so spoofed
+//! Initials cost one small packet each; then the attempt takes one of the
+//! `limits.max_connections` permits, or is refused. The permit is held by
+//! the connection task until it ends, handshake included, so the cap
+//! counts everything the broker keeps state for. A connection that turns
+//! out to be a peer broker's (ALPN `tern-peer/1`, known only after the
+//! handshake) gives its permit back and is allowed the streams of a peer
+//! link; a client connection gets one bidirectional stream, the session's.
+//!
 //! The endpoint's stateless reset key is made once and kept in the data
 //! directory ([`endpoint_config`]), so a broker restarted after a crash
 //! answers its predecessor's connections with a stateless reset (RFC 9000,
@@ -10,9 +22,11 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::session::Session;
 use crate::tls::TlsError;
@@ -93,11 +107,24 @@ fn reset_key(path: &Path) -> Result<[u8; RESET_KEY_LEN], TlsError> {
     Ok(key)
 }
 
+/// Bidirectional streams a client may open: the session stream.
+const CLIENT_BIDI_STREAMS: u32 = 1;
+/// Bidirectional streams an accepted peer link may open, as many as the
+/// dialer's `peer_transport` allows the other way.
+const PEER_BIDI_STREAMS: u32 = 4;
+/// Bytes of QUIC datagrams kept per connection until read. Clients send
+/// none the broker reads yet; peer links read their gossip datagrams
+/// (at most about 1,200 bytes each) as they come, so this holds dozens.
+/// (quinn's default, 1.25 MB, would let every connection pin that much.)
+const DATAGRAM_RECEIVE_BUFFER: usize = 64 << 10;
+
 /// Transport parameters tuned for many mostly idle chat connections.
 pub(crate) fn transport_config(idle_timeout_secs: u64) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4u32.into());
+    // Raised for peer links once they are known to be ones (`serve_connection`).
+    t.max_concurrent_bidi_streams(CLIENT_BIDI_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
+    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     t.max_idle_timeout(Duration::from_secs(idle_timeout_secs).try_into().ok());
     t.keep_alive_interval(Some(Duration::from_secs(idle_timeout_secs.max(2) / 2)));
     // As large as a peer link's: peer links are accepted with this config,
@@ -151,42 +178,106 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, ctx: Context) {
                 None => break,
             },
         };
-        if ctx.connections.load(Ordering::Relaxed) >= ctx.config.limits.max_connections {
-            metrics::counter!("tern_connections_refused_total").increment(1);
-            incoming.refuse();
-            continue;
-        }
+        let Some((incoming, slot)) = admit(incoming, &ctx) else { continue };
         let ctx = ctx.clone();
         ctx.tasks.clone().spawn(async move {
-            ctx.connections.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!("tern_connections").increment(1.0);
-            let _guard = ConnGuard(ctx.connections.clone());
-            if let Err(e) = serve_connection(incoming, ctx).await {
+            let _counted = Gauge("tern_connections");
+            if let Err(e) = serve_connection(incoming, slot, ctx).await {
                 tracing::debug!(error = %e, "connection ended before its session started");
             }
         });
     }
 }
 
-struct ConnGuard(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!("tern_connections").decrement(1.0);
+/// Decides, before any state is kept for it, whether a connection attempt
+/// goes on: a Retry while the broker is busy with handshakes and the
+/// address is unproven, a refusal when no connection permit is left.
+fn admit(incoming: quinn::Incoming, ctx: &Context) -> Option<(quinn::Incoming, Slot)> {
+    let busy = ctx.handshakes.load(Ordering::Relaxed) >= ctx.config.limits.handshakes_before_retry;
+    let incoming = if busy && !incoming.remote_address_validated() {
+        match incoming.retry() {
+            Ok(()) => {
+                metrics::counter!("tern_handshake_retries_total").increment(1);
+                return None;
+            }
+            // Not allowed for this packet: go on without.
+            Err(e) => e.into_incoming(),
+        }
+    } else {
+        incoming
+    };
+    match ctx.connection_permits.clone().try_acquire_owned() {
+        Ok(permit) => Some((incoming, Slot::new(permit, &ctx.connections))),
+        Err(_) => {
+            metrics::counter!("tern_connections_refused_total").increment(1);
+            incoming.refuse();
+            None
+        }
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, ctx: Context) -> anyhow::Result<()> {
+/// A connection's place under `limits.max_connections`, counted in
+/// `Context::connections`; given back when dropped.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    count: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self { _permit: permit, count: count.clone() }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct Gauge(&'static str);
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0).decrement(1.0);
+    }
+}
+
+/// Counts a handshake in progress while alive.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Handshaking {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, slot: Slot, ctx: Context) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(ctx.config.limits.handshake_timeout_secs);
+    let handshaking = Handshaking::new(&ctx.handshakes);
     let conn = tokio::time::timeout(timeout, incoming).await??;
+    drop(handshaking);
     if crate::mesh::cluster_tls::negotiated_alpn(&conn).as_deref() == Some(tern_protocol::ALPN_PEER) {
+        // Peers are few and the mesh needs them: they take no client slot.
+        drop(slot);
         // Offered only when the broker has a cluster identity.
         if let Some(mesh) = &ctx.mesh {
+            conn.set_max_concurrent_bi_streams(PEER_BIDI_STREAMS.into());
             mesh.accept(conn).await;
         }
         return Ok(());
     }
+    let _slot = slot;
     let (send, recv) = tokio::select! {
         () = ctx.cancel.cancelled() => return Ok(()),
         r = tokio::time::timeout(timeout, conn.accept_bi()) => r??,

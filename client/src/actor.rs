@@ -109,7 +109,8 @@ impl Actor {
         cmds: mpsc::Receiver<Cmd>,
         incoming: mpsc::Sender<Incoming>,
     ) -> Self {
-        Self {
+        let home = conn.addr.clone();
+        let mut actor = Self {
             backoff: Backoff::new(config.backoff_min, config.backoff_max),
             dedup: Dedup::new(config.dedup_window, login.acked_seq),
             max_body_len: conn.max_body_len,
@@ -127,7 +128,9 @@ impl Actor {
             next_broker: 0,
             closed: None,
             room_check: tokio::time::Instant::now(),
-        }
+        };
+        actor.stay_at(&home);
+        actor
     }
 
     pub(crate) async fn run(mut self) {
@@ -415,6 +418,7 @@ impl Actor {
         let ok = conn.authenticate(Auth::Login { identity: &self.identity }, &self.config.client_name).await?;
         tracing::info!(%addr, pending = ok.pending, resending = self.pending.len(), "reconnected");
         self.backoff.reset();
+        self.stay_at(&addr);
         self.max_body_len = conn.max_body_len;
         self.conn = Some(conn);
         // The new broker's seqs; no ack of the old connection is repeated.
@@ -439,6 +443,11 @@ impl Actor {
         Ok(())
     }
 
+    /// The broker for the next attempt: a redirect's, else the one in the
+    /// list the client was last logged in at, and the next one in the list
+    /// after each attempt that failed. A broker that restarted is tried
+    /// again first, so its devices stay where their queues are and do not
+    /// move broker at every reconnect.
     fn pick_broker(&mut self) -> String {
         if let Some(addr) = self.redirect.pop_front() {
             return addr;
@@ -447,6 +456,13 @@ impl Actor {
         let addr = list.get(self.next_broker % list.len().max(1)).cloned().unwrap_or_default();
         self.next_broker = self.next_broker.wrapping_add(1);
         addr
+    }
+
+    /// After a login at `addr`: the next reconnect tries it first.
+    fn stay_at(&mut self, addr: &str) {
+        if let Some(i) = self.config.brokers.iter().position(|b| b == addr) {
+            self.next_broker = i;
+        }
     }
 }
 

@@ -11,7 +11,9 @@ use crate::ClientError;
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Broker addresses (`host:port`); the client uses the first that answers
-    /// and moves on to the next when it fails.
+    /// and moves on to the next when it fails. After a connection loss it
+    /// tries the broker it was logged in at first (a restarted broker is
+    /// back within seconds, and the device's queue is there), then the next.
     pub brokers: Vec<String>,
     /// PEM file with the certificate(s) to trust.
     pub ca: PathBuf,

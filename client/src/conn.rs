@@ -31,6 +31,8 @@ pub(crate) type Incoming = Result<pb::ServerFrame, String>;
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) conn: quinn::Connection,
+    /// The broker's address as configured (`host:port`).
+    pub(crate) addr: String,
     send: quinn::SendStream,
     pub(crate) frames: mpsc::Receiver<Incoming>,
     next_request: u64,
@@ -76,6 +78,7 @@ impl Conn {
         tokio::spawn(read_frames(recv, tx, max_frame_len.clone()));
         Ok(Self {
             conn,
+            addr: addr.to_owned(),
             send,
             frames,
             next_request: 1,

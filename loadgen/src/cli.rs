@@ -363,6 +363,37 @@ mod tests {
     }
 
     #[test]
+    fn chaos_needs_no_target_and_has_its_own_defaults() {
+        let cli = Cli::try_parse_from(["tern-loadgen", "chaos", "--broker-bin", "b", "--dir", "d"]).unwrap();
+        assert!(cli.common().is_none());
+        assert_eq!(cli.output(), (false, None));
+        let Scenario::Chaos(a) = cli.scenario else { unreachable!("parsed chaos") };
+        assert_eq!((a.brokers, a.duration, a.users, a.seed), (3, 600.0, 30, None));
+        assert_eq!(a.faults, vec![Fault::Kill, Fault::Sever, Fault::Pause]);
+        let cli = Cli::try_parse_from([
+            "tern-loadgen",
+            "chaos",
+            "--broker-bin",
+            "b",
+            "--dir",
+            "d",
+            "--faults",
+            "pause,kill",
+            "--seed",
+            "42",
+            "--json",
+            "-",
+        ])
+        .unwrap();
+        assert_eq!(cli.output(), (false, Some(PathBuf::from("-"))));
+        let Scenario::Chaos(a) = cli.scenario else { unreachable!("parsed chaos") };
+        assert_eq!((a.faults, a.seed), (vec![Fault::Pause, Fault::Kill], Some(42)));
+        assert!(Cli::try_parse_from(["tern-loadgen", "chaos", "--dir", "d"]).is_err(), "--broker-bin is required");
+        assert!(Cli::try_parse_from(["tern-loadgen", "chaos", "--broker-bin", "b", "--dir", "d", "--faults", "fire"])
+            .is_err());
+    }
+
+    #[test]
     fn targets_are_required_and_share_a_scheme() {
         assert!(common(&[]).is_err(), "--target is required");
         assert!(common(&["--target", "tern://h:1,h:2"]).is_err(), "each URL has a scheme");

@@ -15,16 +15,20 @@ pub(crate) enum LoadError {
     /// Reading /proc or writing the report failed.
     #[error("{0}")]
     Io(String),
+    /// SIGINT or SIGTERM arrived (what the run had started is stopped).
+    #[error("interrupted by {0}")]
+    Interrupted(&'static str),
 }
 
 impl LoadError {
-    /// 2: bad arguments; 3: broker unreachable; 4: set-up refused or I/O.
-    /// (1 is a run that lost acknowledged messages.)
+    /// 2: bad arguments; 3: broker unreachable; 4: set-up refused or I/O;
+    /// 130: interrupted. (1 is a run that lost acknowledged messages.)
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Self::Args(_) => 2,
             Self::Unreachable { .. } => 3,
             Self::Setup { .. } | Self::Io(_) => 4,
+            Self::Interrupted(_) => 130,
         }
     }
 }

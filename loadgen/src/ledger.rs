@@ -480,6 +480,40 @@ mod tests {
     }
 
     #[test]
+    fn acked_delivered_counts_each_acknowledged_message_once_whichever_comes_first() {
+        let l = Ledger::new(2);
+        let a: Vec<Stamp> = (0..3).map(|_| l.stamp(0, 0)).collect();
+        deliver(&l, 1, a[0]); // delivered before its ack (the push does not wait for the sync)
+        l.acked(a[0]);
+        l.acked(a[1]);
+        deliver(&l, 1, a[1]);
+        deliver(&l, 1, a[1]); // a duplicate does not count again
+        deliver(&l, 1, a[2]); // never acked
+        let c = l.counts();
+        assert_eq!((c.acked, c.delivered, c.acked_delivered), (2, 3, 2));
+    }
+
+    #[test]
+    fn anomalies_and_losses_are_kept_in_detail_with_a_timeline() {
+        let l = Ledger::with_timeline(2);
+        let a: Vec<Stamp> = (0..4).map(|k| l.stamp(0, k * 1_000_000_000)).collect();
+        for s in &a {
+            l.acked(*s);
+        }
+        deliver(&l, 1, a[1]);
+        deliver(&l, 1, a[0]); // behind a[1]
+        deliver(&l, 1, a[0]); // again
+        let kinds: Vec<(&str, u64, Option<u64>)> = l.anomalies().iter().map(|x| (x.kind, x.seq, x.after_seq)).collect();
+        assert_eq!(kinds, vec![("reordered", 0, Some(1)), ("duplicated", 0, None)]);
+        let lost = l.lost(10);
+        assert_eq!(lost.iter().map(|x| x.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!((lost[0].kind, lost[0].sent_ms, lost[0].acked), ("lost", Some(2000), true));
+        assert!(lost[0].acked_ms.is_some());
+        assert_eq!(l.lost(1).len(), 1, "at most as many as asked");
+        assert!(Ledger::new(1).lost(10).is_empty());
+    }
+
+    #[test]
     fn unacked_delivery_is_not_lost() {
         let l = Ledger::new(2);
         let s = l.stamp(1, 0);

@@ -141,16 +141,21 @@ pub(crate) struct ChaosEvent {
     pub(crate) error: Option<String>,
 }
 
-/// One broker's outbox after the drain (`GET /mesh`).
+/// One broker after the drain: what its outbox still holds (`GET /mesh`)
+/// and its mesh counters since its last start (`/metrics`).
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct OutboxLeft {
+pub(crate) struct BrokerAfterDrain {
     pub(crate) node: String,
+    /// Times it was started (1 + restarts).
+    pub(crate) starts: u32,
     /// Queues held for devices with no known location.
     pub(crate) held_queues: u64,
     /// Queues still being shipped to other brokers.
     pub(crate) outbox_queues: u64,
     /// Entries shipped and not yet acknowledged.
     pub(crate) outbox_in_flight: u64,
+    /// `tern_mesh_*_total` since its last start.
+    pub(crate) counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// Result of `chaos`.
@@ -184,7 +189,7 @@ pub(crate) struct ChaosResult {
     pub(crate) events: Vec<ChaosEvent>,
     /// The first anomalies in detail, times in ms since the load started.
     pub(crate) anomalies: Vec<Anomaly>,
-    pub(crate) outboxes_after_drain: Vec<OutboxLeft>,
+    pub(crate) brokers_after_drain: Vec<BrokerAfterDrain>,
 }
 
 /// Everything a run measured.
@@ -413,7 +418,7 @@ fn chaos_table(r: &Report, c: &ChaosResult) -> String {
          broker crashes {}, faults not injected {}\n",
         a.failed, a.delivered_unacked, c.client_restarts, c.unexpected_exits, c.failed_faults
     );
-    for o in c.outboxes_after_drain.iter().filter(|o| o.held_queues + o.outbox_queues + o.outbox_in_flight > 0) {
+    for o in c.brokers_after_drain.iter().filter(|o| o.held_queues + o.outbox_queues + o.outbox_in_flight > 0) {
         out += &format!(
             "after the drain {} still holds {} queue(s) for unknown locations, ships {} queue(s), {} entries unacknowledged\n",
             o.node, o.held_queues, o.outbox_queues, o.outbox_in_flight

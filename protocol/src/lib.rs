@@ -91,7 +91,11 @@ impl pb::ServerFrame {
     pub fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             request_id,
-            kind: Some(pb::server_frame::Kind::Error(pb::Error { code: code as i32, message: message.into() })),
+            kind: Some(pb::server_frame::Kind::Error(pb::Error {
+                code: code as i32,
+                message: message.into(),
+                retry_after_ms: 0,
+            })),
         }
     }
 }

@@ -1,14 +1,20 @@
-//! Property tests: every frame kind survives encode -> decode unchanged, its
-//! `encoded_len` is exact, and arbitrary bytes never panic the decoder or make
-//! it allocate beyond the maximum.
+//! Property tests: every frame kind, of the client protocol (`ClientFrame`,
+//! `ServerFrame`) and of the broker-to-broker one (`PeerFrame`), survives
+//! encode -> decode unchanged, its `encoded_len` is exact, and arbitrary bytes
+//! never panic the decoder or make it allocate beyond the maximum.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use prost::Message as _;
 use tern_protocol::pb::{self, client_frame, deliver, server_frame};
+use tern_protocol::peer::{self, peer_frame, reply, request};
 use tern_protocol::{codec, decode, encode, DecodeError};
 
 const MAX: usize = 64 * 1024;
+
+/// The broker's peer link frame limit (`MAX_PEER_FRAME` in
+/// broker/src/mesh/link.rs, crate-private there).
+const MAX_PEER_FRAME: usize = 8 << 20;
 
 fn bytes_up_to(n: usize) -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(any::<u8>(), 0..n).prop_map(Bytes::from)
@@ -91,7 +97,9 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
                 })
             }
         ),
-        (0i32..60, ".{0,80}").prop_map(|(code, message)| server_frame::Kind::Error(pb::Error { code, message })),
+        (0i32..60, ".{0,80}", any::<u32>()).prop_map(|(code, message, retry_after_ms)| {
+            server_frame::Kind::Error(pb::Error { code, message, retry_after_ms })
+        }),
         any::<u64>().prop_map(|nonce| server_frame::Kind::Pong(pb::Pong { nonce })),
         (text(), proptest::collection::vec((any::<u32>(), bytes_up_to(40), any::<u64>()), 0..4)).prop_map(
             |(handle, devices)| {
@@ -113,11 +121,90 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
     ]
 }
 
+fn request_kind() -> impl Strategy<Value = request::Kind> {
+    prop_oneof![
+        (text(), any::<u32>()).prop_map(|(handle, device)| request::Kind::Lookup(peer::Lookup { handle, device })),
+        text().prop_map(|handle| request::Kind::AccountGet(peer::AccountGet { handle })),
+        (text(), bytes_up_to(40), any::<bool>()).prop_map(|(handle, public_key, add_device)| {
+            request::Kind::AccountWrite(peer::AccountWrite { handle, public_key, add_device })
+        }),
+        bytes_up_to(512).prop_map(|account| request::Kind::AccountPut(peer::AccountPut { account })),
+    ]
+}
+
+fn reply_kind() -> impl Strategy<Value = reply::Kind> {
+    prop_oneof![
+        (text(), any::<u64>()).prop_map(|(node, epoch)| reply::Kind::Lookup(peer::LookupReply { node, epoch })),
+        (bytes_up_to(512), any::<u32>())
+            .prop_map(|(account, device)| reply::Kind::Account(peer::AccountReply { account, device })),
+        (any::<i32>(), ".{0,80}").prop_map(|(code, message)| reply::Kind::Failure(peer::Failure { code, message })),
+    ]
+}
+
+/// A `Ship` with every field set, the entries' seqs arbitrary (a decoder
+/// does not check them; `shipping::admit` does).
+fn ship() -> impl Strategy<Value = peer::Ship> {
+    (
+        (text(), any::<u32>(), bytes_up_to(17)),
+        proptest::collection::vec((any::<u64>(), bytes_up_to(512)), 0..8),
+        (any::<u64>(), text(), any::<u64>()),
+    )
+        .prop_map(|((handle, device, origin), entries, (base, handed_to, handed_up_to))| peer::Ship {
+            handle,
+            device,
+            origin,
+            entries: entries.into_iter().map(|(seq, value)| peer::ShipEntry { seq, value }).collect(),
+            base,
+            handed_to,
+            handed_up_to,
+        })
+}
+
+/// Every `PeerFrame` kind of proto/peer.proto.
+fn peer_kind() -> impl Strategy<Value = peer_frame::Kind> {
+    prop_oneof![
+        (text(), ".{0,40}", any::<u64>()).prop_map(|(node, addr, incarnation)| {
+            peer_frame::Kind::Hello(peer::PeerHello { node, addr, incarnation })
+        }),
+        bytes_up_to(1500).prop_map(|packet| peer_frame::Kind::Gossip(peer::Gossip { packet })),
+        (any::<u64>(), proptest::option::of(request_kind()))
+            .prop_map(|(id, kind)| peer_frame::Kind::Request(peer::Request { id, kind })),
+        (any::<u64>(), proptest::option::of(reply_kind()))
+            .prop_map(|(id, kind)| peer_frame::Kind::Reply(peer::Reply { id, kind })),
+        ship().prop_map(peer_frame::Kind::Ship),
+        (text(), any::<u32>(), any::<u64>())
+            .prop_map(|(handle, device, up_to)| peer_frame::Kind::ShipAck(peer::ShipAck { handle, device, up_to })),
+        (text(), any::<u32>(), text(), any::<u64>()).prop_map(|(handle, device, node, epoch)| {
+            peer_frame::Kind::Location(peer::Location { handle, device, node, epoch })
+        }),
+        (text(), any::<u32>(), text(), any::<u64>(), text()).prop_map(|(handle, device, node, epoch, from_node)| {
+            peer_frame::Kind::Moved(peer::Moved { handle, device, node, epoch, from_node })
+        }),
+        (text(), any::<u32>(), any::<u64>()).prop_map(|(handle, device, request_id)| {
+            peer_frame::Kind::HandoffDone(peer::HandoffDone { handle, device, request_id })
+        }),
+        (text(), any::<u32>())
+            .prop_map(|(handle, device)| peer_frame::Kind::ShipDefer(peer::ShipDefer { handle, device })),
+        (text(), any::<u32>(), any::<u64>(), any::<i32>(), any::<u32>()).prop_map(
+            |(handle, device, expected, code, retry_after_ms)| {
+                peer_frame::Kind::ShipNack(peer::ShipNack { handle, device, expected, code, retry_after_ms })
+            }
+        ),
+        (text(), any::<u32>(), any::<u64>()).prop_map(|(handle, device, request_id)| {
+            peer_frame::Kind::HandoffRequest(peer::HandoffRequest { handle, device, request_id })
+        }),
+    ]
+}
+
 fn round_trip<M: prost::Message + Default + PartialEq + std::fmt::Debug>(frame: &M) {
+    round_trip_max(frame, MAX);
+}
+
+fn round_trip_max<M: prost::Message + Default + PartialEq + std::fmt::Debug>(frame: &M, max: usize) {
     let mut buf = BytesMut::new();
-    encode(frame, MAX, &mut buf).expect("encode");
+    encode(frame, max, &mut buf).expect("encode");
     assert_eq!(buf.len(), codec::LEN_PREFIX + frame.encoded_len(), "encoded_len is exact");
-    let back: M = decode(&mut buf, MAX).expect("decode").expect("whole frame");
+    let back: M = decode(&mut buf, max).expect("decode").expect("whole frame");
     assert_eq!(&back, frame);
     assert!(buf.is_empty());
 }
@@ -147,6 +234,33 @@ proptest! {
         } else {
             prop_assert_eq!(first, Some(frame));
         }
+    }
+
+    #[test]
+    fn peer_frames_round_trip(kind in proptest::option::of(peer_kind())) {
+        round_trip_max(&peer::PeerFrame { kind }, MAX_PEER_FRAME);
+    }
+
+    /// A `Ship` in pieces on the link stream: nothing before its last byte,
+    /// then the same shipment, all fields kept.
+    #[test]
+    fn ships_split_anywhere_reassemble(ship in ship(), cut in any::<prop::sample::Index>()) {
+        let frame = peer::PeerFrame { kind: Some(peer_frame::Kind::Ship(ship)) };
+        let whole = codec::encode_to_vec(&frame, MAX_PEER_FRAME).unwrap();
+        let cut = cut.index(whole.len());
+        let mut buf = BytesMut::from(&whole[..cut]);
+        prop_assert!(decode::<peer::PeerFrame>(&mut buf, MAX_PEER_FRAME).unwrap().is_none());
+        buf.extend_from_slice(&whole[cut..]);
+        prop_assert_eq!(decode::<peer::PeerFrame>(&mut buf, MAX_PEER_FRAME).unwrap(), Some(frame));
+    }
+
+    /// Arbitrary bytes on a peer link: frames, `None` or an error, never a
+    /// panic.
+    #[test]
+    fn peer_garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut buf = BytesMut::from(&data[..]);
+        while let Ok(Some(_)) = decode::<peer::PeerFrame>(&mut buf, MAX_PEER_FRAME) {}
+        prop_assert!(buf.len() <= data.len());
     }
 
     /// Arbitrary bytes: the decoder returns frames, `None` or an error, never
@@ -204,4 +318,34 @@ fn unknown_fields_are_skipped() {
     buf.put_slice(&body);
     let frame: pb::ClientFrame = decode(&mut buf, MAX).unwrap().unwrap();
     assert_eq!(frame.request_id, 5);
+}
+
+#[test]
+fn ship_from_an_older_sender_with_the_reserved_restart_field_decodes() {
+    // Field 5 of `Ship` (`restart`, a bool) is reserved: a shipment that
+    // still carries it decodes, the field ignored.
+    let ship = peer::Ship {
+        handle: "bob".into(),
+        device: 1,
+        origin: vec![7; 16].into(),
+        entries: vec![peer::ShipEntry { seq: 3, value: vec![1, 2, 3].into() }],
+        base: 2,
+        handed_to: "n3".into(),
+        handed_up_to: 2,
+    };
+    let mut body = ship.encode_to_vec();
+    body.extend_from_slice(&[0x28, 0x01]);
+    assert_eq!(peer::Ship::decode(&body[..]).unwrap(), ship);
+}
+
+#[test]
+fn oversized_peer_prefix_rejected_without_allocation() {
+    let mut buf = BytesMut::with_capacity(8);
+    buf.put_u32((MAX_PEER_FRAME + 1) as u32);
+    let cap = buf.capacity();
+    assert!(matches!(
+        decode::<peer::PeerFrame>(&mut buf, MAX_PEER_FRAME),
+        Err(DecodeError::TooLarge { len, max: MAX_PEER_FRAME }) if len == MAX_PEER_FRAME + 1
+    ));
+    assert_eq!(buf.capacity(), cap);
 }

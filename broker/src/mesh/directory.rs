@@ -4,10 +4,16 @@
 //! included) with the highest rendezvous score for the device's key, so
 //! every broker computes the same owner from the same member list without
 //! asking anyone. Entries are soft state: the broker a device logs in at
-//! sends the owner a `Location` with an epoch (the login time in
-//! microseconds, kept increasing per broker), and re-sends every hosted
+//! sends the owner a `Location` with an epoch, and re-sends every hosted
 //! device's location whenever membership changes, so an owner that restarts
 //! or a shard that moves is filled again within one gossip round.
+//!
+//! Epochs order the logins of one device across brokers without trusting
+//! their clocks to agree: each broker's epoch clock is a hybrid logical clock
+//! (microseconds of its wall clock, but always above every epoch it has seen
+//! from any broker: in `Location`, `Moved` and lookup answers), and a login
+//! first asks the directory where the device was, so its epoch is above that
+//! login's even when this broker's clock is behind.
 //!
 //! Lookups are cached per broker in moka (bounded, with a TTL). When the
 //! owner accepts a newer location it tells every member (`Moved`), which
@@ -38,6 +44,8 @@ pub(crate) struct Directory {
     /// Cached lookups; `None`: the directory knows no location.
     cache: moka::sync::Cache<QueueKey, Option<Location>>,
     last_epoch: AtomicU64,
+    /// Added to the wall clock: a fault drill for clock skew (tests only).
+    clock_offset_us: i64,
 }
 
 impl Directory {
@@ -46,14 +54,28 @@ impl Directory {
             table: Mutex::new(HashMap::new()),
             cache: moka::sync::Cache::builder().max_capacity(cache_entries).time_to_live(ttl).build(),
             last_epoch: AtomicU64::new(0),
+            clock_offset_us: 0,
         }
     }
 
+    /// Shifts this broker's epoch clock by `offset_ms` (a clock-skew drill).
+    pub(crate) fn with_clock_offset(mut self, offset_ms: i64) -> Self {
+        self.clock_offset_us = offset_ms.saturating_mul(1000);
+        self
+    }
+
+    /// Takes note of an epoch given by any broker: later epochs from here
+    /// are above it.
+    pub(crate) fn observe(&self, epoch: u64) {
+        self.last_epoch.fetch_max(epoch, Ordering::Relaxed);
+    }
+
     /// A fresh epoch: microseconds since the Unix epoch, above every epoch
-    /// this broker gave before.
+    /// this broker gave or observed before.
     pub(crate) fn next_epoch(&self) -> u64 {
-        let now =
+        let wall =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let now = wall.saturating_add_signed(self.clock_offset_us);
         let mut last = self.last_epoch.load(Ordering::Relaxed);
         loop {
             let next = now.max(last + 1);
@@ -68,6 +90,7 @@ impl Directory {
     /// the device moved to another broker; `None` when it is stale (an equal
     /// or newer epoch is known), new, or on the same broker.
     pub(crate) fn record(&self, queue: &QueueKey, location: Location) -> Recorded {
+        self.observe(location.epoch);
         let mut table = self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match table.get(queue) {
             Some(known) if known.epoch >= location.epoch => Recorded::Stale,
@@ -107,12 +130,16 @@ impl Directory {
     }
 
     pub(crate) fn cache(&self, queue: QueueKey, location: Option<Location>) {
+        if let Some(l) = &location {
+            self.observe(l.epoch);
+        }
         self.cache.insert(queue, location);
     }
 
     /// Applies a `Moved` notice: the cache now points at the new broker,
     /// unless it already knows a newer location.
     pub(crate) fn invalidate(&self, queue: &QueueKey, location: Location) {
+        self.observe(location.epoch);
         if let Some(Some(known)) = self.cache.get(queue) {
             if known.epoch >= location.epoch {
                 return;
@@ -193,5 +220,18 @@ mod tests {
         d.invalidate(&q, at("c", 9));
         assert_eq!(d.cached(&q), Some(Some(at("c", 9))));
         assert!(d.next_epoch() < d.next_epoch());
+    }
+
+    #[test]
+    fn a_clock_behind_still_gives_epochs_above_those_it_has_seen() {
+        let hour_us = 3_600_000_000;
+        let behind = Directory::new(10, Duration::from_secs(60)).with_clock_offset(-3_600_000);
+        let ahead = Directory::new(10, Duration::from_secs(60)).with_clock_offset(3_600_000);
+        let theirs = ahead.next_epoch();
+        let before = behind.next_epoch();
+        assert!(before + hour_us / 2 < theirs, "the drill skews the clock");
+        let q = QueueKey::new("bob", 1);
+        behind.invalidate(&q, Location { node: "ahead".into(), epoch: theirs });
+        assert!(behind.next_epoch() > theirs, "an epoch seen is passed");
     }
 }

@@ -16,6 +16,10 @@ use crate::store::QueueKey;
 /// for its previous broker's handoff.
 const HANDOFF_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a login waits to learn the device's previous location (its
+/// epoch) before it registers without it.
+const LOGIN_LOOKUP: Duration = Duration::from_millis(500);
+
 /// Pause before a lookup whose link went down is tried again.
 const LOOKUP_RETRY: Duration = Duration::from_millis(250);
 
@@ -59,8 +63,14 @@ impl Mesh {
     }
 
     /// A device logged in here: record it with its directory owner. Returns
-    /// the epoch of this login.
-    pub(crate) fn device_online(&self, queue: &QueueKey) -> u64 {
+    /// the epoch of this login: above that of its last login anywhere (asked
+    /// of the directory first, for up to [`LOGIN_LOOKUP`]), so a broker whose
+    /// clock is behind does not register the newest login as a stale one.
+    pub(crate) async fn device_online(&self, queue: &QueueKey) -> u64 {
+        self.forget_location(queue);
+        if let Ok(Some(Some(last))) = tokio::time::timeout(LOGIN_LOOKUP, self.locate(queue)).await {
+            self.inner.directory.observe(last.epoch);
+        }
         let epoch = self.inner.directory.next_epoch();
         lock(&self.inner.hosted).insert(queue.clone(), epoch);
         let until = tokio::time::Instant::now() + HANDOFF_WAIT;

@@ -128,9 +128,10 @@ impl Mesh {
         let me = NodeId {
             name: setup.identity.node.clone(),
             addr: setup.advertise,
-            // Grows across restarts, so peers take a restarted broker for a new
-            // incarnation rather than the one they declared down.
-            incarnation: crate::store::now_ms(),
+            // Grows across restarts (kept in the store), so peers take a
+            // restarted broker for a new incarnation rather than the one they
+            // declared down.
+            incarnation: setup.store.incarnation(),
         };
         let (tx, rx) = mpsc::channel(4096);
         let (ship_tx, ship_rx) = mpsc::channel(65_536);
@@ -149,7 +150,7 @@ impl Mesh {
                 tasks: setup.tasks.clone(),
                 store: setup.store.clone(),
                 router: setup.router.clone(),
-                directory: Directory::new(setup.cache_entries, setup.cache_ttl),
+                directory: Directory::new(setup.cache_entries, setup.cache_ttl).with_clock_offset(clock_offset_drill()),
                 hosted: Mutex::new(HashMap::new()),
                 handoffs: Mutex::new(HashMap::new()),
                 settling: Mutex::new(HashMap::new()),
@@ -476,6 +477,13 @@ impl Mesh {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// `TERN_TEST_CLOCK_OFFSET_MS`: shifts this broker's epoch clock, so tests
+/// can show that skewed clocks do not order logins wrongly. Not for
+/// production use.
+fn clock_offset_drill() -> i64 {
+    std::env::var("TERN_TEST_CLOCK_OFFSET_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// A peer-supplied device name, checked.

@@ -10,11 +10,22 @@
 //! [`delivery`] state pushes its queue in order. Everything happens in one
 //! task: a `select!` over the stream, finished sends, handed-over entries and
 //! shutdown, then one write of everything produced.
+//!
+//! Until the login, a session costs little and can make the broker do
+//! little: frames of at most `limits.max_frame_len_before_login`, one login
+//! attempt per challenge, each counted by the rate limits of its source
+//! address, and account lookups at other members shared and remembered
+//! ([`lookup`]). Logged in, a device's sends and lookups have their own
+//! rate limits.
 
 mod auth;
 mod delivery;
+mod lookup;
+
+pub(crate) use lookup::AccountLookups;
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -26,6 +37,7 @@ use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
 use tern_protocol::{codec, DecodeError, ErrorCode, MessageId};
 use tokio::io::AsyncReadExt;
 
+use crate::ratelimit::{self, RateLimited};
 use crate::router::Attachment;
 use crate::store::{Enqueued, QueueKey, StoreError};
 use crate::Context;
@@ -59,6 +71,8 @@ pub(crate) struct Session {
     out: BytesMut,
     challenge: Option<Challenge>,
     failed_logins: u32,
+    /// The rate limits' key for the client's address; `None` when exempt.
+    source: Option<IpAddr>,
     device: Option<LoggedIn>,
     inbox: Option<tokio::sync::mpsc::Receiver<crate::router::Pushed>>,
     pending: FuturesUnordered<SendDone>,
@@ -68,6 +82,8 @@ pub(crate) struct Session {
 impl Session {
     pub(crate) fn new(ctx: Context, conn: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.config.limits.handshake_timeout_secs);
+        let ip = conn.remote_address().ip();
+        let source = ctx.rate.applies_to(ip).then(|| ratelimit::source_key(ip));
         Self {
             ctx,
             conn,
@@ -78,6 +94,7 @@ impl Session {
             out: BytesMut::new(),
             challenge: None,
             failed_logins: 0,
+            source,
             device: None,
             inbox: None,
             pending: FuturesUnordered::new(),
@@ -120,6 +137,7 @@ impl Session {
         loop {
             let can_read = self.pending.len() < max_pending;
             let logged_in = self.device.is_some();
+            let max_frame = self.max_frame_len();
             tokio::select! {
                 biased;
                 () = self.ctx.cancel.cancelled() => {
@@ -145,7 +163,7 @@ impl Session {
                         d.delivery.mark_lagged();
                     }
                 }
-                read = self.recv.read_buf(reserve(&mut self.inbuf, self.ctx.config.limits.max_frame_len)), if can_read => {
+                read = self.recv.read_buf(reserve(&mut self.inbuf, max_frame)), if can_read => {
                     match read {
                         Ok(0) | Err(_) => return End::Closed,
                         Ok(_) => {
@@ -210,17 +228,42 @@ impl Session {
     }
 
     fn write_error(&mut self, request_id: u64, code: ErrorCode, text: &str) {
-        self.write(request_id, S::Error(pb::Error { code: code as i32, message: text.to_owned() }));
+        self.refuse(request_id, Refusal::from((code, text.to_owned())));
     }
 
-    fn refuse(&mut self, request_id: u64, (code, text): Refusal) {
-        self.write_error(request_id, code, &text);
+    fn refuse(&mut self, request_id: u64, refusal: Refusal) {
+        let retry_after_ms = refusal.retry_after.map_or(0, ratelimit::retry_after_ms);
+        let error = pb::Error { code: refusal.code as i32, message: refusal.text, retry_after_ms };
+        self.write(request_id, S::Error(error));
+    }
+
+    /// Largest frame accepted now: small until the login.
+    fn max_frame_len(&self) -> usize {
+        let limits = &self.ctx.config.limits;
+        if self.device.is_some() {
+            limits.max_frame_len
+        } else {
+            limits.max_frame_len_before_login
+        }
+    }
+
+    /// Takes a request from the bucket `limiter` keeps for `key`, unless
+    /// the client's address is exempt from rate limits.
+    fn limit<K>(&self, limiter: &ratelimit::Limiter<K>, key: impl FnOnce() -> K) -> Result<(), RateLimited>
+    where
+        K: std::hash::Hash + Eq + Send + Sync + 'static,
+    {
+        match self.source {
+            Some(_) => limiter.take(key(), Instant::now()),
+            None => Ok(()),
+        }
     }
 
     /// Decodes and handles every whole frame in the input buffer.
     async fn handle_frames(&mut self) -> Result<(), End> {
-        let max = self.ctx.config.limits.max_frame_len;
         loop {
+            // Read again for each frame: a login raises it.
+            let max = self.max_frame_len();
             let frame = match codec::decode::<pb::ClientFrame>(&mut self.inbuf, max) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
@@ -252,17 +295,23 @@ impl Session {
             Some(C::Register(req)) => {
                 let token = self.ctx.config.registration.token.clone();
                 let challenge = self.challenge.take();
-                let result = auth::register(self.accounts(), challenge.as_ref(), token.as_deref(), &req).await;
+                let limited = self.source.map_or(Ok(()), |ip| self.ctx.rate.register.take(ip, Instant::now()));
+                let result = match limited {
+                    Ok(()) => auth::register(self.accounts(), challenge.as_ref(), token.as_deref(), &req).await,
+                    Err(limited) => Err(limited.into()),
+                };
                 self.logged_in(id, result).await
             }
             Some(C::Login(req)) => {
                 let challenge = self.challenge.take();
-                let result = auth::login(self.accounts(), challenge.as_ref(), &req).await;
+                let login = |accounts| auth::login(accounts, challenge.as_ref(), &req);
+                let result = attempt(&self.ctx, self.source, &req.handle, login).await;
                 self.logged_in(id, result).await
             }
             Some(C::LinkDevice(req)) => {
                 let challenge = self.challenge.take();
-                let result = auth::link_device(self.accounts(), challenge.as_ref(), &req).await;
+                let link = |accounts| auth::link_device(accounts, challenge.as_ref(), &req);
+                let result = attempt(&self.ctx, self.source, &req.handle, link).await;
                 self.logged_in(id, result).await
             }
             Some(_) if !logged_in => {
@@ -286,7 +335,7 @@ impl Session {
     }
 
     fn accounts(&self) -> Accounts<'_> {
-        Accounts { store: &self.ctx.store, mesh: self.ctx.mesh.as_ref() }
+        accounts(&self.ctx)
     }
 
     fn hello(&mut self, request_id: u64, hello: &pb::Hello) -> Result<(), End> {
@@ -324,7 +373,7 @@ impl Session {
             Ok(ok) => ok,
             Err(refusal) => {
                 metrics::counter!("tern_logins_total", "result" => "refused").increment(1);
-                tracing::debug!(code = ?refusal.0, reason = %refusal.1, "login refused");
+                tracing::debug!(code = ?refusal.code, reason = %refusal.text, "login refused");
                 self.refuse(request_id, refusal);
                 self.failed_logins += 1;
                 if self.failed_logins >= self.ctx.config.limits.max_login_attempts {
@@ -344,7 +393,11 @@ impl Session {
         metrics::counter!("tern_logins_total", "result" => "ok").increment(1);
         tracing::debug!(%queue, pending = bounds.depth(), "logged in");
         let window = self.ctx.config.limits.max_inflight;
-        let epoch = self.ctx.mesh.as_ref().map(|mesh| mesh.device_online(&queue));
+        let mesh = self.ctx.mesh.clone();
+        let epoch = match mesh {
+            Some(mesh) => Some(mesh.device_online(&queue).await),
+            None => None,
+        };
         let delivery = Delivery::new(queue, bounds.head, window, attachment.previously_pushed);
         self.device = Some(LoggedIn { delivery, attachment, epoch });
         self.inbox = Some(inbox);
@@ -358,6 +411,11 @@ impl Session {
     /// them; the durable outcome is awaited with the other pending sends.
     async fn start_send(&mut self, request_id: u64, req: pb::Send) -> Result<(), End> {
         let Some(d) = &self.device else { return Ok(()) };
+        if let Err(limited) = self.limit(&self.ctx.rate.sends, || d.delivery.queue.clone()) {
+            metrics::counter!("tern_sends_total", "result" => ErrorCode::RateLimited.as_str_name()).increment(1);
+            self.refuse(request_id, limited.into());
+            return Ok(());
+        }
         let limits = &self.ctx.config.limits;
         let id = match MessageId::from_slice(&req.message_id) {
             Ok(id) => id,
@@ -377,17 +435,12 @@ impl Session {
         }
         let sender = d.delivery.queue.clone();
         let started = Instant::now();
-        if let Some(mesh) = &self.ctx.mesh {
+        if self.ctx.mesh.is_some() {
             // A recipient registered at another broker: fetch the record
             // (and keep it) before the store looks for its devices.
-            match self.ctx.store.account(&req.to) {
-                Ok(Some(_)) => {}
-                _ => {
-                    if let Err(e) = mesh.account(&req.to).await {
-                        self.send_done(request_id, id, started, Err(e));
-                        return Ok(());
-                    }
-                }
+            if let Err(e) = self.accounts().account(&req.to).await {
+                self.send_done(request_id, id, started, Err(e));
+                return Ok(());
             }
         }
         let outcome = tokio::select! {
@@ -421,7 +474,7 @@ impl Session {
             Err(e) => {
                 let refusal = auth::store_refusal(&e);
                 metrics::counter!("tern_sends_total", "result" => refusal.0.as_str_name()).increment(1);
-                self.refuse(request_id, refusal);
+                self.refuse(request_id, refusal.into());
             }
         }
     }
@@ -443,6 +496,16 @@ impl Session {
     }
 
     async fn list_devices(&mut self, request_id: u64, handle: &str) {
+        if let Some(d) = &self.device {
+            if let Err(limited) = self.limit(&self.ctx.rate.lookups, || d.delivery.queue.clone()) {
+                self.refuse(request_id, limited.into());
+                return;
+            }
+        }
+        if let Err(e) = tern_protocol::validate_handle(handle) {
+            self.write_error(request_id, ErrorCode::InvalidHandle, &e.to_string());
+            return;
+        }
         let found = self.accounts().account(handle).await;
         match found {
             Ok(Some(account)) => {
@@ -458,8 +521,41 @@ impl Session {
                 self.write(request_id, S::DeviceList(pb::DeviceList { handle: handle.to_owned(), devices }));
             }
             Ok(None) => self.write_error(request_id, ErrorCode::UnknownRecipient, &format!("no user {handle:?}")),
-            Err(e) => self.refuse(request_id, auth::store_refusal(&e)),
+            Err(e) => self.refuse(request_id, auth::store_refusal(&e).into()),
         }
+    }
+}
+
+fn accounts(ctx: &Context) -> Accounts<'_> {
+    Accounts { store: &ctx.store, mesh: ctx.mesh.as_ref(), lookups: &ctx.lookups, local_only: false }
+}
+
+/// A `Login` or `LinkDevice` for `handle` from `source` (the rate limits'
+/// key, `None` when exempt): one attempt of the source address's, and a
+/// failure one of the handle's. While the handle's failures are used up,
+/// only records held here are consulted and a failure is answered
+/// `RATE_LIMITED`; a signature that verifies always logs in, so nobody can
+/// lock a user out.
+async fn attempt<'a, F, Fut>(
+    ctx: &'a Context,
+    source: Option<IpAddr>,
+    handle: &str,
+    check: F,
+) -> Result<(String, u32), Refusal>
+where
+    F: FnOnce(Accounts<'a>) -> Fut,
+    Fut: Future<Output = Result<(String, u32), Refusal>>,
+{
+    let Some(ip) = source else { return check(accounts(ctx)).await };
+    ctx.rate.login.take(ip, Instant::now())?;
+    let failures = &ctx.rate.login_failures;
+    let cooling = failures.is_empty(&handle.to_owned(), Instant::now());
+    match check(Accounts { local_only: cooling, ..accounts(ctx) }).await {
+        Err(refusal) if refusal.is_auth_failure() => match failures.take(handle.to_owned(), Instant::now()) {
+            Ok(()) => Err(refusal),
+            Err(limited) => Err(limited.into()),
+        },
+        result => result,
     }
 }
 

@@ -13,6 +13,7 @@
 //! | `dedup` | sender queue key + message id | accepted_at_ms (u64 BE), recipients (u32 BE) |
 //! | `mesh` | `id` | this store's random 16-byte id (names it as the origin of shipped entries; made anew after an unclean stop across a reboot) |
 //! | `mesh` | `boot` | boot id of the machine the store was last opened on |
+//! | `mesh` | `incarnation` | the gossip incarnation of the last start (u64 BE): the next start takes one above it |
 //! | `mesh` | `closed` | empty; present only while the store is closed cleanly |
 //! | `mesh` | `shipped` + origin id + queue key | highest origin seq accounted for (stored, or settled by a handoff) from that origin's queue (u64 BE) |
 //! | `mesh` | `handed` + queue key | the seq (u64 BE) up to which another broker last stored this queue's entries shipped from here, then that broker's node name |
@@ -30,6 +31,8 @@ pub(crate) const CF_MESH: &str = "mesh";
 pub(crate) const STORE_ID_KEY: &[u8] = b"id";
 /// Key of the boot id of the machine the store was last opened on, in `mesh`.
 pub(crate) const BOOT_KEY: &[u8] = b"boot";
+/// Key of the gossip incarnation of the last start, in `mesh`.
+pub(crate) const INCARNATION_KEY: &[u8] = b"incarnation";
 /// Key of the clean-close marker in `mesh`: present while the store is closed
 /// cleanly, deleted at open.
 pub(crate) const CLOSED_KEY: &[u8] = b"closed";

@@ -30,7 +30,7 @@ pub use accounts::{Account, Device};
 pub(crate) use item::{enqueued_at, split_item, KIND_RECEIPT};
 pub use item::{CorruptItem, StoredItem};
 pub use keys::QueueKey;
-use keys::{BOOT_KEY, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES, CLOSED_KEY, STORE_ID_KEY};
+use keys::{BOOT_KEY, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES, CLOSED_KEY, INCARNATION_KEY, STORE_ID_KEY};
 use writer::{WriteCmd, WriterActor};
 
 /// Store settings (the `[store]` part of the broker configuration).
@@ -199,6 +199,7 @@ struct Inner {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     config: StoreConfig,
     id: [u8; 16],
+    incarnation: u64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -230,6 +231,7 @@ impl Store {
     pub fn open(config: StoreConfig, listener: Arc<dyn QueueListener>) -> Result<Self, StoreError> {
         let db = Arc::new(open_db(&config)?);
         let id = store_id(&db)?;
+        let incarnation = next_incarnation(&db)?;
         let accounts = moka::sync::Cache::new(config.account_cache_entries);
         let disk_low = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
@@ -248,7 +250,8 @@ impl Store {
             .spawn(move || actor.run())
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
         let writer = Mutex::new(Some(thread));
-        Ok(Self { inner: Arc::new(Inner { db, tx, accounts, disk_low, sync_failed, writer, config, id }) })
+        let inner = Inner { db, tx, accounts, disk_low, sync_failed, writer, config, id, incarnation };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     /// This database's random origin id, made when it was created and made
@@ -256,6 +259,11 @@ impl Store {
     /// queue seq it names an entry shipped to another broker uniquely.
     pub fn id(&self) -> [u8; 16] {
         self.inner.id
+    }
+
+    /// This start's gossip incarnation: above every earlier start's.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
     }
 
     /// Stores entries shipped by the broker whose store is `origin`, from
@@ -507,6 +515,22 @@ fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StoreErro
 /// stored from it, and that broker would skip them as resends; under a new
 /// origin id they are new. A process crash alone loses no written record,
 /// so it keeps the id (and spares other brokers redeliveries).
+/// This start's gossip incarnation: one above the last start's, and at least
+/// the wall clock in milliseconds (so a broker whose data dir was lost still
+/// comes back above its old incarnation, as a rule). Peers compare it only
+/// with this broker's earlier incarnations, and a clock that went back across
+/// a restart no longer makes it go down.
+fn next_incarnation(db: &DB) -> Result<u64, StoreError> {
+    let mesh = cf(db, CF_MESH)?;
+    let last =
+        db.get_pinned_cf(mesh, INCARNATION_KEY)?.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)));
+    let next = last.map_or(0, |l| l.saturating_add(1)).max(now_ms());
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.put_cf_opt(mesh, INCARNATION_KEY, next.to_be_bytes(), &opts)?;
+    Ok(next)
+}
+
 fn store_id(db: &DB) -> Result<[u8; 16], StoreError> {
     let mesh = cf(db, CF_MESH)?;
     let boot = boot_id();
@@ -606,6 +630,21 @@ mod tests {
 
     fn put(db: &DB, key: &[u8], value: &[u8]) {
         db.put_cf(cf(db, CF_MESH).unwrap(), key, value).unwrap();
+    }
+
+    /// Issue 11, 2.6: the incarnation came from the wall clock, so a clock
+    /// set back across a restart made the restarted broker look older.
+    #[test]
+    fn the_incarnation_grows_at_every_start_even_when_the_clock_went_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = raw(dir.path());
+        let first = next_incarnation(&db).unwrap();
+        assert!(first >= now_ms() - 1000, "starts at the wall clock");
+        // The last start ran with a clock a day ahead of today's.
+        let ahead = now_ms() + 86_400_000;
+        put(&db, INCARNATION_KEY, &ahead.to_be_bytes());
+        assert_eq!(next_incarnation(&db).unwrap(), ahead + 1);
+        assert_eq!(next_incarnation(&db).unwrap(), ahead + 2);
     }
 
     /// Only a stop without `close` on a machine that has restarted since may

@@ -26,8 +26,11 @@
 //! keeps it under this store's origin id, which changes after such a crash
 //! (see `Store::open`), so reused seqs are not mistaken for resends.
 //!
-//! A failed write answers every request of the batch with the error and
-//! leaves the in-memory state as it was: nothing partial becomes visible. A
+//! A request that fails part-way is taken back, its writes and its overlay
+//! changes, before the next one is applied ([`batch`]), so a batch holds only
+//! whole requests. A failed write answers every request of the batch with the
+//! error and leaves the in-memory state as it was: nothing partial becomes
+//! visible. A
 //! failed sync answers its batches with the error, and every later request
 //! that needs a sync fails with it: the WAL is no longer known to be durable.
 
@@ -39,7 +42,7 @@ use std::time::Instant;
 use crate::config::Durability;
 
 use bytes::Bytes;
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch, DB};
+use rocksdb::{IteratorMode, ReadOptions, DB};
 use tern_protocol::pb;
 use tokio::sync::{mpsc, oneshot};
 
@@ -51,6 +54,10 @@ use super::{
     StoreConfig, StoreError, StoredItem,
 };
 use tern_protocol::shipping::{admit, Admit};
+
+mod batch;
+
+use batch::Batch;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -157,22 +164,6 @@ impl Pending {
             Self::Waiting(r, v) => answer!(r, v),
         }
     }
-}
-
-/// One batch under construction.
-#[derive(Default)]
-struct Batch {
-    write: WriteBatch,
-    bounds: HashMap<QueueKey, QueueBounds>,
-    accounts: HashMap<String, Arc<Account>>,
-    dedup: HashMap<Vec<u8>, (u64, u32)>,
-    /// Highest origin seq stored per shipped-from queue, in this batch.
-    shipped: HashMap<Vec<u8>, u64>,
-    replies: Vec<Pending>,
-    queued: Vec<(QueueKey, u64, Bytes)>,
-    requests: usize,
-    /// How soon the batch must be synced: the most any of its requests needs.
-    sync: SyncNeed,
 }
 
 /// What a request's answer claims, and so when its batch must be synced
@@ -327,6 +318,9 @@ pub(super) struct WriterActor {
     config: StoreConfig,
     bounds: HashMap<QueueKey, QueueBounds>,
     total_depth: u64,
+    /// Tests: fail the entry write this many entry writes from now.
+    #[cfg(test)]
+    fail_push_in: std::cell::Cell<Option<usize>>,
 }
 
 /// The accepted-at time in a dedup value.
@@ -362,8 +356,19 @@ impl WriterActor {
         } else {
             None
         };
-        let mut actor =
-            Self { db, syncer, rx, accounts, listener, disk_low, config, bounds: HashMap::new(), total_depth: 0 };
+        let mut actor = Self {
+            db,
+            syncer,
+            rx,
+            accounts,
+            listener,
+            disk_low,
+            config,
+            bounds: HashMap::new(),
+            total_depth: 0,
+            #[cfg(test)]
+            fail_push_in: std::cell::Cell::new(None),
+        };
         actor.load_bounds()?;
         Ok(actor)
     }
@@ -423,10 +428,17 @@ impl WriterActor {
     /// Writes the batch (WAL, no sync), publishes its bounds, accounts and
     /// entries, and hands its answers to the sync thread.
     fn commit(&mut self, batch: Batch) {
-        let Batch { write, bounds, accounts, replies, queued, requests, sync, .. } = batch;
         let started = Instant::now();
-        let wrote = !write.is_empty();
-        let failure = if wrote { self.db.write(write).err().map(StoreError::from) } else { None };
+        let wrote = !batch.is_empty();
+        let failure = if wrote {
+            match batch.write_batch(&self.db) {
+                Ok(write) => self.db.write(write).err().map(StoreError::from),
+                Err(e) => Some(e),
+            }
+        } else {
+            None
+        };
+        let Batch { bounds, accounts, replies, queued, requests, sync, .. } = batch;
         metrics::histogram!("tern_store_batch_requests").record(requests as f64);
         metrics::histogram!("tern_store_write_seconds").record(started.elapsed().as_secs_f64());
         if let Some(e) = &failure {
@@ -460,49 +472,62 @@ impl WriterActor {
     fn apply(&mut self, cmd: WriteCmd, batch: &mut Batch) -> bool {
         batch.requests += 1;
         batch.sync = batch.sync.max(cmd.sync_need());
+        // A request that fails part-way takes back what it staged.
+        let mark = batch.mark();
         match cmd {
             WriteCmd::Register { handle, public_key, reply } => {
                 let result = self.register(batch, &handle, public_key);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Account(reply, result));
             }
             WriteCmd::AddDevice { handle, public_key, reply } => {
                 let result = self.add_device(batch, &handle, public_key);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Device(reply, result));
             }
             WriteCmd::Enqueue { sender, message_id, to, body, reply } => {
                 let result = self.enqueue(batch, &sender, message_id, &to, body);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Enqueued(reply, result));
             }
             WriteCmd::Ack { queue, up_to, reply } => {
                 let result = self.ack(batch, &queue, up_to);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Bounds(reply, result));
             }
             WriteCmd::Bounds { queue, reply } => {
                 let result = self.bounds_of(batch, &queue);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Bounds(reply, result));
             }
             WriteCmd::Expire { cutoff_ms, reply } => {
                 let result = self.expire(batch, cutoff_ms);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Expired(reply, result));
             }
             WriteCmd::ApplyShip { origin, queue, header, entries, reply } => {
                 let result = self.apply_ship(batch, &origin, &queue, header, entries);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Ship(reply, result));
             }
             WriteCmd::Settle { origin, queue, up_to, reply } => {
                 let result = self.settle(batch, &origin, &queue, up_to);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Seq(reply, result));
             }
             WriteCmd::ForgetHanded { queue, node, reply } => {
                 let result = self.forget_handed(batch, &queue, &node);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Seq(reply, result));
             }
             WriteCmd::Shipped { queue, up_to, node, reply } => {
                 let result = self.shipped(batch, &queue, up_to, &node);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Bounds(reply, result));
             }
             WriteCmd::PutAccount { account, reply } => {
                 let result = self.put_newer_account(batch, account);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Account(reply, result));
             }
             WriteCmd::Waiting { reply } => {
@@ -518,6 +543,28 @@ impl WriterActor {
             WriteCmd::Stop => return true,
         }
         false
+    }
+
+    /// A fault injected by tests: fails the `n`th entry write from now.
+    #[cfg(test)]
+    fn fault_point(&self) -> Result<(), StoreError> {
+        match self.fail_push_in.get() {
+            Some(0) => {
+                self.fail_push_in.set(None);
+                Err(StoreError::Db("injected fault".into()))
+            }
+            Some(n) => {
+                self.fail_push_in.set(Some(n - 1));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn fault_point(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// The account as this batch sees it.
@@ -539,16 +586,18 @@ impl WriterActor {
     }
 
     fn put_account(&self, batch: &mut Batch, account: Account) -> Result<(), StoreError> {
-        batch.write.put_cf(cf(&self.db, CF_ACCOUNTS)?, account.handle.as_bytes(), account.to_json());
-        batch.accounts.insert(account.handle.clone(), Arc::new(account));
+        batch.put(CF_ACCOUNTS, account.handle.as_bytes(), account.to_json());
+        batch.set_account(account.handle.clone(), Arc::new(account));
         Ok(())
     }
 
     /// A new device's queue: its `meta` record makes it known at restart.
     fn create_queue(&self, batch: &mut Batch, queue: QueueKey) -> Result<(), StoreError> {
         let head = self.bounds_of(batch, &queue)?.head;
-        batch.write.put_cf(cf(&self.db, CF_META)?, queue.as_bytes(), head.to_be_bytes());
-        batch.bounds.entry(queue).or_insert(QueueBounds { head, tail: head });
+        batch.put(CF_META, queue.as_bytes(), head.to_be_bytes());
+        if !batch.bounds.contains_key(&queue) {
+            batch.set_bounds(queue, QueueBounds { head, tail: head });
+        }
         Ok(())
     }
 
@@ -605,8 +654,9 @@ impl WriterActor {
         }
         let mut b = self.bounds_of(batch, queue)?;
         b.tail += 1;
-        batch.write.put_cf(cf(&self.db, CF_QUEUES)?, queue.entry(b.tail), &value);
-        batch.bounds.insert(queue.clone(), b);
+        self.fault_point()?;
+        batch.put_bytes(CF_QUEUES, queue.entry(b.tail), value.clone());
+        batch.set_bounds(queue.clone(), b);
         batch.queued.push((queue.clone(), b.tail, value));
         Ok(b.tail)
     }
@@ -665,8 +715,8 @@ impl WriterActor {
             self.push(batch, q, item.clone())?;
         }
         let recipients = targets.len() as u32;
-        batch.write.put_cf(cf(&self.db, CF_DEDUP)?, &dedup_key, dedup_value(now, recipients));
-        batch.dedup.insert(dedup_key, (now, recipients));
+        batch.put(CF_DEDUP, dedup_key.clone(), dedup_value(now, recipients));
+        batch.set_dedup(dedup_key, (now, recipients));
         Ok(Enqueued { duplicate: false, accepted_at_ms: now, recipients })
     }
 
@@ -688,11 +738,10 @@ impl WriterActor {
         if up_to <= b.head {
             return Ok(b);
         }
-        let queues = cf(&self.db, CF_QUEUES)?;
         let mut receipts = Vec::new();
         if receipts_wanted {
             for (seq, value) in self.range(queue, b.head + 1, up_to)? {
-                batch.write.delete_cf(queues, queue.entry(seq));
+                batch.delete(CF_QUEUES, queue.entry(seq));
                 if let Ok(StoredItem { item: pb::deliver::Item::Message(m), .. }) = StoredItem::decode(&value) {
                     if m.from != queue.handle() {
                         receipts.push((QueueKey::new(&m.from, m.from_device), m.message_id));
@@ -703,12 +752,12 @@ impl WriterActor {
             // Seqs from head to tail are contiguous: the entries need not be
             // read to be deleted.
             for seq in b.head + 1..=up_to {
-                batch.write.delete_cf(queues, queue.entry(seq));
+                batch.delete(CF_QUEUES, queue.entry(seq));
             }
         }
         b.head = up_to;
-        batch.write.put_cf(cf(&self.db, CF_META)?, queue.as_bytes(), up_to.to_be_bytes());
-        batch.bounds.insert(queue.clone(), b);
+        batch.put(CF_META, queue.as_bytes(), up_to.to_be_bytes());
+        batch.set_bounds(queue.clone(), b);
         let now = now_ms();
         for (to, message_id) in receipts {
             let receipt = StoredItem {
@@ -772,8 +821,8 @@ impl WriterActor {
         for (_, value) in fresh {
             self.push(batch, queue, value)?;
         }
-        batch.write.put_cf(cf(&self.db, CF_MESH)?, &key, to.to_be_bytes());
-        batch.shipped.insert(key, to);
+        batch.put(CF_MESH, key.clone(), to.to_be_bytes());
+        batch.set_shipped(key, to);
         Ok(ShipOutcome::Acked(to))
     }
 
@@ -790,8 +839,8 @@ impl WriterActor {
         if up_to <= done {
             return Ok(done);
         }
-        batch.write.put_cf(cf(&self.db, CF_MESH)?, &key, up_to.to_be_bytes());
-        batch.shipped.insert(key, up_to);
+        batch.put(CF_MESH, key.clone(), up_to.to_be_bytes());
+        batch.set_shipped(key, up_to);
         Ok(up_to)
     }
 
@@ -803,7 +852,7 @@ impl WriterActor {
         let Some(value) = self.db.get_pinned_cf(mesh, &key)? else { return Ok(0) };
         match decode_handed(&value) {
             Some((holder, up_to)) if holder == node => {
-                batch.write.delete_cf(mesh, &key);
+                batch.delete(CF_MESH, key);
                 Ok(up_to)
             }
             _ => Ok(0),
@@ -821,7 +870,7 @@ impl WriterActor {
         let before = self.bounds_of(batch, queue)?;
         let after = self.delete_up_to(batch, queue, up_to, false)?;
         if after.head > before.head {
-            batch.write.put_cf(cf(&self.db, CF_MESH)?, handed_key(queue), encode_handed(node, after.head));
+            batch.put(CF_MESH, handed_key(queue), encode_handed(node, after.head));
         }
         Ok(after)
     }
@@ -879,13 +928,13 @@ impl WriterActor {
                 if super::item::enqueued_at(&value).is_some_and(|at| at >= cutoff_ms) {
                     break;
                 }
-                batch.write.delete_cf(queues, &key);
+                batch.delete(CF_QUEUES, key.to_vec());
                 b.head = seq;
                 removed += 1;
             }
             if removed > 0 {
-                batch.write.put_cf(cf(&self.db, CF_META)?, queue.as_bytes(), b.head.to_be_bytes());
-                batch.bounds.insert(queue, b);
+                batch.put(CF_META, queue.as_bytes(), b.head.to_be_bytes());
+                batch.set_bounds(queue, b);
                 expired.entries += removed;
                 expired.queues += 1;
             }
@@ -896,4 +945,78 @@ impl WriterActor {
 
 fn decode_u64(bytes: &[u8]) -> u64 {
     bytes.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actor(dir: &std::path::Path) -> WriterActor {
+        let config = StoreConfig {
+            path: dir.to_owned(),
+            durability: Durability::Written,
+            retention: std::time::Duration::from_secs(3600),
+            max_queue_len: 100,
+            max_batch: 64,
+            max_devices: 4,
+            account_cache_entries: 10,
+        };
+        let db = Arc::new(super::super::open_db(&config).unwrap());
+        let (_tx, rx) = mpsc::channel(1);
+        let router: Arc<dyn QueueListener> = Arc::new(crate::router::Router::default());
+        let failed = Arc::new(std::sync::OnceLock::new());
+        WriterActor::new(db, rx, moka::sync::Cache::new(10), router, Arc::default(), failed, config).unwrap()
+    }
+
+    /// Applies `cmd` alone in a batch, writes it, and returns its answer.
+    fn run<T>(actor: &mut WriterActor, make: impl FnOnce(Reply<T>) -> WriteCmd) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let mut batch = Batch::default();
+        actor.apply(make(reply), &mut batch);
+        actor.commit(batch);
+        rx.blocking_recv().unwrap()
+    }
+
+    fn send(actor: &mut WriterActor, from: &str, to: &str, id: u8) {
+        let sender = QueueKey::new(from, 1);
+        let body = Bytes::from_static(b"hi");
+        let sent = run(actor, |reply| WriteCmd::Enqueue { sender, message_id: [id; 16], to: to.into(), body, reply });
+        assert!(sent.is_ok(), "{sent:?}");
+    }
+
+    /// Issue 11, 2.5: a request that failed part-way had its first writes
+    /// committed with the rest of the batch. Here an ack whose second
+    /// receipt cannot be written used to delete the acknowledged entries and
+    /// queue the first receipt anyway, while answering with an error.
+    #[test]
+    fn a_request_that_fails_part_way_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut actor = actor(dir.path());
+        for (i, handle) in ["alice", "carol", "bob"].into_iter().enumerate() {
+            let key = [i as u8; 32];
+            let registered =
+                run(&mut actor, |reply| WriteCmd::Register { handle: handle.into(), public_key: key, reply });
+            assert!(registered.is_ok());
+        }
+        send(&mut actor, "alice", "bob", 1);
+        send(&mut actor, "carol", "bob", 2);
+        let bob = QueueKey::new("bob", 1);
+
+        // The ack deletes 1 and 2, then writes a receipt for alice (the
+        // first entry write) and one for carol (the second: it fails).
+        actor.fail_push_in.set(Some(1));
+        let acked = run(&mut actor, |reply| WriteCmd::Ack { queue: bob.clone(), up_to: 2, reply });
+        assert!(acked.is_err(), "the ack failed: {acked:?}");
+        assert_eq!(actor.bounds[&bob], QueueBounds { head: 0, tail: 2 }, "nothing deleted");
+        assert_eq!(actor.range(&bob, 1, 2).unwrap().len(), 2, "both entries still stored");
+        let alice = QueueKey::new("alice", 1);
+        assert_eq!(actor.bounds.get(&alice).map(|b| b.depth()), Some(0), "no receipt for alice");
+        assert!(actor.range(&alice, 1, 10).unwrap().is_empty());
+
+        // Tried again without the fault, the ack goes through whole.
+        let acked = run(&mut actor, |reply| WriteCmd::Ack { queue: bob.clone(), up_to: 2, reply });
+        assert_eq!(acked.unwrap(), QueueBounds { head: 2, tail: 2 });
+        assert_eq!(actor.range(&alice, 1, 10).unwrap().len(), 1, "alice's receipt");
+        assert_eq!(actor.range(&QueueKey::new("carol", 1), 1, 10).unwrap().len(), 1, "carol's receipt");
+    }
 }

@@ -17,6 +17,7 @@ use tern_protocol::{codec, ErrorCode};
 use tokio::io::AsyncReadExt;
 
 pub mod cluster;
+pub mod procs;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -20,6 +20,7 @@
 //! `TERN_*` environment, so settings of the caller's shell do not leak in
 //! (and `NO_COLOR`, so its log is plain text).
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -310,6 +311,21 @@ impl Cluster {
             (200, body) => serde_json::from_str(&body).map_err(|e| format!("{}: /mesh: {e}", self.nodes[i].name)),
             (code, body) => Err(format!("{}: /mesh: HTTP {code}: {}", self.nodes[i].name, body.trim())),
         }
+    }
+
+    /// The mesh counters (`tern_mesh_*_total`) of node `i` since its last
+    /// start, from `/metrics`.
+    pub(crate) async fn mesh_counters(&self, i: usize) -> Result<BTreeMap<String, u64>, String> {
+        let (code, body) = self.admin(i, "GET", "/metrics").await?;
+        if code != 200 {
+            return Err(format!("{}: /metrics: HTTP {code}", self.nodes[i].name));
+        }
+        Ok(body
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(name, _)| name.starts_with("tern_mesh_") && name.ends_with("_total"))
+            .filter_map(|(name, v)| Some((name.to_owned(), v.trim().parse::<f64>().ok()? as u64)))
+            .collect())
     }
 
     /// Whether node `i` sees every other node alive with a link up.

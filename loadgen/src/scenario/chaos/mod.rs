@@ -29,7 +29,7 @@ use super::positive;
 use crate::cli::{ChaosArgs, Common};
 use crate::ledger::{Anomaly, Counts, Ledger};
 use crate::progress::Progress;
-use crate::report::{ChaosEvent, ChaosResult, OutboxLeft, Report};
+use crate::report::{BrokerAfterDrain, ChaosEvent, ChaosResult, Report};
 use crate::run::{partner, Run};
 use crate::LoadError;
 
@@ -99,10 +99,29 @@ pub(crate) async fn run(a: ChaosArgs) -> Result<Report, LoadError> {
         );
     }
     let spec = ClusterSpec { bin: &a.broker_bin, dir: &a.dir, brokers, token: &token, log_filter: &a.broker_log };
-    let mut cluster = Cluster::create(spec).await?;
-    let outcome = load(&a, &mut cluster, seed, rate, duration, settle, steps).await;
+    let mut cluster = tokio::select! {
+        c = Cluster::create(spec) => c?,
+        signal = interrupted() => return Err(LoadError::Interrupted(signal)),
+    };
+    // On SIGINT or SIGTERM the run stops, and the brokers with it.
+    let outcome = tokio::select! {
+        outcome = load(&a, &mut cluster, seed, rate, duration, settle, steps) => outcome,
+        signal = interrupted() => Err(LoadError::Interrupted(signal)),
+    };
     cluster.shutdown().await;
     outcome
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
 }
 
 /// Steps 2 to 5 of the module doc, on a formed cluster.
@@ -172,7 +191,7 @@ async fn load(
 
     let mut report = run.report("chaos", start_ns, drained_ns);
     report.offered_rate = Some(rate);
-    let outboxes = outboxes(cluster).await;
+    let after = after_drain(cluster).await;
     run.finish(conns).await;
     let events = std::mem::take(&mut *events.lock().expect("events lock"));
     let start_ms = start_ns / 1_000_000;
@@ -204,7 +223,7 @@ async fn load(
         dir: a.dir.display().to_string(),
         events,
         anomalies,
-        outboxes_after_drain: outboxes,
+        brokers_after_drain: after,
     };
     if !a.quiet && !result.anomalies.is_empty() {
         eprint!("{}", explain(&result, a.users, cluster.len()));
@@ -333,15 +352,17 @@ async fn tick(bar: Progress, quiet: bool, ledger: Arc<Ledger>, tally: Arc<Tally>
     }
 }
 
-/// What each broker still holds after the drain.
-async fn outboxes(cluster: &Cluster) -> Vec<OutboxLeft> {
+/// What each broker still holds after the drain, and its mesh counters.
+async fn after_drain(cluster: &Cluster) -> Vec<BrokerAfterDrain> {
     let mut out = Vec::new();
     for i in 0..cluster.len() {
         let Ok(s) = cluster.mesh_status(i).await else { continue };
         let members = s["members"].as_array().cloned().unwrap_or_default();
         let sum = |key: &str| members.iter().filter_map(|m| m[key].as_u64()).sum();
-        out.push(OutboxLeft {
+        out.push(BrokerAfterDrain {
             node: cluster.name(i).to_owned(),
+            starts: cluster.starts(i),
+            counters: cluster.mesh_counters(i).await.unwrap_or_default(),
             held_queues: s["held_queues"].as_u64().unwrap_or(0),
             outbox_queues: sum("outbox_queues"),
             outbox_in_flight: sum("outbox_in_flight"),

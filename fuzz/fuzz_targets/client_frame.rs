@@ -1,0 +1,98 @@
+//! The client frame decoder over an arbitrary byte stream, fed in random
+//! chunk sizes through the session's own read-buffer rule, with a frame limit
+//! from the input (the broker's default, its pre-login limit, or any small
+//! one).
+//!
+//! Asserts: no panic; an incomplete frame consumes and allocates nothing; a
+//! length over the limit is refused before anything is allocated for it; no
+//! single allocation while decoding exceeds limit + prefix, and a frame's
+//! decoding allocates no more than its own size (plus a little); the read
+//! buffer stays within twice the frame limit plus one read; every decoded
+//! frame re-encodes within the limit, exactly `encoded_len` long, and decodes
+//! back equal.
+#![no_main]
+
+use bytes::BytesMut;
+use libfuzzer_sys::fuzz_target;
+use prost::Message as _;
+use tern_fuzz::{read_into, session_reserve, AllocWatch, Chunks, Input, TrackingAlloc};
+use tern_protocol::{codec, pb, DecodeError};
+
+#[global_allocator]
+static ALLOC: TrackingAlloc = TrackingAlloc;
+
+/// Room a decode may allocate beyond the frame's own bytes (the shared
+/// buffer header `split_to` makes, an error's context).
+const SLACK: usize = 4096;
+
+/// The largest bookkeeping allocation a decode makes whatever the frame (the
+/// 40-byte header `BytesMut::split_to` shares the buffer through).
+const BOOKKEEPING: usize = 64;
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Input(data);
+    let max = match input.u8() & 3 {
+        0 => tern_protocol::DEFAULT_MAX_FRAME_LEN,
+        1 => 4096,
+        2 => 1024,
+        _ => usize::from(input.u8()) * 16,
+    };
+    let seed = input.u32();
+    let mut chunks = Chunks::new(seed, input.rest());
+    let mut buf = BytesMut::new();
+    loop {
+        session_reserve(&mut buf, max);
+        assert!(
+            buf.capacity() <= 2 * (max + codec::LEN_PREFIX) + 128 * 1024,
+            "read buffer of {} bytes for a limit of {max}",
+            buf.capacity()
+        );
+        if !read_into(&mut buf, &mut chunks) {
+            return;
+        }
+        loop {
+            let before = buf.len();
+            AllocWatch::start();
+            let result = codec::decode::<pb::ClientFrame>(&mut buf, max);
+            let alloc = AllocWatch::stop();
+            match result {
+                Ok(Some(frame)) => {
+                    let frame_len = before - buf.len() - codec::LEN_PREFIX;
+                    assert!(frame_len <= max);
+                    assert!(
+                        alloc.largest <= (max + codec::LEN_PREFIX).max(BOOKKEEPING),
+                        "{alloc:?} for a limit of {max}"
+                    );
+                    assert!(alloc.total <= frame_len + SLACK, "{alloc:?} for a frame of {frame_len}");
+                    check_reencodes(&frame, frame_len, max);
+                }
+                Ok(None) => {
+                    assert_eq!(buf.len(), before, "an incomplete frame is not consumed");
+                    assert_eq!(alloc.total, 0, "an incomplete frame allocates nothing");
+                    break;
+                }
+                Err(DecodeError::TooLarge { len, max: m }) => {
+                    assert!(len > max && m == max);
+                    assert_eq!(alloc.total, 0, "a frame over the limit allocates nothing");
+                    return;
+                }
+                Err(DecodeError::Malformed(_)) => {
+                    // Plus prost's error, which records the nesting (at most
+                    // its recursion limit of 100 levels).
+                    assert!(alloc.largest <= (max + codec::LEN_PREFIX).max(SLACK), "{alloc:?} for a limit of {max}");
+                    return;
+                }
+            }
+        }
+    }
+});
+
+/// A decoded frame is never longer re-encoded than it came (proto3 drops
+/// defaults, duplicates and unknown fields), and survives a round trip.
+fn check_reencodes(frame: &pb::ClientFrame, frame_len: usize, max: usize) {
+    assert!(frame.encoded_len() <= frame_len, "{} > {frame_len}", frame.encoded_len());
+    let mut out = codec::encode_to_vec(frame, max).expect("a decoded frame re-encodes within the limit");
+    assert_eq!(out.len(), codec::LEN_PREFIX + frame.encoded_len());
+    let back = codec::decode::<pb::ClientFrame>(&mut out, max).expect("re-decodes").expect("whole");
+    assert_eq!(&back, frame);
+}
