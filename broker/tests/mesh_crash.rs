@@ -363,3 +363,69 @@ async fn messages_held_at_two_brokers_keep_their_order_after_the_senders_broker_
         assert!(matches!(alice.login("alice", 1, &akey).await, S::LoginOk(_)));
     }
 }
+
+/// Bob receives for up to `wait`, until `count` messages arrived; returns
+/// their numbers in arrival order (redeliveries dropped), acking each.
+async fn receive_some(bob: &mut Raw, count: usize, wait: Duration) -> Vec<u64> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + wait;
+    while got.len() < count && Instant::now() < deadline {
+        let Some(frame) = bob.maybe_next(Duration::from_millis(500)).await else { continue };
+        if let Some(S::Deliver(d)) = frame.kind {
+            if let Some(pb::deliver::Item::Message(m)) = &d.item {
+                let n = u64::from_be_bytes(m.message_id[..8].try_into().unwrap());
+                if !got.contains(&n) {
+                    got.push(n);
+                }
+            }
+            bob.ack(d.seq).await;
+        }
+    }
+    got
+}
+
+/// The reordering the chaos suite found: a sender whose broker cannot ship
+/// (the recipient's broker is down) moves to another broker and goes on
+/// sending; its old broker dies before the recipient's is back. Its later
+/// messages must not reach the recipient before the earlier ones: the new
+/// broker takes its sends only once the old one has moved on what it held
+/// (here to the new broker itself, `mesh::flush`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_senders_messages_through_its_new_broker_do_not_overtake_those_its_old_broker_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes(dir.path());
+    let mut procs: Vec<Proc> = nodes.iter().map(Node::spawn).collect();
+    wait_formed(&nodes).await;
+    // Alice's directory entry is at node-2, which stays up: her new broker
+    // learns where she was.
+    let names = names(&nodes);
+    let alice_handle = handle_owned("alice", &names, |owner| owner == names[1]);
+    let (akey, bkey) = (key(), key());
+    let mut alice = connect(&nodes[0]).await;
+    assert!(matches!(alice.register(&alice_handle, &akey).await, S::LoginOk(_)));
+    let mut bob = connect(&nodes[2]).await;
+    assert!(matches!(bob.register("bob", &bkey).await, S::LoginOk(_)));
+    drop(bob);
+    // Bob's broker is down: node-1 keeps what alice sends him.
+    procs[2].sigkill();
+    assert!(wait_for(Duration::from_secs(20), || nodes[0].linked_members() == 1).await, "node-1 saw node-3 go");
+    let (mut next, mut in_flight, mut acked) = (1u64, HashMap::new(), Vec::new());
+    assert!(stream(&mut alice, &mut next, &mut in_flight, &mut acked, 100).await);
+    drop(alice);
+    // Alice moves to node-2 and goes on sending.
+    let mut alice = connect(&nodes[1]).await;
+    assert!(matches!(alice.login(&alice_handle, 1, &akey).await, S::LoginOk(_)));
+    let mut in_flight = HashMap::new();
+    assert!(stream(&mut alice, &mut next, &mut in_flight, &mut acked, 200).await);
+    // Her old broker dies; bob's comes back and bob logs in.
+    procs[0].sigkill();
+    procs[2] = nodes[2].spawn();
+    let mut bob = connect(&nodes[2]).await;
+    assert!(matches!(bob.login("bob", 1, &bkey).await, S::LoginOk(_)));
+    let mut got = receive_some(&mut bob, 100, Duration::from_secs(20)).await;
+    // What node-1 still held arrives once it is back.
+    procs[0] = nodes[0].spawn();
+    let rest: Vec<u64> = acked.iter().filter(|n| !got.contains(n)).copied().collect();
+    got.extend(drain(&mut bob, &rest).await);
+    check(&acked, &got);
+}

@@ -129,6 +129,8 @@ fn request_kind() -> impl Strategy<Value = request::Kind> {
             request::Kind::AccountWrite(peer::AccountWrite { handle, public_key, add_device })
         }),
         bytes_up_to(512).prop_map(|account| request::Kind::AccountPut(peer::AccountPut { account })),
+        (text(), any::<u32>())
+            .prop_map(|(handle, device)| request::Kind::SenderFlush(peer::SenderFlush { handle, device })),
     ]
 }
 
@@ -138,6 +140,8 @@ fn reply_kind() -> impl Strategy<Value = reply::Kind> {
         (bytes_up_to(512), any::<u32>())
             .prop_map(|(account, device)| reply::Kind::Account(peer::AccountReply { account, device })),
         (any::<i32>(), ".{0,80}").prop_map(|(code, message)| reply::Kind::Failure(peer::Failure { code, message })),
+        (any::<u32>(), any::<bool>())
+            .prop_map(|(queues, complete)| reply::Kind::SenderFlushed(peer::SenderFlushed { queues, complete })),
     ]
 }
 
@@ -147,9 +151,9 @@ fn ship() -> impl Strategy<Value = peer::Ship> {
     (
         (text(), any::<u32>(), bytes_up_to(17)),
         proptest::collection::vec((any::<u64>(), bytes_up_to(512)), 0..8),
-        (any::<u64>(), text(), any::<u64>()),
+        (any::<u64>(), text(), any::<u64>(), any::<bool>()),
     )
-        .prop_map(|((handle, device, origin), entries, (base, handed_to, handed_up_to))| peer::Ship {
+        .prop_map(|((handle, device, origin), entries, (base, handed_to, handed_up_to, hold))| peer::Ship {
             handle,
             device,
             origin,
@@ -157,6 +161,7 @@ fn ship() -> impl Strategy<Value = peer::Ship> {
             base,
             handed_to,
             handed_up_to,
+            hold,
         })
 }
 
@@ -332,6 +337,7 @@ fn ship_from_an_older_sender_with_the_reserved_restart_field_decodes() {
         base: 2,
         handed_to: "n3".into(),
         handed_up_to: 2,
+        hold: false,
     };
     let mut body = ship.encode_to_vec();
     body.extend_from_slice(&[0x28, 0x01]);

@@ -66,17 +66,20 @@ impl Mesh {
     /// the epoch of this login: above that of its last login anywhere (asked
     /// of the directory first, for up to [`LOGIN_LOOKUP`]), so a broker whose
     /// clock is behind does not register the newest login as a stale one.
-    pub(crate) async fn device_online(&self, queue: &QueueKey) -> u64 {
+    /// The second value is the broker it was last at, if another.
+    pub(crate) async fn device_online(&self, queue: &QueueKey) -> (u64, Option<String>) {
         self.forget_location(queue);
+        let mut previous = None;
         if let Ok(Some(Some(last))) = tokio::time::timeout(LOGIN_LOOKUP, self.locate(queue)).await {
             self.inner.directory.observe(last.epoch);
+            previous = Some(last.node).filter(|n| n != self.node());
         }
         let epoch = self.inner.directory.next_epoch();
         lock(&self.inner.hosted).insert(queue.clone(), epoch);
         let until = tokio::time::Instant::now() + HANDOFF_WAIT;
         lock(&self.inner.handoffs).insert(queue.clone(), Handoff { epoch, from: None, until });
         self.send_location(queue, epoch);
-        epoch
+        (epoch, previous)
     }
 
     /// A device's session here ended (unless a newer one replaced it).

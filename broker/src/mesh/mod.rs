@@ -8,6 +8,8 @@
 //! - [`location`]: this broker's side of the directory: logins, `Moved`
 //!   notices, lookups, and the handoff a device's new broker waits for;
 //! - [`ship`]: the outbox that moves queue entries to the device's broker;
+//! - [`flush`]: a device that moved: what it sent through its previous
+//!   broker goes before what it sends here;
 //! - [`settle`]: shipments that wait for another broker's handoff, so one
 //!   sender's messages keep their order across brokers;
 //! - [`accounts`]: account records, written at a primary and replicated;
@@ -22,6 +24,7 @@
 mod accounts;
 pub mod cluster_tls;
 mod directory;
+mod flush;
 mod link;
 mod location;
 mod membership;
@@ -43,6 +46,7 @@ use tokio_util::task::TaskTracker;
 
 pub use cluster_tls::{create_ca, create_node_cert, ClusterIdentity};
 use directory::{Directory, Location};
+pub(crate) use flush::SendsReady;
 use link::{LinkHandle, PeerError};
 use location::Handoff;
 use membership::{Members, MembershipActor, MembershipMsg, NodeId};
@@ -82,6 +86,9 @@ struct Inner {
     handoffs: Mutex<HashMap<QueueKey, Handoff>>,
     /// Shipments waiting for another broker's handoff (see [`settle`]).
     settling: Mutex<settle::Waits>,
+    /// Devices that logged in here whose previous broker has not yet moved
+    /// on what they sent through it (see [`flush`]): their sends wait.
+    sender_flushes: Mutex<HashMap<QueueKey, tokio::sync::watch::Receiver<bool>>>,
     ship: mpsc::Sender<ShipMsg>,
     /// Peers whose links are refused until the given time (fault drills).
     severed: Mutex<HashMap<String, tokio::time::Instant>>,
@@ -154,6 +161,7 @@ impl Mesh {
                 hosted: Mutex::new(HashMap::new()),
                 handoffs: Mutex::new(HashMap::new()),
                 settling: Mutex::new(HashMap::new()),
+                sender_flushes: Mutex::new(HashMap::new()),
                 ship: ship_tx.clone(),
                 severed: Mutex::new(HashMap::new()),
                 outbox: ship::OutboxGauge::default(),
@@ -354,7 +362,7 @@ impl Mesh {
                 let (mesh, link) = (self.clone(), from.clone());
                 self.inner.tasks.spawn(async move {
                     let answer = match req.kind {
-                        Some(kind) => mesh.serve(kind).await,
+                        Some(kind) => mesh.serve(kind, &link.peer.name).await,
                         None => reply::Kind::Failure(failure(ErrorCode::UnknownFrame, "empty request")),
                     };
                     link.reply(req.id, answer);
@@ -373,7 +381,9 @@ impl Mesh {
     async fn on_ship(&self, from: &LinkHandle, ship: pp::Ship) {
         let Ok(queue) = queue_key(&ship.handle, ship.device) else { return };
         let Ok(origin) = <[u8; 16]>::try_from(ship.origin.as_ref()) else { return };
-        if self.defers(&queue, &from.peer.name) {
+        // A holder's shipment (`hold`) is stored even though the device is
+        // elsewhere: this broker asked for it, and ships it on.
+        if !ship.hold && self.defers(&queue, &from.peer.name) {
             metrics::counter!("tern_mesh_ship_deferred_total").increment(1);
             let defer = pp::ShipDefer { handle: queue.handle().to_owned(), device: queue.device() };
             from.send(PeerFrame { kind: Some(P::ShipDefer(defer)) });
@@ -411,7 +421,7 @@ impl Mesh {
     }
 
     /// Answers a peer's request.
-    async fn serve(&self, kind: request::Kind) -> reply::Kind {
+    async fn serve(&self, kind: request::Kind, asker: &str) -> reply::Kind {
         match kind {
             request::Kind::Lookup(l) => {
                 let location = queue_key(&l.handle, l.device).ok().and_then(|q| self.inner.directory.owned(&q));
@@ -421,6 +431,7 @@ impl Mesh {
             request::Kind::AccountGet(g) => self.serve_account_get(&g.handle),
             request::Kind::AccountWrite(w) => self.serve_account_write(w).await,
             request::Kind::AccountPut(p) => self.serve_account_put(&p.account).await,
+            request::Kind::SenderFlush(f) => self.serve_sender_flush(f, asker).await,
         }
     }
 

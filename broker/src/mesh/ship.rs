@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tern_protocol::peer::{peer_frame::Kind as P, PeerFrame, Ship, ShipEntry};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::directory::Location;
@@ -121,6 +121,16 @@ pub(crate) enum ShipMsg {
     },
     LinkUp(String),
     LinkDown(String),
+    /// A device that sent entries of this queue (up to `up_to`) logged in
+    /// at `holder`: get them stored at the queue's destination, or at
+    /// `holder` if that is unknown or unreachable, then say `done` (see
+    /// [`flush`](super::flush)).
+    Flush {
+        queue: QueueKey,
+        up_to: u64,
+        holder: String,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Per destination node ("" for queues held for lack of one): queues and
@@ -211,6 +221,11 @@ struct Outbound {
     hold_until: Option<Instant>,
     /// Brokers waiting for everything held here to be handed over.
     asks: Vec<Ask>,
+    /// Ship to this broker as a holder (`Ship.hold`) when the destination
+    /// is unknown or unreachable, until `flushes` are answered.
+    hold_for: Option<String>,
+    /// Sender flushes waiting for entries up to a seq to be acknowledged.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
 }
 
 impl Outbound {
@@ -231,6 +246,8 @@ impl Outbound {
             handed: None,
             hold_until: None,
             asks: Vec::new(),
+            hold_for: None,
+            flushes: Vec::new(),
         }
     }
 
@@ -241,6 +258,28 @@ impl Outbound {
             Some((node, up_to)) if node != dest => (self.acked, node.clone(), *up_to),
             _ => (self.acked, String::new(), 0),
         }
+    }
+
+    /// Answers the sender flushes that everything acknowledged so far
+    /// covers. True when that ends shipping to a holder (the destination is
+    /// to be looked up again).
+    fn flushed(&mut self) -> bool {
+        let acked = self.acked;
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.flushes).into_iter().partition(|f| f.0 <= acked);
+        self.flushes = waiting;
+        for (_, tx) in done {
+            let _ = tx.send(());
+        }
+        if !self.flushes.is_empty() {
+            return false;
+        }
+        let Some(holder) = self.hold_for.take() else { return false };
+        if self.dest.as_deref() == Some(holder.as_str()) {
+            self.dest = None;
+            return true;
+        }
+        false
     }
 
     /// Removes and returns the asks of `node` that everything acknowledged
@@ -361,6 +400,7 @@ impl ShipActor {
                 for id in out.answered(&node) {
                     self.mesh.handoff_done(&node, &queue, id);
                 }
+                let relook = out.flushed();
                 let store = self.store.clone();
                 let q = queue.clone();
                 tokio::spawn(async move {
@@ -368,6 +408,11 @@ impl ShipActor {
                         tracing::warn!(queue = %q, up_to, error = %e, "shipped entries not deleted; they may be shipped again");
                     }
                 });
+                if relook {
+                    // Handed to a holder: where the device is decides again.
+                    self.relocate(queue);
+                    return;
+                }
                 self.pump(&queue);
             }
             ShipMsg::Moved { queue, location, handoff } => {
@@ -494,6 +539,13 @@ impl ShipActor {
                 out.sent = out.acked;
                 let location = newest(location, out.moved.take());
                 out.dest = location.map(|l| l.node).filter(|n| *n != me);
+                if let Some(holder) = &out.hold_for {
+                    // A sender flush: entries that cannot go to the device's
+                    // broker now go to the sender's new one.
+                    if out.dest.as_ref().is_none_or(|d| self.mesh.link(d).is_none()) {
+                        out.dest = Some(holder.clone());
+                    }
+                }
                 if out.dest.is_none() {
                     out.held = true;
                 } else if out.held {
@@ -531,9 +583,37 @@ impl ShipActor {
                     self.track(q);
                 }
             }
+            ShipMsg::Flush { queue, up_to, holder, done } => {
+                if self.router.is_attached(&queue) {
+                    let _ = done.send(());
+                    return;
+                }
+                let out = self.queues.entry(queue.clone()).or_insert_with(Outbound::new);
+                out.tail = out.tail.max(up_to);
+                out.flushes.push((up_to, done));
+                out.hold_for = Some(holder);
+                let shipping = out.dest.as_ref().is_some_and(|d| self.mesh.link(d).is_some());
+                if shipping {
+                    self.pump(&queue);
+                } else if !out.resolving {
+                    out.resolving = true;
+                    let mesh = self.mesh.clone();
+                    let q = queue.clone();
+                    self.resolved_later(queue, async move { mesh.locate(&q).await });
+                }
+            }
             ShipMsg::LinkDown(node) => {
-                for out in self.queues.values_mut().filter(|o| o.dest.as_deref() == Some(&node)) {
+                let mut to_holder = Vec::new();
+                for (q, out) in self.queues.iter_mut().filter(|(_, o)| o.dest.as_deref() == Some(&node)) {
                     out.sent = out.acked;
+                    // A sender flush waits on these: they go to its holder.
+                    if let Some(holder) = out.hold_for.clone().filter(|h| *h != node) {
+                        out.dest = Some(holder);
+                        to_holder.push(q.clone());
+                    }
+                }
+                for q in to_holder {
+                    self.pump(&q);
                 }
             }
         }
@@ -548,6 +628,12 @@ impl ShipActor {
             c.in_flight += out.sent - out.acked;
         }
         self.gauge.set(counts);
+    }
+
+    /// Looks up again where `queue`'s device is (not from the cache).
+    fn relocate(&mut self, queue: QueueKey) {
+        self.mesh.forget_location(&queue);
+        self.track(queue);
     }
 
     /// Starts shipping `queue` if the device is not here: looks up where it is.
@@ -647,6 +733,7 @@ impl ShipActor {
                 base,
                 handed_to,
                 handed_up_to,
+                hold: out.hold_for.as_deref() == Some(dest.as_str()),
             };
             let count = ship.entries.len() as u64;
             if !link.send(PeerFrame { kind: Some(P::Ship(ship)) }) {

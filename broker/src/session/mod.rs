@@ -60,6 +60,9 @@ struct LoggedIn {
     attachment: Attachment,
     /// The epoch of this login in the mesh's directory.
     epoch: Option<u64>,
+    /// Set while the device's previous broker moves on what it sent there:
+    /// its sends here wait for that (see `mesh::flush`).
+    sends_ready: Option<crate::mesh::SendsReady>,
 }
 
 pub(crate) struct Session {
@@ -107,7 +110,7 @@ impl Session {
         let end = self.serve().await;
         if let Some(d) = self.device.take() {
             d.attachment.record_pushed(d.delivery.last_pushed());
-            let LoggedIn { delivery, attachment, epoch } = d;
+            let LoggedIn { delivery, attachment, epoch, .. } = d;
             // Detach from the router before leaving the directory: from
             // here on, entries for the device go to the ship actor, and a
             // `Moved` notice never finds the device both gone from the
@@ -394,12 +397,15 @@ impl Session {
         tracing::debug!(%queue, pending = bounds.depth(), "logged in");
         let window = self.ctx.config.limits.max_inflight;
         let mesh = self.ctx.mesh.clone();
-        let epoch = match mesh {
-            Some(mesh) => Some(mesh.device_online(&queue).await),
-            None => None,
+        let (epoch, sends_ready) = match mesh {
+            Some(mesh) => {
+                let (epoch, previous) = mesh.device_online(&queue).await;
+                (Some(epoch), previous.map(|p| mesh.flush_sender(&queue, p)))
+            }
+            None => (None, None),
         };
         let delivery = Delivery::new(queue, bounds.head, window, attachment.previously_pushed);
-        self.device = Some(LoggedIn { delivery, attachment, epoch });
+        self.device = Some(LoggedIn { delivery, attachment, epoch, sends_ready });
         self.inbox = Some(inbox);
         let ok = pb::LoginOk { handle, device_id: device, acked_seq: bounds.head, pending: bounds.depth() };
         self.write(request_id, S::LoginOk(ok));
@@ -410,6 +416,17 @@ impl Session {
     /// is read, so one device's sends get their seqs in the order it sent
     /// them; the durable outcome is awaited with the other pending sends.
     async fn start_send(&mut self, request_id: u64, req: pb::Send) -> Result<(), End> {
+        if let Some(mut ready) = self.device.as_mut().and_then(|d| d.sends_ready.take()) {
+            // The device moved here: what it sent through its previous
+            // broker goes first.
+            tokio::select! {
+                biased;
+                () = self.ctx.cancel.cancelled() => {
+                    return Err(End::Fatal(ErrorCode::ShuttingDown, "the broker is shutting down; reconnect".into()));
+                }
+                () = ready.wait() => {}
+            }
+        }
         let Some(d) = &self.device else { return Ok(()) };
         if let Err(limited) = self.limit(&self.ctx.rate.sends, || d.delivery.queue.clone()) {
             metrics::counter!("tern_sends_total", "result" => ErrorCode::RateLimited.as_str_name()).increment(1);

@@ -67,6 +67,17 @@ pub(crate) fn split_item(value: &[u8]) -> Option<(u8, &[u8])> {
     (value.len() >= HEADER).then(|| (value[8], &value[HEADER..]))
 }
 
+/// Whether a stored value is a message sent by device `device` of `handle`
+/// (a value that does not decode is not).
+pub(crate) fn sent_by(value: &[u8], handle: &str, device: u32) -> bool {
+    match split_item(value) {
+        Some((KIND_MESSAGE, body)) => {
+            pb::Message::decode(body).is_ok_and(|m| m.from == handle && m.from_device == device)
+        }
+        _ => false,
+    }
+}
+
 /// The enqueue time of a stored value, without decoding the rest.
 pub(crate) fn enqueued_at(value: &[u8]) -> Option<u64> {
     let head: [u8; 8] = value.get(..8)?.try_into().ok()?;

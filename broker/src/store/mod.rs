@@ -480,6 +480,33 @@ impl Store {
         Ok(out)
     }
 
+    /// The queues holding messages sent by device `device` of `handle`, each
+    /// with the highest seq of one. Taken after the writer has applied every
+    /// request queued before this call (a send of that device accepted here
+    /// is seen); the entries are read on a blocking thread. A broker asks
+    /// when a device that sent through it has logged in at another broker
+    /// (`SenderFlush`), so it costs a read of what waits here per move.
+    pub async fn sent_by(&self, handle: &str, device: u32) -> Result<Vec<(QueueKey, u64)>, StoreError> {
+        let waiting = self.waiting().await?;
+        let (store, handle) = (self.clone(), handle.to_owned());
+        let scan = tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            for (queue, bounds) in waiting {
+                let mut from = bounds.head + 1;
+                let mut last = None;
+                while from <= bounds.tail {
+                    let batch = store.read(&queue, from, 1024, 4 << 20)?;
+                    let Some(&(end, _)) = batch.last() else { break };
+                    last = batch.iter().rev().find(|(_, v)| item::sent_by(v, &handle, device)).map(|e| e.0).or(last);
+                    from = end + 1;
+                }
+                found.extend(last.map(|seq| (queue, seq)));
+            }
+            Ok(found)
+        });
+        scan.await.map_err(|e| StoreError::Db(format!("scan for a sender's entries: {e}")))?
+    }
+
     /// Stops the writer after it has finished the requests already sent, and
     /// flushes the memtables. Idempotent.
     pub fn close(&self) {

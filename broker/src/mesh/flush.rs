@@ -1,0 +1,152 @@
+//! One sender's order across its own moves: when a device logs in at a new
+//! broker, what it sent through its previous one goes first.
+//!
+//! A send is stored at the sender's broker and shipped from there, so a
+//! device that moves from broker P to broker X leaves its last sends in P's
+//! queues. If X took its next sends at once, they could reach a recipient
+//! first: P's copies wait for a link, a lookup, or P itself after a crash,
+//! and X's do not. So X asks P (`SenderFlush`) and takes the device's sends
+//! only once P answers: every entry the device sent through P is then
+//! stored at its recipient's broker, or, where P cannot ship it now (the
+//! recipient's broker is unknown or unreachable), at X itself (a `Ship` with
+//! `hold`), ahead of the sends X takes next. Either way the new sends are
+//! queued behind the old ones wherever they meet.
+//!
+//! The wait is bounded: X gives up after [`SENDER_WAIT`] (or [`DOWN_WAIT`]
+//! while P is not a live member) and P answers by [`FLUSH_WAIT`] with what
+//! it managed. A broker that stays dead that long is the one case in which
+//! a device's later sends may overtake its earlier ones (docs/mesh.md).
+
+use std::time::Duration;
+
+use tern_protocol::peer::{self as pp, reply, request};
+use tokio::sync::{oneshot, watch};
+
+use super::{lock, Mesh, ShipMsg};
+use crate::store::QueueKey;
+
+/// Longest a broker takes to answer a `SenderFlush`.
+const FLUSH_WAIT: Duration = Duration::from_secs(8);
+/// Longest a device's sends wait at its new broker for its previous one.
+const SENDER_WAIT: Duration = Duration::from_secs(10);
+/// How long a previous broker that is not a live member is waited for.
+const DOWN_WAIT: Duration = Duration::from_secs(3);
+/// Pause between attempts to reach the previous broker.
+const RETRY: Duration = Duration::from_millis(250);
+
+/// Resolves when the device's sends may be taken here.
+#[derive(Debug)]
+pub(crate) struct SendsReady(watch::Receiver<bool>);
+
+impl SendsReady {
+    /// Waits until the previous broker answered or the wait was given up.
+    pub(crate) async fn wait(&mut self) {
+        let _ = self.0.wait_for(|ready| *ready).await;
+    }
+}
+
+impl Mesh {
+    /// Device `sender` logged in here, coming from broker `previous`: asks
+    /// it to move on what the device sent through it (see the module doc).
+    pub(crate) fn flush_sender(&self, sender: &QueueKey, previous: String) -> SendsReady {
+        let (tx, rx) = watch::channel(false);
+        lock(&self.inner.sender_flushes).insert(sender.clone(), rx.clone());
+        let (mesh, sender, mine) = (self.clone(), sender.clone(), rx.clone());
+        self.inner.tasks.spawn(async move {
+            let outcome = tokio::time::timeout(SENDER_WAIT, mesh.ask_flush(&sender, &previous)).await;
+            let result = match outcome {
+                Ok(Some(true)) => "complete",
+                Ok(Some(false)) => "partial",
+                Ok(None) => "unreachable",
+                Err(_) => "timeout",
+            };
+            metrics::counter!("tern_mesh_sender_flushes_total", "result" => result).increment(1);
+            if result != "complete" {
+                tracing::info!(%sender, %previous, result, "the device's sends are taken before its previous broker moved on all it sent");
+            }
+            let _ = tx.send(true);
+            let mut flushes = lock(&mesh.inner.sender_flushes);
+            if flushes.get(&sender).is_some_and(|r| r.same_channel(&mine)) {
+                flushes.remove(&sender);
+            }
+        });
+        SendsReady(rx)
+    }
+
+    /// Asks `previous` until it answers: `Some(complete)`, or `None` once it
+    /// has not been a live member for [`DOWN_WAIT`].
+    async fn ask_flush(&self, sender: &QueueKey, previous: &str) -> Option<bool> {
+        let mut down_since = None;
+        loop {
+            if let Some(link) = self.link(previous) {
+                let ask = pp::SenderFlush { handle: sender.handle().to_owned(), device: sender.device() };
+                match link.request(request::Kind::SenderFlush(ask), FLUSH_WAIT + Duration::from_secs(1)).await {
+                    Ok(reply::Kind::SenderFlushed(f)) => return Some(f.complete),
+                    Ok(other) => {
+                        tracing::debug!(%previous, ?other, "unexpected answer to a sender flush");
+                        return Some(false);
+                    }
+                    Err(e) => tracing::debug!(%previous, error = %e, "sender flush not answered; asking again"),
+                }
+            }
+            if self.members().contains_key(previous) {
+                down_since = None;
+            } else {
+                let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= DOWN_WAIT {
+                    return None;
+                }
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// As the previous broker: moves on what `sender` sent through this one
+    /// and answers when it is stored elsewhere, or at [`FLUSH_WAIT`].
+    pub(super) async fn serve_sender_flush(&self, ask: pp::SenderFlush, asker: &str) -> reply::Kind {
+        let Ok(sender) = super::queue_key(&ask.handle, ask.device) else {
+            return reply::Kind::SenderFlushed(pp::SenderFlushed { queues: 0, complete: true });
+        };
+        let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
+        // The device may have come here from a third broker a moment ago:
+        // what that one hands over to this one is part of what to move on.
+        let pending = lock(&self.inner.sender_flushes).get(&sender).cloned();
+        if let Some(mut ready) = pending {
+            let _ = tokio::time::timeout_at(deadline, ready.wait_for(|r| *r)).await;
+        }
+        // Its session here, if still open, takes no more sends.
+        self.inner.router.replace_remotely(&sender);
+        let queues = match self.inner.store.sent_by(sender.handle(), sender.device()).await {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::warn!(%sender, error = %e, "cannot find what a device that moved sent through here");
+                return reply::Kind::SenderFlushed(pp::SenderFlushed { queues: 0, complete: false });
+            }
+        };
+        let count = queues.len() as u32;
+        let mut waits = Vec::new();
+        for (queue, up_to) in queues {
+            // Its device is here (or was last here): the asker ships the
+            // device's next sends here, behind these.
+            if self.inner.router.is_attached(&queue) {
+                continue;
+            }
+            if let Ok(Some(Some(l))) = tokio::time::timeout(RETRY, self.locate(&queue)).await {
+                if l.node == self.node() {
+                    continue;
+                }
+            }
+            let (done, rx) = oneshot::channel();
+            let msg = ShipMsg::Flush { queue, up_to, holder: asker.to_owned(), done };
+            if self.inner.ship.send(msg).await.is_ok() {
+                waits.push(rx);
+            }
+        }
+        let all = futures::future::join_all(waits);
+        let complete = match tokio::time::timeout_at(deadline, all).await {
+            Ok(results) => results.iter().all(Result::is_ok),
+            Err(_) => false,
+        };
+        reply::Kind::SenderFlushed(pp::SenderFlushed { queues: count, complete })
+    }
+}
