@@ -429,3 +429,56 @@ async fn a_senders_messages_through_its_new_broker_do_not_overtake_those_its_old
     got.extend(drain(&mut bob, &rest).await);
     check(&acked, &got);
 }
+
+/// Entries `node` has shipped and not had acknowledged, and queues it still
+/// ships, from its admin port.
+fn outbox_of(node: &Node) -> u64 {
+    let Ok(mut resp) = ureq::get(&format!("http://127.0.0.1:{}/mesh", node.admin)).call() else { return u64::MAX };
+    let Ok(body) = resp.body_mut().read_to_string() else { return u64::MAX };
+    let Ok(status) = serde_json::from_str::<serde_json::Value>(&body) else { return u64::MAX };
+    let members = status["members"].as_array().cloned().unwrap_or_default();
+    members.iter().map(|m| m["outbox_queues"].as_u64().unwrap_or(0) + m["outbox_in_flight"].as_u64().unwrap_or(0)).sum()
+}
+
+/// The reordering the chaos suite found when devices move: bob's broker
+/// (node-2) holds what alice's broker (node-1) shipped it; bob then comes to
+/// node-1 while it holds newer messages for him (its link to node-2 is cut).
+/// The older ones, handed back once the link heals, must reach him first:
+/// node-1 pushes nothing of bob's queue until node-2 has handed over, holds
+/// new sends to him meanwhile, and puts what it had behind what came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_moves_to_its_senders_broker_gets_the_older_messages_it_held_elsewhere_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes(dir.path());
+    let _procs: Vec<Proc> = nodes.iter().map(Node::spawn).collect();
+    wait_formed(&nodes).await;
+    // Bob's directory entry is at node-3, linked to both sides of the cut.
+    let names = names(&nodes);
+    let bob_handle = handle_owned("bob", &names, |owner| owner == names[2]);
+    let (akey, bkey) = (key(), key());
+    let mut alice = connect(&nodes[0]).await;
+    assert!(matches!(alice.register("alice", &akey).await, S::LoginOk(_)));
+    let mut bob = connect(&nodes[1]).await;
+    assert!(matches!(bob.register(&bob_handle, &bkey).await, S::LoginOk(_)));
+    drop(bob);
+
+    let (mut next, mut in_flight, mut acked) = (1u64, HashMap::new(), Vec::new());
+    assert!(stream_to(&mut alice, &bob_handle, &mut next, &mut in_flight, &mut acked, 100).await);
+    // The outbox gauge is refreshed every 3 s.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(
+        wait_for(Duration::from_secs(20), || outbox_of(&nodes[0]) == 0).await,
+        "node-1 shipped bob's messages to node-2"
+    );
+    let url = format!("http://127.0.0.1:{}/mesh/sever/node-2?secs=4", nodes[0].admin);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    ureq::post(&url).header("Authorization", &auth).send_empty().expect("sever through the admin port");
+    assert!(stream_to(&mut alice, &bob_handle, &mut next, &mut in_flight, &mut acked, 200).await);
+
+    let mut bob = connect(&nodes[0]).await;
+    assert!(matches!(bob.login(&bob_handle, 1, &bkey).await, S::LoginOk(_)));
+    // Alice goes on sending while bob's queue at node-1 waits.
+    assert!(stream_to(&mut alice, &bob_handle, &mut next, &mut in_flight, &mut acked, 250).await);
+    let got = drain(&mut bob, &acked).await;
+    check(&acked, &got);
+}

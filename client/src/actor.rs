@@ -458,12 +458,21 @@ impl Actor {
         addr
     }
 
-    /// After a login at `addr`: the next reconnect tries it first.
+    /// After a login at `addr`: the next reconnect tries it first (unless
+    /// `reconnect_to_last` is off).
     fn stay_at(&mut self, addr: &str) {
-        if let Some(i) = self.config.brokers.iter().position(|b| b == addr) {
+        if let Some(i) = first_after_login(&self.config.brokers, addr, self.config.reconnect_to_last) {
             self.next_broker = i;
         }
     }
+}
+
+/// The index in `brokers` the reconnect after a login at `addr` tries
+/// first: that broker's, or with `stay` off the next one (`None`: `addr`
+/// came from a redirect, not the list).
+fn first_after_login(brokers: &[String], addr: &str, stay: bool) -> Option<usize> {
+    let i = brokers.iter().position(|b| b == addr)?;
+    Some(if stay { i } else { (i + 1) % brokers.len() })
 }
 
 /// The application's view of a `Deliver`, and its dedup identity; `None`
@@ -497,5 +506,23 @@ fn incoming_item(d: pb::Deliver) -> Option<(ItemKey, Incoming)> {
             };
             Some((key, item))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11: after every reconnect the client moved to the next broker
+    /// of its list (round-robin), so a broker restart moved every device,
+    /// and each move costs the mesh a handoff. It now tries the broker it
+    /// was at first, and moves on only when an attempt fails.
+    #[test]
+    fn a_reconnect_tries_the_broker_the_client_was_at_first() {
+        let brokers: Vec<String> = ["a:1", "b:1", "c:1"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(first_after_login(&brokers, "b:1", true), Some(1));
+        assert_eq!(first_after_login(&brokers, "c:1", true), Some(2));
+        assert_eq!(first_after_login(&brokers, "c:1", false), Some(0), "spreading: the next one, wrapping");
+        assert_eq!(first_after_login(&brokers, "elsewhere:1", true), None, "a redirect's broker is not in the list");
     }
 }

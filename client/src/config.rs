@@ -48,6 +48,12 @@ pub struct ClientConfig {
     /// the old connection's next packet with a stateless reset. Keep-alives
     /// go out at a third of it.
     pub idle_timeout: Duration,
+    /// After a connection loss, try the broker the client was logged in at
+    /// first (the default: a restarted broker is back within seconds and the
+    /// device's queue is there). Off: go on to the next broker of the list,
+    /// so devices move, and spread, at every reconnect (the chaos suite uses
+    /// it to exercise moves).
+    pub reconnect_to_last: bool,
     /// Use this endpoint (UDP socket) instead of opening one per client. Its
     /// trust and idle timeout are the ones it was made with.
     pub endpoint: Option<crate::SharedEndpoint>,
@@ -69,6 +75,7 @@ impl ClientConfig {
             incoming_buffer: 1024,
             max_offline_sends: 10_000,
             idle_timeout: Duration::from_secs(10),
+            reconnect_to_last: true,
             endpoint: None,
         }
     }

@@ -146,6 +146,11 @@ pub(crate) struct Common {
     /// broker is not hidden by failing over.
     #[arg(long)]
     pub(crate) failover: bool,
+    /// tern:// with --failover: after a connection loss a user goes on to
+    /// the next target instead of its own broker first, so devices move
+    /// across the mesh at every reconnect.
+    #[arg(long, requires = "failover")]
+    pub(crate) move_on_reconnect: bool,
     /// Seconds a connection may be silent before it counts as broken (QUIC
     /// idle timeout; keep-alives go at a third of it).
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
@@ -289,6 +294,12 @@ pub(crate) struct ChaosArgs {
     /// arrived, so late duplicates and reorders show.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     pub(crate) settle: f64,
+    /// Users move to the next broker at every reconnect instead of going
+    /// back to the one they were at, so each fault also moves devices
+    /// across the mesh (the order of a moving sender and of a moving
+    /// recipient is checked too).
+    #[arg(long)]
+    pub(crate) moves: bool,
     /// Number of users (each one connection), spread over the brokers.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(2..=100_000))]
     pub(crate) users: u32,

@@ -165,6 +165,8 @@ pub(crate) struct ChaosResult {
     pub(crate) seed: u64,
     pub(crate) brokers: usize,
     pub(crate) faults: Vec<crate::cli::Fault>,
+    /// Users moved to the next broker at every reconnect (`--moves`).
+    pub(crate) moves: bool,
     /// Seconds of chaos (and of sending).
     pub(crate) chaos_s: f64,
     /// Seconds from the end of the chaos until every acknowledged message
@@ -383,10 +385,11 @@ fn chaos_table(r: &Report, c: &ChaosResult) -> String {
     let a = &r.accounting;
     let faults: Vec<String> = c.faults.iter().map(|f| format!("{f:?}").to_lowercase()).collect();
     let mut out = format!(
-        "chaos: {} brokers, {:.0} s of {} (seed {}), then {:.1} s of drain\n",
+        "chaos: {} brokers, {:.0} s of {}{} (seed {}), then {:.1} s of drain\n",
         c.brokers,
         c.chaos_s,
         faults.join(", "),
+        if c.moves { ", users moving broker at every reconnect" } else { "" },
         c.seed,
         c.drain_s
     );

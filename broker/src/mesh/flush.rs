@@ -53,7 +53,11 @@ impl Mesh {
         lock(&self.inner.sender_flushes).insert(sender.clone(), rx.clone());
         let (mesh, sender, mine) = (self.clone(), sender.clone(), rx.clone());
         self.inner.tasks.spawn(async move {
-            let outcome = tokio::time::timeout(SENDER_WAIT, mesh.ask_flush(&sender, &previous)).await;
+            let asked = tokio::time::timeout(SENDER_WAIT, mesh.ask_flush(&sender, &previous));
+            let outcome = tokio::select! {
+                () = mesh.inner.cancel.cancelled() => return,
+                outcome = asked => outcome,
+            };
             let result = match outcome {
                 Ok(Some(true)) => "complete",
                 Ok(Some(false)) => "partial",

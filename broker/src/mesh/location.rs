@@ -48,6 +48,7 @@ impl Mesh {
             let gone = h.from.as_ref().is_some_and(|f| !self.members().contains_key(f));
             if gone || tokio::time::Instant::now() >= h.until {
                 handoffs.remove(queue);
+                self.inner.handoff_ended.notify_waiters();
                 return false;
             }
             return h.from.as_deref() != Some(sender);
@@ -80,6 +81,128 @@ impl Mesh {
         lock(&self.inner.handoffs).insert(queue.clone(), Handoff { epoch, from: None, until });
         self.send_location(queue, epoch);
         (epoch, previous)
+    }
+
+    /// Holds `queue` still while its device's previous broker hands over
+    /// (the login of `epoch` here): sends into it wait (a store fence),
+    /// then what was queued here before is moved behind what came back,
+    /// so entries queued here for the device while it was elsewhere do not
+    /// overtake older ones its previous broker held. Resolves to the queue's
+    /// head after that (`None`: the store failed; deliver as it is). The
+    /// device's session pushes nothing until then.
+    ///
+    /// The previous broker's `HandoffDone` for the move may come before
+    /// entries this broker shipped it just before (stored there after it
+    /// looked): so once the move's handoff is over, this broker also asks it
+    /// (`HandoffRequest` on the link that carried those shipments, so they
+    /// are counted) and waits for that answer too. `previous` is where the
+    /// directory had the device (for when the owner's answer was missed).
+    pub(crate) fn hold_for_handback(
+        &self,
+        queue: &QueueKey,
+        epoch: u64,
+        previous: Option<String>,
+    ) -> tokio::sync::oneshot::Receiver<Option<u64>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (mesh, queue) = (self.clone(), queue.clone());
+        self.inner.tasks.spawn(async move {
+            let store = mesh.inner.store.clone();
+            let (stopped, shipping) = tokio::sync::oneshot::channel();
+            if mesh.inner.ship.send(ShipMsg::Attached { queue: queue.clone(), done: stopped }).await.is_ok() {
+                let _ = shipping.await;
+            }
+            let fenced = store.fence(queue.clone()).await;
+            let until = tokio::time::Instant::now() + HANDOFF_WAIT;
+            // Besides the previous broker the owner named, the one the
+            // directory had, and the one this broker's own record says
+            // last acknowledged entries of the queue (the owner may have
+            // restarted and forgotten the device).
+            let holder = store.handed(&queue).ok().flatten().map(|(node, _)| node);
+            let wait = async {
+                let (from, _) = mesh.handoff_over(&queue, epoch).await;
+                let mut ask: Vec<String> =
+                    from.into_iter().chain(previous).chain(holder).filter(|n| n != mesh.node()).collect();
+                ask.sort_unstable();
+                ask.dedup();
+                futures::future::join_all(ask.iter().map(|node| mesh.ask_handback(&queue, node, until))).await;
+            };
+            tokio::select! {
+                // Shutting down: the store goes with the broker.
+                () = mesh.inner.cancel.cancelled() => return,
+                () = wait => {}
+            }
+            let Ok(before) = fenced else {
+                let _ = tx.send(None);
+                return;
+            };
+            let head = match store.bounds(queue.clone()).await {
+                // Something came back: what was here goes behind it.
+                Ok(b) if b.head < before && b.tail > before => {
+                    store.rebase(queue.clone(), before).await.map(|b| b.head)
+                }
+                Ok(b) => Ok(b.head),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = store.unfence(queue.clone()).await {
+                tracing::warn!(%queue, error = %e, "cannot lift the fence of a queue");
+            }
+            let _ = tx.send(
+                head.map_err(|e| tracing::warn!(%queue, error = %e, "cannot order a queue behind its handoff")).ok(),
+            );
+        });
+        rx
+    }
+
+    /// Resolves once the handoff awaited for the login of `epoch` is over:
+    /// done, not needed, given up after [`HANDOFF_WAIT`], or its broker gone.
+    /// Returns the previous broker, if one was named, and whether the wait
+    /// was given up.
+    async fn handoff_over(&self, queue: &QueueKey, epoch: u64) -> (Option<String>, bool) {
+        let mut from = None;
+        loop {
+            let ended = self.inner.handoff_ended.notified();
+            {
+                let mut handoffs = lock(&self.inner.handoffs);
+                let Some(h) = handoffs.get(queue).filter(|h| h.epoch == epoch) else { return (from, false) };
+                from = h.from.clone();
+                let gone = h.from.as_ref().is_some_and(|f| !self.members().contains_key(f));
+                if gone || tokio::time::Instant::now() >= h.until {
+                    handoffs.remove(queue);
+                    return (from, true);
+                }
+            }
+            tokio::select! {
+                () = ended => {}
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Asks `node` for what it holds of `queue` until it answers (it has
+    /// shipped here, and had acknowledged, everything it held when asked),
+    /// `until` passes, or it has not been a live member for 3 s.
+    async fn ask_handback(&self, queue: &QueueKey, node: &str, until: tokio::time::Instant) {
+        let mut down_since = None;
+        while tokio::time::Instant::now() < until {
+            let request_id = super::settle::next_request_id();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            lock(&self.inner.handbacks).insert(request_id, tx);
+            if let Some(link) = self.link(node) {
+                let req = pp::HandoffRequest { handle: queue.handle().to_owned(), device: queue.device(), request_id };
+                link.send(PeerFrame { kind: Some(P::HandoffRequest(req)) });
+            }
+            let answered = matches!(tokio::time::timeout(Duration::from_secs(1), rx).await, Ok(Ok(())));
+            lock(&self.inner.handbacks).remove(&request_id);
+            if answered {
+                return;
+            }
+            if self.members().contains_key(node) {
+                down_since = None;
+            } else if down_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= Duration::from_secs(3) {
+                return;
+            }
+        }
+        tracing::info!(%queue, %node, "no handback from the device's previous broker in time; delivering without it");
     }
 
     /// A device's session here ended (unless a newer one replaced it).
@@ -165,6 +288,7 @@ impl Mesh {
                         // shard over and never knew it.
                         None if h.from.is_none() => {
                             handoffs.remove(&queue);
+                            self.inner.handoff_ended.notify_waiters();
                         }
                         None => {}
                     }

@@ -84,6 +84,10 @@ struct Inner {
     /// handed over what it held: shipments from others wait (see
     /// [`Handoff`]).
     handoffs: Mutex<HashMap<QueueKey, Handoff>>,
+    /// Woken whenever a handoff wait ends.
+    handoff_ended: tokio::sync::Notify,
+    /// `HandoffRequest`s of queues held for their handback, by request id.
+    handbacks: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
     /// Shipments waiting for another broker's handoff (see [`settle`]).
     settling: Mutex<settle::Waits>,
     /// Devices that logged in here whose previous broker has not yet moved
@@ -160,6 +164,8 @@ impl Mesh {
                 directory: Directory::new(setup.cache_entries, setup.cache_ttl).with_clock_offset(clock_offset_drill()),
                 hosted: Mutex::new(HashMap::new()),
                 handoffs: Mutex::new(HashMap::new()),
+                handoff_ended: tokio::sync::Notify::new(),
+                handbacks: Mutex::new(HashMap::new()),
                 settling: Mutex::new(HashMap::new()),
                 sender_flushes: Mutex::new(HashMap::new()),
                 ship: ship_tx.clone(),
@@ -333,12 +339,16 @@ impl Mesh {
                 let returned = ShipMsg::Returned { node, queue: queue.clone() };
                 let _ = self.inner.ship.send(returned).await;
                 if done.request_id != 0 {
+                    if let Some(waiter) = lock(&self.inner.handbacks).remove(&done.request_id) {
+                        let _ = waiter.send(());
+                    }
                     self.on_handoff_answer(&queue, &from.peer.name, done.request_id).await;
                     return;
                 }
                 let mut handoffs = lock(&self.inner.handoffs);
                 if handoffs.get(&queue).is_some_and(|h| h.from.as_deref() == Some(from.peer.name.as_str())) {
                     handoffs.remove(&queue);
+                    self.inner.handoff_ended.notify_waiters();
                     metrics::counter!("tern_mesh_handoffs_total").increment(1);
                 }
             }
@@ -362,7 +372,10 @@ impl Mesh {
                 let (mesh, link) = (self.clone(), from.clone());
                 self.inner.tasks.spawn(async move {
                     let answer = match req.kind {
-                        Some(kind) => mesh.serve(kind, &link.peer.name).await,
+                        Some(kind) => tokio::select! {
+                            () = mesh.inner.cancel.cancelled() => return,
+                            answer = mesh.serve(kind, &link.peer.name) => answer,
+                        },
                         None => reply::Kind::Failure(failure(ErrorCode::UnknownFrame, "empty request")),
                     };
                     link.reply(req.id, answer);

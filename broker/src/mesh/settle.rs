@@ -148,7 +148,7 @@ impl Mesh {
     }
 }
 
-fn next_request_id() -> u64 {
+pub(super) fn next_request_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }

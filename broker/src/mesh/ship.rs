@@ -121,6 +121,13 @@ pub(crate) enum ShipMsg {
     },
     LinkUp(String),
     LinkDown(String),
+    /// The queue's device logged in here: stop shipping the queue now, so a
+    /// late acknowledgement of what was in flight deletes nothing (the
+    /// queue may be rebased behind its handoff; see `hold_for_handback`).
+    Attached {
+        queue: QueueKey,
+        done: oneshot::Sender<()>,
+    },
     /// A device that sent entries of this queue (up to `up_to`) logged in
     /// at `holder`: get them stored at the queue's destination, or at
     /// `holder` if that is unknown or unreachable, then say `done` (see
@@ -582,6 +589,10 @@ impl ShipActor {
                     self.mesh.forget_location(&q);
                     self.track(q);
                 }
+            }
+            ShipMsg::Attached { queue, done } => {
+                self.queues.remove(&queue);
+                let _ = done.send(());
             }
             ShipMsg::Flush { queue, up_to, holder, done } => {
                 if self.router.is_attached(&queue) {

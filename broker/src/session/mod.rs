@@ -78,6 +78,10 @@ pub(crate) struct Session {
     source: Option<IpAddr>,
     device: Option<LoggedIn>,
     inbox: Option<tokio::sync::mpsc::Receiver<crate::router::Pushed>>,
+    /// Set while the device's queue waits for its previous broker to hand
+    /// back what it held (`Mesh::hold_for_handback`): nothing is pushed
+    /// until it resolves to the queue's head.
+    held: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
     pending: FuturesUnordered<SendDone>,
     deadline: tokio::time::Instant,
 }
@@ -100,6 +104,7 @@ impl Session {
             source,
             device: None,
             inbox: None,
+            held: None,
             pending: FuturesUnordered::new(),
             deadline,
         }
@@ -156,7 +161,11 @@ impl Session {
                 Some((request_id, id, started, result)) = self.pending.next(), if !self.pending.is_empty() => {
                     self.send_done(request_id, id, started, result);
                 }
-                Some((seq, value)) = handed(&mut self.inbox) => {
+                head = handed_back(&mut self.held), if self.held.is_some() => {
+                    self.held = None;
+                    self.handed_back(head);
+                }
+                Some((seq, value)) = handed(&mut self.inbox), if self.held.is_none() => {
                     if let Some(d) = &mut self.device {
                         d.delivery.on_handed(seq, &value, &mut self.out);
                     }
@@ -187,8 +196,27 @@ impl Session {
         }
     }
 
+    /// The queue is in order: push from its head (it moved if entries were
+    /// put behind what came back), reading the store for what the router
+    /// handed over meanwhile.
+    fn handed_back(&mut self, head: Option<u64>) {
+        let Some(d) = &mut self.device else { return };
+        if let Some(inbox) = &mut self.inbox {
+            while inbox.try_recv().is_ok() {}
+        }
+        if let Some(head) = head {
+            let window = self.ctx.config.limits.max_inflight;
+            let queue = d.delivery.queue.clone();
+            d.delivery = Delivery::new(queue, head, window, d.attachment.previously_pushed);
+        }
+        d.delivery.mark_lagged();
+    }
+
     /// Takes whatever else is ready without waiting, so one write carries it.
     fn drain_ready(&mut self) {
+        if self.held.is_some() {
+            return;
+        }
         if let (Some(d), Some(inbox)) = (&mut self.device, &mut self.inbox) {
             while let Ok((seq, value)) = inbox.try_recv() {
                 d.delivery.on_handed(seq, &value, &mut self.out);
@@ -197,6 +225,9 @@ impl Session {
     }
 
     fn fill(&mut self) -> Result<(), StoreError> {
+        if self.held.is_some() {
+            return Ok(());
+        }
         let max_bytes = self.ctx.config.limits.max_frame_len;
         match &mut self.device {
             Some(d) => d.delivery.fill(&self.ctx.store, &mut self.out, max_bytes),
@@ -400,6 +431,7 @@ impl Session {
         let (epoch, sends_ready) = match mesh {
             Some(mesh) => {
                 let (epoch, previous) = mesh.device_online(&queue).await;
+                self.held = Some(mesh.hold_for_handback(&queue, epoch, previous.clone()));
                 (Some(epoch), previous.map(|p| mesh.flush_sender(&queue, p)))
             }
             None => (None, None),
@@ -599,6 +631,14 @@ fn reserve(buf: &mut BytesMut, max_frame: usize) -> &mut BytesMut {
 async fn replaced(device: &Option<LoggedIn>) {
     match device {
         Some(d) => d.attachment.replaced.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The queue's head once it is in order (see `Session::held`).
+async fn handed_back(held: &mut Option<tokio::sync::oneshot::Receiver<Option<u64>>>) -> Option<u64> {
+    match held {
+        Some(rx) => rx.await.ok().flatten(),
         None => std::future::pending().await,
     }
 }

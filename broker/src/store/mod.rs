@@ -480,6 +480,25 @@ impl Store {
         Ok(out)
     }
 
+    /// Holds back sends into `queue` (they are applied, in order, once the
+    /// fence is lifted) and returns its tail: used while older entries come
+    /// back from another broker. Every fence must be lifted with
+    /// [`Store::unfence`].
+    pub async fn fence(&self, queue: QueueKey) -> Result<u64, StoreError> {
+        self.call(|reply| WriteCmd::Fence { queue, reply }).await
+    }
+
+    /// Lifts a fence of [`Store::fence`].
+    pub async fn unfence(&self, queue: QueueKey) -> Result<(), StoreError> {
+        self.call(|reply| WriteCmd::Unfence { queue, reply }).await.map(drop)
+    }
+
+    /// Moves the entries of `queue` up to `up_to` behind the rest, in their
+    /// order (new seqs; the head becomes `up_to`). Returns the new bounds.
+    pub async fn rebase(&self, queue: QueueKey, up_to: u64) -> Result<QueueBounds, StoreError> {
+        self.call(|reply| WriteCmd::Rebase { queue, up_to, reply }).await
+    }
+
     /// The queues holding messages sent by device `device` of `handle`, each
     /// with the highest seq of one. Taken after the writer has applied every
     /// request queued before this call (a send of that device accepted here

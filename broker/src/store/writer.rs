@@ -56,6 +56,7 @@ use super::{
 use tern_protocol::shipping::{admit, Admit};
 
 mod batch;
+mod fence;
 
 use batch::Batch;
 
@@ -127,6 +128,22 @@ pub(super) enum WriteCmd {
     Waiting {
         reply: Reply<Vec<(QueueKey, QueueBounds)>>,
     },
+    /// Holds back sends into `queue` until the matching `Unfence`; answers
+    /// the queue's tail (see [`fence`]).
+    Fence {
+        queue: QueueKey,
+        reply: Reply<u64>,
+    },
+    Unfence {
+        queue: QueueKey,
+        reply: Reply<u64>,
+    },
+    /// Moves the entries of `queue` up to `up_to` behind the others.
+    Rebase {
+        queue: QueueKey,
+        up_to: u64,
+        reply: Reply<QueueBounds>,
+    },
     Stop,
 }
 
@@ -191,9 +208,11 @@ const SYNC_SOON: std::time::Duration = std::time::Duration::from_millis(10);
 impl WriteCmd {
     fn sync_need(&self) -> SyncNeed {
         match self {
-            Self::Register { .. } | Self::AddDevice { .. } | Self::Enqueue { .. } | Self::PutAccount { .. } => {
-                SyncNeed::Now
-            }
+            Self::Register { .. }
+            | Self::AddDevice { .. }
+            | Self::Enqueue { .. }
+            | Self::PutAccount { .. }
+            | Self::Rebase { .. } => SyncNeed::Now,
             Self::ApplyShip { .. } => SyncNeed::Soon,
             Self::Ack { .. }
             | Self::Bounds { .. }
@@ -202,6 +221,8 @@ impl WriteCmd {
             | Self::Settle { .. }
             | Self::ForgetHanded { .. }
             | Self::Waiting { .. }
+            | Self::Fence { .. }
+            | Self::Unfence { .. }
             | Self::Stop => SyncNeed::None,
         }
     }
@@ -318,6 +339,8 @@ pub(super) struct WriterActor {
     config: StoreConfig,
     bounds: HashMap<QueueKey, QueueBounds>,
     total_depth: u64,
+    /// Queues whose sends are held back, and the sends held.
+    fences: fence::Fences,
     /// Tests: fail the entry write this many entry writes from now.
     #[cfg(test)]
     fail_push_in: std::cell::Cell<Option<usize>>,
@@ -366,6 +389,7 @@ impl WriterActor {
             config,
             bounds: HashMap::new(),
             total_depth: 0,
+            fences: fence::Fences::default(),
             #[cfg(test)]
             fail_push_in: std::cell::Cell::new(None),
         };
@@ -470,6 +494,7 @@ impl WriterActor {
 
     /// Applies one request to the batch. Returns true on `Stop`.
     fn apply(&mut self, cmd: WriteCmd, batch: &mut Batch) -> bool {
+        let Some(cmd) = self.hold_if_fenced(batch, cmd) else { return false };
         batch.requests += 1;
         batch.sync = batch.sync.max(cmd.sync_need());
         // A request that fails part-way takes back what it staged.
@@ -529,6 +554,19 @@ impl WriterActor {
                 let result = self.put_newer_account(batch, account);
                 batch.finish(mark, &result);
                 batch.replies.push(Pending::Account(reply, result));
+            }
+            WriteCmd::Fence { queue, reply } => {
+                let result = self.fence(batch, queue);
+                batch.replies.push(Pending::Seq(reply, result));
+            }
+            WriteCmd::Unfence { queue, reply } => {
+                self.unfence(batch, &queue);
+                batch.replies.push(Pending::Seq(reply, Ok(0)));
+            }
+            WriteCmd::Rebase { queue, up_to, reply } => {
+                let result = self.rebase(batch, &queue, up_to);
+                batch.finish(mark, &result);
+                batch.replies.push(Pending::Bounds(reply, result));
             }
             WriteCmd::Waiting { reply } => {
                 // This batch's bounds stand over the committed ones.
@@ -684,15 +722,7 @@ impl WriterActor {
         if self.disk_low.load(Ordering::Relaxed) {
             return Err(StoreError::Full("free disk space is below the configured minimum".into()));
         }
-        let recipient = self.account(batch, to)?.ok_or_else(|| StoreError::UnknownUser(to.to_owned()))?;
-        let mut targets: Vec<QueueKey> = recipient.devices.iter().map(|d| QueueKey::new(to, d.id)).collect();
-        if sender.handle() != to {
-            if let Some(own) = self.account(batch, sender.handle())? {
-                targets.extend(own.devices.iter().map(|d| QueueKey::new(sender.handle(), d.id)));
-            }
-        }
-        let mut seen = HashSet::new();
-        targets.retain(|q| q != sender && seen.insert(q.clone()));
+        let targets = self.targets(batch, sender, to)?;
         // Check every queue before writing any: all or nothing.
         for q in &targets {
             if self.bounds_of(batch, q)?.depth() >= self.config.max_queue_len {
@@ -718,6 +748,21 @@ impl WriterActor {
         batch.put(CF_DEDUP, dedup_key.clone(), dedup_value(now, recipients));
         batch.set_dedup(dedup_key, (now, recipients));
         Ok(Enqueued { duplicate: false, accepted_at_ms: now, recipients })
+    }
+
+    /// The queues a send from `sender` to `to` goes into: each device of
+    /// `to`, and the sender's other devices.
+    fn targets(&self, batch: &Batch, sender: &QueueKey, to: &str) -> Result<Vec<QueueKey>, StoreError> {
+        let recipient = self.account(batch, to)?.ok_or_else(|| StoreError::UnknownUser(to.to_owned()))?;
+        let mut targets: Vec<QueueKey> = recipient.devices.iter().map(|d| QueueKey::new(to, d.id)).collect();
+        if sender.handle() != to {
+            if let Some(own) = self.account(batch, sender.handle())? {
+                targets.extend(own.devices.iter().map(|d| QueueKey::new(sender.handle(), d.id)));
+            }
+        }
+        let mut seen = HashSet::new();
+        targets.retain(|q| q != sender && seen.insert(q.clone()));
+        Ok(targets)
     }
 
     fn ack(&mut self, batch: &mut Batch, queue: &QueueKey, up_to: u64) -> Result<QueueBounds, StoreError> {
@@ -1018,5 +1063,96 @@ mod tests {
         assert_eq!(acked.unwrap(), QueueBounds { head: 2, tail: 2 });
         assert_eq!(actor.range(&alice, 1, 10).unwrap().len(), 1, "alice's receipt");
         assert_eq!(actor.range(&QueueKey::new("carol", 1), 1, 10).unwrap().len(), 1, "carol's receipt");
+    }
+
+    /// The message numbers (first id byte) of `queue`'s entries in seq order.
+    fn ids(actor: &WriterActor, queue: &QueueKey) -> Vec<u8> {
+        let b = actor.bounds[queue];
+        actor
+            .range(queue, b.head + 1, b.tail)
+            .unwrap()
+            .iter()
+            .map(|(_, v)| match StoredItem::decode(v).unwrap().item {
+                pb::deliver::Item::Message(m) => m.message_id[0],
+                pb::deliver::Item::Receipt(_) => 0,
+            })
+            .collect()
+    }
+
+    /// Issue 11, order across a move: a device comes back to a broker that
+    /// holds entries queued for it while it was elsewhere (2, 3), newer than
+    /// what its previous broker hands back (1). Sends while the queue is
+    /// fenced wait, in order; the entries from before the fence go behind
+    /// what came back; the held sends follow.
+    #[test]
+    fn a_fenced_queue_holds_sends_in_order_and_rebases_what_it_had_behind_what_came_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut actor = actor(dir.path());
+        for (i, handle) in ["alice", "carol", "bob"].into_iter().enumerate() {
+            let registered =
+                run(&mut actor, |reply| WriteCmd::Register { handle: handle.into(), public_key: [i as u8; 32], reply });
+            assert!(registered.is_ok());
+        }
+        let bob = QueueKey::new("bob", 1);
+        send(&mut actor, "alice", "bob", 2);
+        send(&mut actor, "alice", "bob", 3);
+        let before = run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap();
+        assert_eq!(before, 2);
+
+        // Sends into the fenced queue wait, unanswered; one to carol does not.
+        let mut held = Vec::new();
+        for id in [4, 5] {
+            let (reply, rx) = oneshot::channel();
+            let sender = QueueKey::new("alice", 1);
+            let body = Bytes::from_static(b"hi");
+            let mut batch = Batch::default();
+            actor.apply(WriteCmd::Enqueue { sender, message_id: [id; 16], to: "bob".into(), body, reply }, &mut batch);
+            actor.commit(batch);
+            held.push(rx);
+        }
+        send(&mut actor, "alice", "carol", 9);
+        assert!(held.iter_mut().all(|rx| rx.try_recv().is_err()), "held sends are not answered");
+        assert_eq!(ids(&actor, &bob), vec![2, 3]);
+
+        // The previous broker hands back the oldest entry (as a shipment).
+        let header = ShipHeader { base: 0, handed_up_to: 0 };
+        let entry = (1, Bytes::from(ids_entry(1)));
+        let shipped = run(&mut actor, |reply| WriteCmd::ApplyShip {
+            origin: [7; 16],
+            queue: bob.clone(),
+            header,
+            entries: vec![entry],
+            reply,
+        });
+        assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
+        assert_eq!(ids(&actor, &bob), vec![2, 3, 1]);
+
+        let rebased = run(&mut actor, |reply| WriteCmd::Rebase { queue: bob.clone(), up_to: before, reply }).unwrap();
+        assert_eq!(rebased, QueueBounds { head: 2, tail: 5 });
+        assert_eq!(ids(&actor, &bob), vec![1, 2, 3], "what was here goes behind what came back");
+        assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
+        for mut rx in held {
+            assert!(matches!(rx.try_recv(), Ok(Ok(_))), "a held send is answered once the fence is lifted");
+        }
+        assert_eq!(ids(&actor, &bob), vec![1, 2, 3, 4, 5]);
+        let b = actor.bounds[&bob];
+        let seqs: Vec<u64> = actor.range(&bob, b.head + 1, b.tail).unwrap().iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![3, 4, 5, 6, 7], "contiguous seqs after the head");
+    }
+
+    /// A stored message entry numbered `id` (first byte of its message id).
+    fn ids_entry(id: u8) -> Vec<u8> {
+        let item = StoredItem {
+            enqueued_at_ms: now_ms(),
+            item: pb::deliver::Item::Message(pb::Message {
+                message_id: Bytes::copy_from_slice(&[id; 16]),
+                from: "alice".into(),
+                from_device: 1,
+                to: "bob".into(),
+                sent_at_ms: 0,
+                body: Bytes::from_static(b"hi"),
+            }),
+        };
+        item.encode().to_vec()
     }
 }

@@ -72,6 +72,10 @@ pub(crate) struct Options {
     /// Tern: each user's client lists every target (its own first) and
     /// moves to the next when its broker fails; otherwise only its own.
     pub(crate) failover: bool,
+    /// Tern: after a connection loss, go on to the next broker of the list
+    /// instead of the one the user was at (`ClientConfig::reconnect_to_last`
+    /// off).
+    pub(crate) move_on_reconnect: bool,
 }
 
 /// A broker the workload runs against.

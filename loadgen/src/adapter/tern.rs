@@ -245,6 +245,7 @@ fn base_config(brokers: &[String], ca: PathBuf, opts: &Options) -> Result<Client
     base.connect_timeout = opts.connect_timeout;
     base.request_timeout = opts.request_timeout;
     base.idle_timeout = opts.idle_timeout;
+    base.reconnect_to_last = !opts.move_on_reconnect;
     base.incoming_buffer = 4096;
     base.validate().map_err(|e| LoadError::Args(e.to_string()))?;
     Ok(base)

@@ -148,6 +148,7 @@ async fn load(
         endpoints: 2,
         threads: a.threads,
         failover: true,
+        move_on_reconnect: a.moves,
         idle_timeout: a.idle_timeout,
         connect_timeout: a.connect_timeout,
     };
@@ -210,6 +211,7 @@ async fn load(
         seed,
         brokers: cluster.len(),
         faults: a.faults.clone(),
+        moves: a.moves,
         chaos_s: ns_s(chaos_end_ns - start_ns),
         drain_s: ns_s(drained_ns - chaos_end_ns),
         kills: tally.kills.load(Relaxed),
