@@ -169,7 +169,8 @@ pub(crate) async fn register(
     check_nonce(challenge, &req.nonce)?;
     check_handle(&req.handle)?;
     if let Some(token) = required_token {
-        if req.registration_token != token {
+        // Constant time: the comparison must not tell how much of a guess was right.
+        if !crate::admin::token_matches(&req.registration_token, token) {
             return Err((ErrorCode::RegistrationDenied, "this broker needs a valid registration token".into()).into());
         }
     }
