@@ -12,7 +12,7 @@
 //! `hold`), ahead of the sends X takes next. Either way the new sends are
 //! queued behind the old ones wherever they meet.
 //!
-//! The wait is bounded: X gives up after [`SENDER_WAIT`] (or [`DOWN_WAIT`]
+//! The wait is bounded: X gives up after [`SENDER_WAIT`] (or [`DOWN_WAIT`](super::settle::DOWN_WAIT)
 //! while P is not a live member) and P answers by [`FLUSH_WAIT`] with what
 //! it managed. A broker that stays dead that long is the one case in which
 //! a device's later sends may overtake its earlier ones (docs/mesh.md).
@@ -29,8 +29,6 @@ use crate::store::QueueKey;
 const FLUSH_WAIT: Duration = Duration::from_secs(8);
 /// Longest a device's sends wait at its new broker for its previous one.
 const SENDER_WAIT: Duration = Duration::from_secs(10);
-/// How long a previous broker that is not a live member is waited for.
-const DOWN_WAIT: Duration = Duration::from_secs(3);
 /// Pause between attempts to reach the previous broker.
 const RETRY: Duration = Duration::from_millis(250);
 
@@ -78,7 +76,7 @@ impl Mesh {
     }
 
     /// Asks `previous` until it answers: `Some(complete)`, or `None` once it
-    /// has not been a live member for [`DOWN_WAIT`].
+    /// has not been a live member for [`DOWN_WAIT`](super::settle::DOWN_WAIT).
     async fn ask_flush(&self, sender: &QueueKey, previous: &str) -> Option<bool> {
         let mut down_since = None;
         loop {
@@ -93,13 +91,8 @@ impl Mesh {
                     Err(e) => tracing::debug!(%previous, error = %e, "sender flush not answered; asking again"),
                 }
             }
-            if self.members().contains_key(previous) {
-                down_since = None;
-            } else {
-                let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= DOWN_WAIT {
-                    return None;
-                }
+            if self.gone_too_long(previous, &mut down_since) {
+                return None;
             }
             tokio::time::sleep(RETRY).await;
         }

@@ -119,7 +119,7 @@ impl Mesh {
             // restarted and forgotten the device).
             let holder = store.handed(&queue).ok().flatten().map(|(node, _)| node);
             let wait = async {
-                let (from, _) = mesh.handoff_over(&queue, epoch).await;
+                let from = mesh.handoff_over(&queue, epoch).await;
                 let mut ask: Vec<String> =
                     from.into_iter().chain(previous).chain(holder).filter(|n| n != mesh.node()).collect();
                 ask.sort_unstable();
@@ -155,20 +155,19 @@ impl Mesh {
 
     /// Resolves once the handoff awaited for the login of `epoch` is over:
     /// done, not needed, given up after [`HANDOFF_WAIT`], or its broker gone.
-    /// Returns the previous broker, if one was named, and whether the wait
-    /// was given up.
-    async fn handoff_over(&self, queue: &QueueKey, epoch: u64) -> (Option<String>, bool) {
+    /// Returns the previous broker, if one was named.
+    async fn handoff_over(&self, queue: &QueueKey, epoch: u64) -> Option<String> {
         let mut from = None;
         loop {
             let ended = self.inner.handoff_ended.notified();
             {
                 let mut handoffs = lock(&self.inner.handoffs);
-                let Some(h) = handoffs.get(queue).filter(|h| h.epoch == epoch) else { return (from, false) };
+                let Some(h) = handoffs.get(queue).filter(|h| h.epoch == epoch) else { return from };
                 from = h.from.clone();
                 let gone = h.from.as_ref().is_some_and(|f| !self.members().contains_key(f));
                 if gone || tokio::time::Instant::now() >= h.until {
                     handoffs.remove(queue);
-                    return (from, true);
+                    return from;
                 }
             }
             tokio::select! {
@@ -196,9 +195,7 @@ impl Mesh {
             if answered {
                 return;
             }
-            if self.members().contains_key(node) {
-                down_since = None;
-            } else if down_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= Duration::from_secs(3) {
+            if self.gone_too_long(node, &mut down_since) {
                 return;
             }
         }

@@ -148,6 +148,18 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// True once `node` has not been a live member for [`DOWN_WAIT`];
+    /// `since` keeps when it was first seen missing (reset while it is one).
+    pub(super) fn gone_too_long(&self, node: &str, since: &mut Option<Instant>) -> bool {
+        if self.members().contains_key(node) {
+            *since = None;
+            return false;
+        }
+        since.get_or_insert_with(Instant::now).elapsed() >= DOWN_WAIT
+    }
+}
+
 pub(super) fn next_request_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
