@@ -8,18 +8,11 @@ cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 cargo fmt --all -- --check
 cargo build --workspace --bins
-# Lints. `cargo clippy` (like `cargo check`) runs build scripts separately
-# from `cargo build`, so it would compile RocksDB's C++ sources a second time:
-# point it at the library the build above made instead. (By hand, run clippy
-# or check with the same ROCKSDB_LIB_DIR and ROCKSDB_STATIC=1, or the next one
-# without them compiles RocksDB for check mode.)
-rocksdb_out=$(cargo build --workspace --bins --message-format=json 2>/dev/null |
-  grep -o '"out_dir":"[^"]*librocksdb-sys-[^"]*"' | head -n 1 | sed 's/^"out_dir":"//; s/"$//')
-if [ -n "$rocksdb_out" ] && [ -f "$rocksdb_out/librocksdb.a" ]; then
-  ROCKSDB_LIB_DIR="$rocksdb_out" ROCKSDB_STATIC=1 cargo clippy --workspace --all-targets -- -D warnings
-else
-  cargo clippy --workspace --all-targets -- -D warnings
-fi
+# Lints. With the dependencies built without debug info (Cargo.toml),
+# `cargo clippy` shares the build above's run of RocksDB's build script, so
+# it compiles no C++. (Setting ROCKSDB_LIB_DIR for it, as this script once
+# did, would make the next build compile RocksDB again.)
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace "$@"
 # A short fuzz run of the protocol decoders and the shipping rule
 # (docs/fuzzing.md, no RocksDB): 30 s per target after a 1-minute build;

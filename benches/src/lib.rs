@@ -42,6 +42,7 @@ pub fn store_config(path: &Path, durability: Durability, account_cache_entries: 
         durability,
         retention: Duration::from_secs(30 * 24 * 3600),
         max_queue_len: u64::MAX,
+        max_entry_len: tern_broker::store::max_entry_len(tern_broker::config::LimitsConfig::default().max_frame_len),
         max_batch: 1024,
         max_devices: 16,
         account_cache_entries,

@@ -59,6 +59,9 @@ pub struct ClusterConfig {
     pub location_cache_entries: u64,
     /// Seconds a cached location is trusted before it is looked up again.
     pub location_cache_ttl_secs: u64,
+    /// Device locations this broker holds as a directory owner (its shard);
+    /// beyond it the least used are dropped (see docs/mesh.md).
+    pub directory_entries: u64,
     /// On shutdown, seconds to keep shipping held messages to the brokers
     /// the clients reconnect to before leaving the mesh.
     pub drain_secs: u64,
@@ -72,6 +75,7 @@ impl Default for ClusterConfig {
             advertise: None,
             location_cache_entries: 100_000,
             location_cache_ttl_secs: 60,
+            directory_entries: 1_000_000,
             drain_secs: 5,
         }
     }
@@ -344,6 +348,7 @@ impl BrokerConfig {
         }
         within(c.location_cache_entries, 1, 100_000_000, "cluster.location_cache_entries")?;
         within(c.location_cache_ttl_secs, 1, DAY_SECS, "cluster.location_cache_ttl_secs")?;
+        within(c.directory_entries, 1, 100_000_000, "cluster.directory_entries")?;
         within(c.drain_secs, 0, 3600, "cluster.drain_secs")?;
         if let Some(token) = &self.registration.token {
             check(!token.is_empty(), "registration.token", || "must not be empty when set".into())?;

@@ -116,6 +116,7 @@ impl Broker {
                 durability: config.store.durability,
                 retention: config.retention(),
                 max_queue_len: config.store.max_queue_len,
+                max_entry_len: store::max_entry_len(config.limits.max_frame_len),
                 max_batch: config.store.max_batch,
                 max_devices: config.store.max_devices,
                 account_cache_entries: config.store.account_cache_entries,
@@ -161,6 +162,7 @@ impl Broker {
                     router: router.clone(),
                     cache_entries: config.cluster.location_cache_entries,
                     cache_ttl: Duration::from_secs(config.cluster.location_cache_ttl_secs),
+                    directory_entries: config.cluster.directory_entries,
                 })?)
             }
             None => None,
@@ -296,13 +298,26 @@ async fn sweeper(ctx: Context) {
             _ = every.tick() => {}
         }
         let cutoff = store::now_ms().saturating_sub(ctx.config.retention().as_millis() as u64);
-        match ctx.store.expire(cutoff).await {
-            Ok(e) if e.entries > 0 => {
-                metrics::counter!("tern_expired_total").increment(e.entries);
-                tracing::info!(entries = e.entries, queues = e.queues, "expired undelivered messages");
+        // Each request expires a bounded number; other writes go between.
+        let (mut entries, mut queues) = (0, 0);
+        loop {
+            match ctx.store.expire(cutoff).await {
+                Ok(e) => {
+                    metrics::counter!("tern_expired_total").increment(e.entries);
+                    entries += e.entries;
+                    queues += e.queues;
+                    if !e.more || ctx.cancel.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "expiry sweep failed");
+                    break;
+                }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+        if entries > 0 {
+            tracing::info!(entries, queues, "expired undelivered messages");
         }
     }
 }

@@ -105,6 +105,10 @@ struct Args {
     /// Seconds a cached device location is trusted (mesh).
     #[arg(long, env = "TERN_LOCATION_CACHE_TTL_SECS")]
     location_cache_ttl_secs: Option<u64>,
+    /// Device locations held as directory owner; the least used beyond it
+    /// are dropped (mesh).
+    #[arg(long, env = "TERN_DIRECTORY_ENTRIES")]
+    directory_entries: Option<u64>,
     /// On shutdown, seconds to keep shipping held messages to the brokers the
     /// clients moved to before leaving the mesh.
     #[arg(long, env = "TERN_DRAIN_SECS")]
@@ -260,7 +264,8 @@ impl Args {
              min_free_disk_mb => store.min_free_disk_mb, max_devices => store.max_devices,
              account_cache_entries => store.account_cache_entries,
              location_cache_entries => cluster.location_cache_entries,
-             location_cache_ttl_secs => cluster.location_cache_ttl_secs, drain_secs => cluster.drain_secs);
+             location_cache_ttl_secs => cluster.location_cache_ttl_secs, drain_secs => cluster.drain_secs,
+             directory_entries => cluster.directory_entries);
         let l = self.limits;
         macro_rules! set_limits {
             ($($field:ident),* $(,)?) => {
@@ -516,6 +521,7 @@ mod tests {
             "--location-cache-entries=18",
             "--location-cache-ttl-secs=19",
             "--drain-secs=20",
+            "--directory-entries=23",
         ])
         .unwrap();
         let (s, l, cl) = (&c.store, &c.limits, &c.cluster);
@@ -524,6 +530,7 @@ mod tests {
         assert_eq!((l.max_connections, l.max_inflight, l.max_pending_sends), (12, 13, 14));
         assert_eq!((l.handshake_timeout_secs, l.idle_timeout_secs, l.max_login_attempts), (15, 16, 17));
         assert_eq!((cl.location_cache_entries, cl.location_cache_ttl_secs, cl.drain_secs), (18, 19, 20));
+        assert_eq!(cl.directory_entries, 23);
         assert_eq!((l.max_frame_len_before_login, l.handshakes_before_retry, l.account_miss_cache_secs), (2048, 0, 21));
         let (r, rate) = (&c.rate, tern_broker::config::Rate::new);
         assert_eq!((r.enabled, r.max_keys), (false, 22));

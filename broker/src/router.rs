@@ -50,6 +50,9 @@ struct Slot {
     tx: mpsc::Sender<Pushed>,
     lag: Arc<Lag>,
     replaced: CancellationToken,
+    /// The device key the session logged in with.
+    key: [u8; 32],
+    lost: CancellationToken,
 }
 
 /// Set when an entry could not be handed over; the session then reads the store.
@@ -65,6 +68,9 @@ pub struct Attachment {
     pub(crate) lag: Arc<Lag>,
     /// Cancelled when the same device logs in on another connection.
     pub(crate) replaced: CancellationToken,
+    /// Cancelled when the device's account lost a merge (see
+    /// [`Router::revoke`]).
+    pub(crate) lost: CancellationToken,
     /// Highest seq pushed to this device before this session.
     pub(crate) previously_pushed: u64,
     router: Router,
@@ -103,17 +109,36 @@ impl Router {
     /// Registers a session for `queue`, replacing (and cancelling) an older
     /// one. Entries stored from now on arrive on the returned receiver.
     pub fn attach(&self, queue: QueueKey, capacity: usize) -> (Attachment, mpsc::Receiver<Pushed>) {
+        self.attach_as(queue, [0; 32], capacity)
+    }
+
+    /// Like [`Router::attach`], for a session that logged in with device
+    /// key `key`.
+    pub fn attach_as(&self, queue: QueueKey, key: [u8; 32], capacity: usize) -> (Attachment, mpsc::Receiver<Pushed>) {
         let (tx, rx) = mpsc::channel(capacity);
         let lag = Arc::new(Lag::default());
         let replaced = CancellationToken::new();
+        let lost = CancellationToken::new();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot { id, tx, lag: lag.clone(), replaced: replaced.clone() };
+        let slot = Slot { id, tx, lag: lag.clone(), replaced: replaced.clone(), key, lost: lost.clone() };
         let old = self.inner.sessions.lock().ok().and_then(|mut s| s.insert(queue.clone(), slot));
         if let Some(old) = old {
             old.replaced.cancel();
         }
         let previously_pushed = self.inner.pushed.lock().ok().and_then(|p| p.get(&queue).copied()).unwrap_or(0);
-        (Attachment { lag, replaced, previously_pushed, router: self.clone(), queue, id }, rx)
+        (Attachment { lag, replaced, lost, previously_pushed, router: self.clone(), queue, id }, rx)
+    }
+
+    /// Ends the session of `queue`'s device here if it logged in with
+    /// `key`: that key lost its account to another (see `Account::merge`).
+    pub(crate) fn revoke(&self, queue: &QueueKey, key: &[u8; 32]) {
+        if let Ok(mut sessions) = self.inner.sessions.lock() {
+            if sessions.get(queue).is_some_and(|s| s.key == *key) {
+                if let Some(slot) = sessions.remove(queue) {
+                    slot.lost.cancel();
+                }
+            }
+        }
     }
 
     /// Sends entries for devices not connected here to the mesh's ship actor.

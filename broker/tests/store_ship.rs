@@ -26,6 +26,7 @@ fn open_capped(dir: &std::path::Path, listener: Arc<dyn QueueListener>, max_queu
         durability: Durability::Synced,
         retention: Duration::from_secs(3600),
         max_queue_len,
+        max_entry_len: tern_broker::store::max_entry_len(tern_protocol::DEFAULT_MAX_FRAME_LEN),
         max_batch: 64,
         max_devices: 4,
         account_cache_entries: 100,

@@ -309,7 +309,8 @@ impl Actor {
                     ErrorCode::PermissionDenied
                     | ErrorCode::Unauthenticated
                     | ErrorCode::BadSignature
-                    | ErrorCode::UnknownDevice => Step::Stop,
+                    | ErrorCode::UnknownDevice
+                    | ErrorCode::HandleLost => Step::Stop,
                     _ => Step::Disconnected(format!("{code:?}: {}", e.message)),
                 }
             }
@@ -503,6 +504,10 @@ fn incoming_item(d: pb::Deliver) -> Option<(ItemKey, Incoming)> {
                 handle: r.handle,
                 device: r.device,
                 delivered_at_ms: r.delivered_at_ms,
+                failed: match r.error {
+                    0 => None,
+                    code => Some(ErrorCode::try_from(code).unwrap_or(ErrorCode::Internal)),
+                },
             };
             Some((key, item))
         }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::RngCore;
 use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
-use tern_protocol::{validate_handle, MessageId};
+use tern_protocol::{validate_handle, ErrorCode, MessageId};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::actor::{Actor, Cmd};
@@ -49,7 +49,8 @@ pub enum Incoming {
         /// The opaque body.
         body: Bytes,
     },
-    /// A device acknowledged a message this device sent.
+    /// A device acknowledged a message this device sent, or (with
+    /// `failed`) the message will never reach that device.
     Receipt {
         /// Sequence number in this device's queue at the broker that
         /// delivered it, as for a message.
@@ -62,6 +63,10 @@ pub enum Incoming {
         device: u32,
         /// When, ms since the Unix epoch.
         delivered_at_ms: u64,
+        /// `None`: delivered. `Some(PayloadTooLarge)`: the device's broker
+        /// cannot deliver a message this large (its limits are smaller than
+        /// those of the broker that accepted it); nothing was delivered.
+        failed: Option<ErrorCode>,
     },
 }
 

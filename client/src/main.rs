@@ -317,14 +317,17 @@ async fn recv(
                 }
                 got += 1;
             }
-            Incoming::Receipt { message_id, handle, device, delivered_at_ms, seq } => {
+            Incoming::Receipt { message_id, handle, device, delivered_at_ms, seq, failed } => {
                 if receipts {
                     if json {
                         let line = serde_json::json!({
                             "receipt": message_id.to_string(), "handle": handle, "device": device,
                             "seq": seq, "delivered_at_ms": delivered_at_ms,
+                            "error": failed.map(|code| code.as_str_name()),
                         });
                         writeln!(stdout, "{line}")?;
+                    } else if let Some(code) = failed {
+                        writeln!(stdout, "not delivered {message_id} to {handle}/{device}: {}", code.as_str_name())?;
                     } else {
                         writeln!(stdout, "delivered {message_id} to {handle}/{device}")?;
                     }

@@ -83,6 +83,7 @@ fn open_store(generation: u64) -> Store {
         durability: Durability::Written,
         retention: Duration::from_secs(86_400),
         max_queue_len: 64,
+        max_entry_len: tern_broker::store::max_entry_len(tern_protocol::DEFAULT_MAX_FRAME_LEN),
         max_batch: 64,
         max_devices: 4,
         account_cache_entries: 1024,

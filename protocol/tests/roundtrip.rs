@@ -89,11 +89,17 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
             seq,
             item: Some(deliver::Item::Message(m))
         })),
-        (any::<u64>(), bytes_up_to(20), text(), any::<u32>(), any::<u64>()).prop_map(
-            |(seq, message_id, handle, device, delivered_at_ms)| {
+        (any::<u64>(), bytes_up_to(20), text(), any::<u32>(), any::<u64>(), 0i32..60).prop_map(
+            |(seq, message_id, handle, device, delivered_at_ms, error)| {
                 server_frame::Kind::Deliver(pb::Deliver {
                     seq,
-                    item: Some(deliver::Item::Receipt(pb::Receipt { message_id, handle, device, delivered_at_ms })),
+                    item: Some(deliver::Item::Receipt(pb::Receipt {
+                        message_id,
+                        handle,
+                        device,
+                        delivered_at_ms,
+                        error,
+                    })),
                 })
             }
         ),

@@ -9,14 +9,26 @@
 //! the other members whether one of them holds it already (it may have been
 //! down when the handle was registered). A broker that misses a record (it
 //! was down, or joined later) fetches it from the others on first use.
+//!
+//! A partition splits the members, and each side has a primary for every
+//! handle: a handle can be claimed on both sides, or get a device numbered
+//! the same on both. Every broker logs the account records it changes, and
+//! when a link to a peer comes up it sends the peer every record changed
+//! since the peer last acknowledged one ([`Mesh::sync_accounts_with`]).
+//! Copies that meet are merged ([`Account::merge`]), to the same record at
+//! every broker: the earlier claim keeps the handle, and the losing devices
+//! are told `HANDLE_LOST` at their next login (their sessions are ended now).
 
 use std::sync::Arc;
 
 use tern_protocol::peer::{self as pp, reply, request};
 use tern_protocol::ErrorCode;
 
-use super::{failure, Mesh, REQUEST_TIMEOUT};
-use crate::store::{Account, StoreError};
+use super::{failure, lock, Mesh, REQUEST_TIMEOUT};
+use crate::store::{Account, QueueKey, StoreError};
+
+/// Account changes sent to a peer per round of [`Mesh::sync_accounts_with`].
+const SYNC_CHUNK: usize = 64;
 
 fn account_key(handle: &str) -> Vec<u8> {
     let mut key = b"account\0".to_vec();
@@ -144,29 +156,78 @@ impl Mesh {
         }
     }
 
-    /// Asks every live member for `handle`; returns the newest record.
+    /// Asks every live member for `handle`; returns their records merged.
     async fn fetch_account(&self, handle: &str) -> Result<Option<Arc<Account>>, StoreError> {
         let links: Vec<_> = self.members().keys().filter_map(|m| self.link(m)).collect();
         let gets = links.iter().map(|link| {
             let get = pp::AccountGet { handle: handle.to_owned() };
             link.request(request::Kind::AccountGet(get), REQUEST_TIMEOUT)
         });
-        let mut newest: Option<Account> = None;
+        let mut merged: Option<Account> = None;
         for result in futures::future::join_all(gets).await {
             if let Ok(reply::Kind::Account(a)) = result {
                 if a.account.is_empty() {
                     continue;
                 }
                 if let Ok(account) = Account::from_json(&a.account) {
-                    if account.handle == handle
-                        && newest.as_ref().is_none_or(|n| account.next_device_id > n.next_device_id)
-                    {
-                        newest = Some(account);
+                    if account.handle == handle {
+                        merged = Some(match merged {
+                            Some(m) => m.merge(&account),
+                            None => account,
+                        });
                     }
                 }
             }
         }
-        Ok(newest.map(Arc::new))
+        Ok(merged.map(Arc::new))
+    }
+
+    /// A link to `node` came up: sends it, in the background, every account
+    /// record changed here since it last acknowledged a change (after a
+    /// restart here: the whole change log). Stops at the first failure; the
+    /// next link-up goes on from there.
+    pub(super) fn sync_accounts_with(&self, node: &str) {
+        let (mesh, node) = (self.clone(), node.to_owned());
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                () = mesh.inner.cancel.cancelled() => {}
+                () = mesh.sync_accounts(&node) => {}
+            }
+        });
+    }
+
+    async fn sync_accounts(&self, node: &str) {
+        let mut after = lock(&self.inner.account_sync).get(node).copied().unwrap_or(0);
+        loop {
+            let changes = match self.inner.store.account_changes(after, SYNC_CHUNK) {
+                Ok(changes) => changes,
+                Err(e) => {
+                    tracing::warn!(peer = %node, error = %e, "cannot read the account change log");
+                    return;
+                }
+            };
+            let Some(&(last, _)) = changes.last() else { return };
+            let Some(link) = self.link(node) else { return };
+            let mut handles: Vec<String> = changes.into_iter().map(|(_, handle)| handle).collect();
+            handles.sort_unstable();
+            handles.dedup();
+            let records: Vec<Arc<Account>> =
+                handles.iter().filter_map(|h| self.inner.store.account(h).ok().flatten()).collect();
+            let puts = records.iter().map(|account| {
+                let put = pp::AccountPut { account: account.to_json().into() };
+                link.request(request::Kind::AccountPut(put), REQUEST_TIMEOUT)
+            });
+            let failed = futures::future::join_all(puts).await.into_iter().filter(Result::is_err).count();
+            if failed > 0 {
+                tracing::debug!(peer = %node, failed, "account records not sent; sent again at the next link-up");
+                return;
+            }
+            metrics::counter!("tern_mesh_accounts_synced_total").increment(records.len() as u64);
+            after = last;
+            let mut acked = lock(&self.inner.account_sync);
+            let known = acked.entry(node.to_owned()).or_default();
+            *known = (*known).max(last);
+        }
     }
 
     pub(super) fn serve_account_get(&self, handle: &str) -> reply::Kind {
@@ -199,8 +260,16 @@ impl Mesh {
             Ok(a) if tern_protocol::validate_handle(&a.handle).is_ok() => a,
             _ => return reply::Kind::Failure(failure(ErrorCode::InvalidArgument, "not an account record")),
         };
+        let before = self.inner.store.account(&account.handle).ok().flatten();
         match self.inner.store.put_account(account).await {
-            Ok(_) => reply::Kind::Account(pp::AccountReply::default()),
+            Ok(now) => {
+                // Devices that just lost a merge: end their sessions here,
+                // so they learn it at their next login.
+                for lost in now.lost.iter().filter(|l| before.as_ref().is_none_or(|b| !b.lost.contains(l))) {
+                    self.inner.router.revoke(&QueueKey::new(&now.handle, lost.id), &lost.public_key);
+                }
+                reply::Kind::Account(pp::AccountReply::default())
+            }
             Err(e) => reply::Kind::Failure(failure(store_code(&e), e.to_string())),
         }
     }

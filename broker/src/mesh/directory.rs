@@ -15,13 +15,19 @@
 //! first asks the directory where the device was, so its epoch is above that
 //! login's even when this broker's clock is behind.
 //!
+//! The owner's table is bounded too (`cluster.directory_entries`): past it,
+//! moka drops the least used entries. A dropped entry costs no message: a
+//! lookup that misses makes the sender's broker hold the message, and the
+//! device's next login, or the periodic re-registration of every connected
+//! device by its broker (every [`REFRESH_EVERY`](super::location)), brings
+//! it back.
+//!
 //! Lookups are cached per broker in moka (bounded, with a TTL). When the
 //! owner accepts a newer location it tells every member (`Moved`), which
 //! updates their caches: a stale cache entry lives at most until then, and a
 //! message sent on one is never lost (the broker it reaches stores it and
 //! ships it on).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -39,8 +45,9 @@ pub(crate) struct Location {
 #[derive(Debug)]
 pub(crate) struct Directory {
     /// Entries this broker holds as shard owner (and, for its own devices,
-    /// as their host).
-    table: Mutex<HashMap<QueueKey, Location>>,
+    /// as their host); the lock makes [`Directory::record`]'s look and
+    /// write one step.
+    table: Mutex<moka::sync::Cache<QueueKey, Location>>,
     /// Cached lookups; `None`: the directory knows no location.
     cache: moka::sync::Cache<QueueKey, Option<Location>>,
     last_epoch: AtomicU64,
@@ -49,9 +56,9 @@ pub(crate) struct Directory {
 }
 
 impl Directory {
-    pub(crate) fn new(cache_entries: u64, ttl: Duration) -> Self {
+    pub(crate) fn new(cache_entries: u64, ttl: Duration, table_entries: u64) -> Self {
         Self {
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(moka::sync::Cache::builder().max_capacity(table_entries).build()),
             cache: moka::sync::Cache::builder().max_capacity(cache_entries).time_to_live(ttl).build(),
             last_epoch: AtomicU64::new(0),
             clock_offset_us: 0,
@@ -91,11 +98,11 @@ impl Directory {
     /// or newer epoch is known), new, or on the same broker.
     pub(crate) fn record(&self, queue: &QueueKey, location: Location) -> Recorded {
         self.observe(location.epoch);
-        let mut table = self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let table = self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match table.get(queue) {
             Some(known) if known.epoch >= location.epoch => Recorded::Stale,
             known => {
-                let moved_from = known.filter(|k| k.node != location.node).map(|k| k.node.clone());
+                let moved_from = known.as_ref().filter(|k| k.node != location.node).map(|k| k.node.clone());
                 let known = known.is_some();
                 table.insert(queue.clone(), location);
                 Recorded::Fresh { moved_from, known }
@@ -105,12 +112,12 @@ impl Directory {
 
     /// The owner's entry.
     pub(crate) fn owned(&self, queue: &QueueKey) -> Option<Location> {
-        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(queue).cloned()
+        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(queue)
     }
 
-    /// Entries held as owner.
+    /// Entries held as owner (moka's count, which trails the last writes).
     pub(crate) fn owned_len(&self) -> usize {
-        self.table.lock().map(|t| t.len()).unwrap_or(0)
+        self.table.lock().map(|t| t.entry_count() as usize).unwrap_or(0)
     }
 
     pub(crate) fn cached(&self, queue: &QueueKey) -> Option<Option<Location>> {
@@ -181,6 +188,8 @@ fn score(node: &str, key: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -204,9 +213,22 @@ mod tests {
         }
     }
 
+    /// Issue 11, 2.8: the owner's table kept every device it ever heard of.
+    #[test]
+    fn the_owners_table_stays_within_its_bound() {
+        let d = Directory::new(10, Duration::from_secs(60), 100);
+        for i in 0..2_000u32 {
+            let q = QueueKey::new(&format!("u{i}"), 1);
+            let _ = d.record(&q, Location { node: "a".into(), epoch: u64::from(i) + 1 });
+        }
+        let table = d.table.lock().unwrap();
+        table.run_pending_tasks();
+        assert!(table.entry_count() <= 100, "{} entries held", table.entry_count());
+    }
+
     #[test]
     fn newer_epochs_win_and_moves_are_reported() {
-        let d = Directory::new(10, Duration::from_secs(60));
+        let d = Directory::new(10, Duration::from_secs(60), 100);
         let q = QueueKey::new("bob", 1);
         let at = |node: &str, epoch| Location { node: node.into(), epoch };
         assert_eq!(d.record(&q, at("a", 5)), Recorded::Fresh { moved_from: None, known: false });
@@ -225,8 +247,8 @@ mod tests {
     #[test]
     fn a_clock_behind_still_gives_epochs_above_those_it_has_seen() {
         let hour_us = 3_600_000_000;
-        let behind = Directory::new(10, Duration::from_secs(60)).with_clock_offset(-3_600_000);
-        let ahead = Directory::new(10, Duration::from_secs(60)).with_clock_offset(3_600_000);
+        let behind = Directory::new(10, Duration::from_secs(60), 100).with_clock_offset(-3_600_000);
+        let ahead = Directory::new(10, Duration::from_secs(60), 100).with_clock_offset(3_600_000);
         let theirs = ahead.next_epoch();
         let before = behind.next_epoch();
         assert!(before + hour_us / 2 < theirs, "the drill skews the clock");

@@ -23,6 +23,10 @@ const LOGIN_LOOKUP: Duration = Duration::from_millis(500);
 /// Pause before a lookup whose link went down is tried again.
 const LOOKUP_RETRY: Duration = Duration::from_millis(250);
 
+/// How often a broker sends every connected device's location again, so an
+/// entry its owner dropped (its table is bounded) comes back.
+pub(super) const REFRESH_EVERY: Duration = Duration::from_secs(600);
+
 /// A device that logged in here, waiting for its previous broker's handoff.
 /// Until it is done (or `HANDOFF_WAIT` passes, or that broker is gone),
 /// entries shipped by other brokers are deferred, so the older entries the
@@ -376,16 +380,24 @@ impl Mesh {
     }
 
     /// Sends every hosted device's location to its owner whenever the member
-    /// list changes (owners change with it; a restarted owner lost its table).
+    /// list changes (owners change with it; a restarted owner lost its
+    /// table), and every [`REFRESH_EVERY`] (an owner may have dropped it).
     pub(super) async fn reregister_on_change(self) {
         let mut members = self.inner.members.clone();
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH_EVERY, REFRESH_EVERY);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = self.inner.cancel.cancelled() => return,
-                changed = members.changed() => if changed.is_err() { return },
+                changed = members.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Let links to new members come up first.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                _ = refresh.tick() => {}
             }
-            // Let links to new members come up first.
-            tokio::time::sleep(Duration::from_millis(300)).await;
             let hosted: Vec<(QueueKey, u64)> = lock(&self.inner.hosted).iter().map(|(q, e)| (q.clone(), *e)).collect();
             for (queue, epoch) in hosted {
                 self.send_location(&queue, epoch);

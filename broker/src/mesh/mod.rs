@@ -93,6 +93,10 @@ struct Inner {
     /// Devices that logged in here whose previous broker has not yet moved
     /// on what they sent through it (see [`flush`]): their sends wait.
     sender_flushes: Mutex<HashMap<QueueKey, tokio::sync::watch::Receiver<bool>>>,
+    /// Per peer: the last account change it acknowledged (see
+    /// [`accounts`]); unknown after a restart here, when it gets the whole
+    /// change log again.
+    account_sync: Mutex<HashMap<String, u64>>,
     ship: mpsc::Sender<ShipMsg>,
     /// Peers whose links are refused until the given time (fault drills).
     severed: Mutex<HashMap<String, tokio::time::Instant>>,
@@ -128,6 +132,7 @@ pub(crate) struct MeshSetup<'a> {
     pub(crate) router: Router,
     pub(crate) cache_entries: u64,
     pub(crate) cache_ttl: Duration,
+    pub(crate) directory_entries: u64,
 }
 
 /// How long a peer has to answer a request.
@@ -161,13 +166,15 @@ impl Mesh {
                 tasks: setup.tasks.clone(),
                 store: setup.store.clone(),
                 router: setup.router.clone(),
-                directory: Directory::new(setup.cache_entries, setup.cache_ttl).with_clock_offset(clock_offset_drill()),
+                directory: Directory::new(setup.cache_entries, setup.cache_ttl, setup.directory_entries)
+                    .with_clock_offset(clock_offset_drill()),
                 hosted: Mutex::new(HashMap::new()),
                 handoffs: Mutex::new(HashMap::new()),
                 handoff_ended: tokio::sync::Notify::new(),
                 handbacks: Mutex::new(HashMap::new()),
                 settling: Mutex::new(HashMap::new()),
                 sender_flushes: Mutex::new(HashMap::new()),
+                account_sync: Mutex::new(HashMap::new()),
                 ship: ship_tx.clone(),
                 severed: Mutex::new(HashMap::new()),
                 outbox: ship::OutboxGauge::default(),
@@ -264,6 +271,7 @@ impl Mesh {
         tracing::info!(peer = ?peer, "peer link up");
         let _ = self.inner.ship.try_send(ShipMsg::LinkUp(peer.name.clone()));
         self.reregister_with(&peer.name);
+        self.sync_accounts_with(&peer.name);
         self.membership(MembershipMsg::Announce(peer));
         true
     }
@@ -455,6 +463,8 @@ impl Mesh {
         let mut every = tokio::time::interval(Duration::from_millis(500));
         let mut members = self.inner.members.clone();
         let mut missing_since: HashMap<String, tokio::time::Instant> = HashMap::new();
+        // When each linked non-member was last announced to.
+        let mut announced: HashMap<String, tokio::time::Instant> = HashMap::new();
         let mut seed_backoff = Duration::from_millis(250);
         let mut next_seed_dial = tokio::time::Instant::now();
         loop {
@@ -474,6 +484,26 @@ impl Mesh {
                 let since = *missing_since.entry(name.clone()).or_insert(now);
                 if self.node() < name.as_str() || now - since > Duration::from_secs(2) {
                     self.connect(id.addr);
+                }
+            }
+            // A link up to a broker that is not a live member: the two
+            // declared each other down (a partition, or a pause longer
+            // than the failure detector's timeout) and the link came back.
+            // foca only gossips with live members, so nothing would ever
+            // tell either side the other is back: introduce ourselves
+            // again, every few seconds, until it is a member. (foca then
+            // has the side declared down renew its identity and rejoin.)
+            let unmet: Vec<NodeId> = lock(&self.inner.links)
+                .values()
+                .filter(|l| !live.contains_key(&l.peer.name))
+                .map(|l| l.peer.clone())
+                .collect();
+            announced.retain(|name, _| unmet.iter().any(|p| &p.name == name));
+            for peer in unmet {
+                let due = announced.get(&peer.name).is_none_or(|at| now - *at >= REANNOUNCE_EVERY);
+                if due {
+                    announced.insert(peer.name.clone(), now);
+                    self.membership(MembershipMsg::Announce(peer));
                 }
             }
             if live.is_empty() && now >= next_seed_dial && !self.inner.seeds.is_empty() {
@@ -515,6 +545,10 @@ fn queue_key(handle: &str, device: u32) -> Result<QueueKey, tern_protocol::Handl
     tern_protocol::validate_handle(handle)?;
     Ok(QueueKey::new(handle, device))
 }
+
+/// How often a broker introduces itself again over a link to a broker that
+/// is not a live member (see `keep_links`).
+const REANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 
 /// How long a sender waits after the store here failed to take its entries.
 const STORE_RETRY: Duration = Duration::from_secs(1);

@@ -878,6 +878,7 @@ mod tests {
             durability: Durability::Written,
             retention: Duration::from_secs(3600),
             max_queue_len: 1000,
+            max_entry_len: crate::store::max_entry_len(tern_protocol::DEFAULT_MAX_FRAME_LEN),
             max_batch: 64,
             max_devices: 4,
             account_cache_entries: 10,

@@ -196,11 +196,29 @@ pub(crate) async fn login(
     let unknown = || (ErrorCode::UnknownDevice, format!("no device {} of {:?}", req.device_id, req.handle));
     let account =
         accounts.account_with(&req.handle, req.device_id).await.map_err(|e| store_refusal(&e))?.ok_or_else(unknown)?;
-    let device = account.device(req.device_id).ok_or_else(unknown)?;
     let c = challenge.ok_or((ErrorCode::InvalidChallenge, String::new()))?;
     let transcript = auth::transcript(Purpose::Login, &c.exporter, &c.nonce, &req.handle, req.device_id, &[0; 32]);
-    verify(&device.public_key, &transcript, &req.signature)?;
-    Ok((account.handle.clone(), device.id))
+    // A device whose account lost a merge (see `Account::merge`) proves
+    // itself with its own key, and is told, not sent a bad signature.
+    let lost = || {
+        account.lost_devices(req.device_id).any(|d| verify(&d.public_key, &transcript, &req.signature).is_ok()).then(
+            || {
+                let text = format!(
+                    "device {} of {:?} lost its account to another claim made while the mesh was partitioned; \
+                     register again",
+                    req.device_id, req.handle
+                );
+                Refusal::from((ErrorCode::HandleLost, text))
+            },
+        )
+    };
+    match account.device(req.device_id) {
+        Some(device) => match verify(&device.public_key, &transcript, &req.signature) {
+            Ok(()) => Ok((account.handle.clone(), device.id)),
+            Err(bad) => Err(lost().unwrap_or_else(|| bad.into())),
+        },
+        None => Err(lost().unwrap_or_else(|| unknown().into())),
+    }
 }
 
 /// `LinkDevice`: add a device approved by an existing one.

@@ -168,6 +168,7 @@ mod tests {
                 handle: "bob".into(),
                 device: 2,
                 delivered_at_ms: 7,
+                error: 0,
             }),
         ];
         for (i, item) in items.into_iter().enumerate() {

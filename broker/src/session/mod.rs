@@ -155,6 +155,10 @@ impl Session {
                 () = replaced(&self.device) => {
                     return End::Fatal(ErrorCode::PermissionDenied, "this device logged in on another connection".into());
                 }
+                () = lost(&self.device) => {
+                    let text = "this device's account lost to another claim made while the mesh was partitioned; register again";
+                    return End::Fatal(ErrorCode::HandleLost, text.into());
+                }
                 () = tokio::time::sleep_until(self.deadline), if !logged_in => {
                     return End::Fatal(ErrorCode::Unauthenticated, "no login within the handshake timeout".into());
                 }
@@ -419,7 +423,11 @@ impl Session {
         let queue = QueueKey::new(&handle, device);
         // Attach before reading the bounds: an entry stored in between is
         // both handed over and read, and pushed once.
-        let (attachment, inbox) = self.ctx.router.attach(queue.clone(), self.ctx.config.limits.max_inflight);
+        let key = match self.ctx.store.account(&handle) {
+            Ok(account) => account.and_then(|a| a.device(device).map(|d| d.public_key)).unwrap_or_default(),
+            Err(e) => return Err(End::Fatal(auth::store_refusal(&e).0, e.to_string())),
+        };
+        let (attachment, inbox) = self.ctx.router.attach_as(queue.clone(), key, self.ctx.config.limits.max_inflight);
         let bounds = match self.ctx.store.bounds(queue.clone()).await {
             Ok(b) => b,
             Err(e) => return Err(End::Fatal(auth::store_refusal(&e).0, e.to_string())),
@@ -631,6 +639,13 @@ fn reserve(buf: &mut BytesMut, max_frame: usize) -> &mut BytesMut {
 async fn replaced(device: &Option<LoggedIn>) {
     match device {
         Some(d) => d.attachment.replaced.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn lost(device: &Option<LoggedIn>) {
+    match device {
+        Some(d) => d.attachment.lost.cancelled().await,
         None => std::future::pending().await,
     }
 }

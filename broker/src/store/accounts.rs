@@ -3,6 +3,13 @@
 //! Only public keys are stored. Records are JSON in the `accounts` column
 //! family, written by the store's writer (so a handle is claimed once) and
 //! read through a bounded moka cache that the writer updates on every change.
+//!
+//! In a mesh split by a partition, each side can claim the same handle, or
+//! add a device with the same number to it. When the copies meet again they
+//! are merged with [`Account::merge`], the same way at every broker and in
+//! any order: the earlier claim keeps the handle, a device number keeps its
+//! first key, and the devices that lost are kept in `lost` so that their next
+//! login is told so (`HANDLE_LOST`) instead of failing as a bad signature.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,22 +36,119 @@ pub struct Account {
     pub devices: Vec<Device>,
     /// The number the next device gets.
     pub next_device_id: u32,
+    /// Names this claim of the handle (random, made at registration); two
+    /// claims made on both sides of a partition differ in it. Records
+    /// written before it existed read as zero: [`Account::claim`] derives
+    /// one from what they hold.
+    #[serde(default, with = "hex_claim", skip_serializing_if = "is_zero")]
+    pub claim: [u8; 16],
+    /// Devices that lost a merge (their claim of the handle, or their
+    /// number, went to another), at most [`LOST_MAX`], by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<Device>,
+}
+
+/// Most lost devices an account remembers (the newest are kept).
+pub(crate) const LOST_MAX: usize = 32;
+
+fn is_zero(claim: &[u8; 16]) -> bool {
+    *claim == [0; 16]
 }
 
 impl Account {
-    /// A new account with its first device (device 1).
+    /// A new account with its first device (device 1), under a fresh claim.
     pub fn new(handle: &str, public_key: [u8; 32], now_ms: u64) -> Self {
         Self {
             handle: handle.to_owned(),
             created_at_ms: now_ms,
             devices: vec![Device { id: 1, public_key, added_at_ms: now_ms }],
             next_device_id: 2,
+            claim: rand::random(),
+            lost: Vec::new(),
         }
     }
 
     /// The device with number `id`.
     pub fn device(&self, id: u32) -> Option<&Device> {
         self.devices.iter().find(|d| d.id == id)
+    }
+
+    /// Devices numbered `id` that lost a merge.
+    pub fn lost_devices(&self, id: u32) -> impl Iterator<Item = &Device> {
+        self.lost.iter().filter(move |d| d.id == id)
+    }
+
+    /// This record's claim id; for a record without one, derived from its
+    /// handle, first device and registration time (the same at every broker).
+    pub fn claim(&self) -> [u8; 16] {
+        if !is_zero(&self.claim) {
+            return self.claim;
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(self.handle.as_bytes());
+        ctx.update(&self.created_at_ms.to_be_bytes());
+        if let Some(first) = self.devices.iter().min_by_key(|d| d.id) {
+            ctx.update(&first.public_key);
+        }
+        let mut claim = [0u8; 16];
+        claim.copy_from_slice(&ctx.finish().as_ref()[..16]);
+        claim
+    }
+
+    /// The record both copies of an account become when they meet: the
+    /// same whichever broker merges and in whichever order (commutative,
+    /// associative, and `a.merge(&a) == a`).
+    ///
+    /// - Different claims (the handle was registered on both sides of a
+    ///   partition): the earlier registration keeps the handle (ties go to
+    ///   the lower claim id); all of the other's devices are lost.
+    /// - The same claim: devices are joined by number. A number given to
+    ///   two keys (a device added on each side) keeps the key added first
+    ///   (ties: the lower key); the other is lost.
+    pub fn merge(&self, other: &Self) -> Self {
+        let (winner, loser) = if (self.created_at_ms, self.claim()) <= (other.created_at_ms, other.claim()) {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        let mut devices: Vec<Device> = winner.devices.clone();
+        let mut lost: Vec<Device> = winner.lost.iter().chain(&loser.lost).cloned().collect();
+        let same_claim = winner.claim() == loser.claim();
+        let mut next_device_id = winner.next_device_id;
+        if same_claim {
+            next_device_id = next_device_id.max(loser.next_device_id);
+            for d in &loser.devices {
+                match devices.iter_mut().find(|k| k.id == d.id) {
+                    None => devices.push(d.clone()),
+                    Some(k) if k.public_key == d.public_key => {}
+                    Some(k) => {
+                        if (d.added_at_ms, d.public_key) < (k.added_at_ms, k.public_key) {
+                            lost.push(std::mem::replace(k, d.clone()));
+                        } else {
+                            lost.push(d.clone());
+                        }
+                    }
+                }
+            }
+        } else {
+            lost.extend(loser.devices.iter().cloned());
+        }
+        devices.sort_by_key(|d| d.id);
+        // A device that is current is not also lost; each lost one once.
+        lost.retain(|l| !devices.iter().any(|d| d.id == l.id && d.public_key == l.public_key));
+        lost.sort_by_key(|d| (d.added_at_ms, d.id, d.public_key));
+        lost.dedup_by(|a, b| a.id == b.id && a.public_key == b.public_key);
+        if lost.len() > LOST_MAX {
+            lost.drain(..lost.len() - LOST_MAX);
+        }
+        Self {
+            handle: winner.handle.clone(),
+            created_at_ms: winner.created_at_ms,
+            devices,
+            next_device_id,
+            claim: winner.claim(),
+            lost,
+        }
     }
 
     pub(crate) fn to_json(&self) -> Vec<u8> {
@@ -54,6 +158,20 @@ impl Account {
 
     pub(crate) fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+mod hex_claim {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(claim: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(claim))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(text).map_err(D::Error::custom)?;
+        bytes.try_into().map_err(|_| D::Error::custom("a claim id is 16 bytes"))
     }
 }
 
@@ -81,5 +199,56 @@ mod tests {
         assert_eq!(Account::from_json(&a.to_json()).unwrap(), a);
         assert_eq!(a.device(1).map(|d| d.public_key), Some([7; 32]));
         assert!(a.device(2).is_none());
+        let old = br#"{"handle":"bob","created_at_ms":5,"devices":[],"next_device_id":2}"#;
+        let b = Account::from_json(old).unwrap();
+        assert_eq!((b.claim, b.lost.len()), ([0; 16], 0), "a record from before claims reads");
+        assert_eq!(b.claim(), Account::from_json(old).unwrap().claim(), "and gets the same derived claim");
+        assert_ne!(b.claim(), [0; 16]);
+    }
+
+    fn with_device(mut a: Account, key: u8, at: u64) -> Account {
+        let id = a.next_device_id;
+        a.next_device_id += 1;
+        a.devices.push(Device { id, public_key: [key; 32], added_at_ms: at });
+        a
+    }
+
+    fn keys(devices: &[Device]) -> Vec<(u32, u8)> {
+        devices.iter().map(|d| (d.id, d.public_key[0])).collect()
+    }
+
+    /// Issue 11, 2.7: copies of a handle claimed on both sides of a
+    /// partition were settled by `next_device_id`, so the claimant with
+    /// more devices silently took over the other's handle and keys. Now the
+    /// earlier claim wins wherever the copies meet, and the loser's devices
+    /// are remembered as lost.
+    #[test]
+    fn two_claims_of_a_handle_merge_to_the_earlier_one_in_any_order() {
+        let first = Account::new("dave", [1; 32], 100);
+        let second = with_device(with_device(Account::new("dave", [2; 32], 200), 3, 210), 4, 220);
+        let merged = first.merge(&second);
+        assert_eq!(merged, second.merge(&first), "the same in either order");
+        assert_eq!(merged.claim(), first.claim(), "the earlier claim keeps the handle");
+        assert_eq!(keys(&merged.devices), vec![(1, 1)]);
+        assert_eq!(keys(&merged.lost), vec![(1, 2), (2, 3), (3, 4)], "the other claim's devices are lost");
+        assert_eq!(merged.merge(&merged), merged, "merging again changes nothing");
+        assert_eq!(merged.merge(&second), merged);
+        assert_eq!(merged.merge(&first), merged);
+    }
+
+    /// The same claim with a device added on each side of a partition
+    /// under the same number: the first added keeps the number.
+    #[test]
+    fn a_device_number_given_twice_keeps_the_key_added_first() {
+        let base = Account::new("erin", [1; 32], 100);
+        let left = with_device(base.clone(), 5, 300);
+        let right = with_device(with_device(base.clone(), 6, 200), 7, 400);
+        let merged = left.merge(&right);
+        assert_eq!(merged, right.merge(&left));
+        assert_eq!(keys(&merged.devices), vec![(1, 1), (2, 6), (3, 7)]);
+        assert_eq!(keys(&merged.lost), vec![(2, 5)]);
+        assert_eq!(merged.next_device_id, 4);
+        let third = with_device(base, 8, 250);
+        assert_eq!(merged.merge(&third), third.merge(&left).merge(&right), "associative");
     }
 }

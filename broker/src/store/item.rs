@@ -104,6 +104,7 @@ mod tests {
                 handle: "bob".into(),
                 device: 1,
                 delivered_at_ms: 9,
+                error: tern_protocol::ErrorCode::PayloadTooLarge as i32,
             }),
         ];
         for item in items {

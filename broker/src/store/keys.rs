@@ -16,6 +16,7 @@
 //! | `mesh` | `incarnation` | the gossip incarnation of the last start (u64 BE): the next start takes one above it |
 //! | `mesh` | `closed` | empty; present only while the store is closed cleanly |
 //! | `mesh` | `shipped` + origin id + queue key | highest origin seq accounted for (stored, or settled by a handoff) from that origin's queue (u64 BE) |
+//! | `mesh` | `acctlog` + change number (u64 BE) | the handle whose account record changed (the newest 100,000 changes; sent to each peer whose link comes up) |
 //! | `mesh` | `handed` + queue key | the seq (u64 BE) up to which another broker last stored this queue's entries shipped from here, then that broker's node name |
 
 use std::fmt;
@@ -43,6 +44,17 @@ pub(crate) fn shipped_key(origin: &[u8; 16], queue: &QueueKey) -> Vec<u8> {
     k.extend_from_slice(b"shipped");
     k.extend_from_slice(origin);
     k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// Prefix of the account change log in `mesh`.
+pub(crate) const ACCOUNT_LOG_PREFIX: &[u8] = b"acctlog";
+
+/// Key of account change `n` in `mesh`.
+pub(crate) fn account_log_key(n: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(ACCOUNT_LOG_PREFIX.len() + 8);
+    k.extend_from_slice(ACCOUNT_LOG_PREFIX);
+    k.extend_from_slice(&n.to_be_bytes());
     k
 }
 

@@ -44,8 +44,13 @@ pub struct StoreConfig {
     /// resends) are kept.
     pub retention: Duration,
     /// Most entries one device queue may hold; a send beyond it fails with
-    /// `QUEUE_FULL`.
+    /// `QUEUE_FULL`, a shipped batch beyond it is refused (and shipped
+    /// again later), a receipt beyond it is dropped.
     pub max_queue_len: u64,
+    /// Largest stored entry this broker can push to a device: what fits in
+    /// `limits.max_frame_len` (see [`max_entry_len`]). A shipped message
+    /// above it is answered with an undeliverable receipt instead.
+    pub max_entry_len: usize,
     /// Most requests folded into one write batch.
     pub max_batch: usize,
     /// Most devices one user may have.
@@ -115,6 +120,13 @@ pub trait QueueListener: Send + Sync + 'static {
     fn queued(&self, queue: &QueueKey, seq: u64, value: &Bytes);
 }
 
+/// The largest stored entry whose `Deliver` frame fits in `max_frame_len`:
+/// the frame adds at most 23 bytes (field keys, the seq and two lengths as
+/// varints) to the stored bytes, which hold the item and its enqueue time.
+pub fn max_entry_len(max_frame_len: usize) -> usize {
+    max_frame_len.saturating_sub(32)
+}
+
 /// Result of a successful enqueue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enqueued {
@@ -181,6 +193,8 @@ pub struct Expired {
     pub entries: u64,
     /// Queues they came from.
     pub queues: u64,
+    /// The request stopped at its limit: more may be expired now.
+    pub more: bool,
 }
 
 /// Cheap, cloneable handle to the store.
@@ -310,11 +324,30 @@ impl Store {
         Ok(value.and_then(|v| keys::decode_handed(&v)))
     }
 
-    /// Stores an account record from another broker, unless the one held
-    /// here is as new or newer (it has as many devices). Returns the record
-    /// now held.
+    /// Merges an account record from another broker into the one held here
+    /// ([`Account::merge`]: the same result at every broker, in any order).
+    /// Returns the record now held.
     pub async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
         self.call(|reply| WriteCmd::PutAccount { account, reply }).await
+    }
+
+    /// Account changes logged after change `after`, oldest first, at most
+    /// `max`: each change's number and handle (a handle may come twice).
+    pub fn account_changes(&self, after: u64, max: usize) -> Result<Vec<(u64, String)>, StoreError> {
+        let db = &self.inner.db;
+        let prefix = keys::ACCOUNT_LOG_PREFIX;
+        let start = keys::account_log_key(after.saturating_add(1));
+        let iter = db.iterator_cf(cf(db, CF_MESH)?, IteratorMode::From(&start, Direction::Forward));
+        let mut out = Vec::new();
+        for entry in iter {
+            let (key, value) = entry?;
+            let Some(n) = key.strip_prefix(prefix).and_then(|n| <[u8; 8]>::try_from(n).ok()) else { break };
+            out.push((u64::from_be_bytes(n), String::from_utf8_lossy(&value).into_owned()));
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Every queue holding entries, with its bounds.
@@ -668,6 +701,7 @@ mod tests {
             durability: crate::config::Durability::Synced,
             retention: Duration::from_secs(3600),
             max_queue_len: 10,
+            max_entry_len: max_entry_len(tern_protocol::DEFAULT_MAX_FRAME_LEN),
             max_batch: 8,
             max_devices: 2,
             account_cache_entries: 10,

@@ -43,11 +43,12 @@ use crate::config::Durability;
 
 use bytes::Bytes;
 use rocksdb::{IteratorMode, ReadOptions, DB};
-use tern_protocol::pb;
+use tern_protocol::{pb, ErrorCode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::{
-    decode_handed, encode_handed, handed_key, shipped_key, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES,
+    account_log_key, decode_handed, encode_handed, handed_key, shipped_key, ACCOUNT_LOG_PREFIX, CF_ACCOUNTS, CF_DEDUP,
+    CF_MESH, CF_META, CF_QUEUES,
 };
 use super::{
     cf, now_ms, Account, Device, Enqueued, Expired, QueueBounds, QueueKey, QueueListener, ShipHeader, ShipOutcome,
@@ -338,13 +339,41 @@ pub(super) struct WriterActor {
     disk_low: Arc<AtomicBool>,
     config: StoreConfig,
     bounds: HashMap<QueueKey, QueueBounds>,
+    /// The queues of `bounds` holding entries: what `Waiting` and `Expire`
+    /// look at, rather than every queue ever made.
+    nonempty: HashSet<QueueKey>,
     total_depth: u64,
     /// Queues whose sends are held back, and the sends held.
     fences: fence::Fences,
+    /// Number of the last account change logged (see [`ACCOUNT_LOG_MAX`]).
+    account_log: std::cell::Cell<u64>,
     /// Tests: fail the entry write this many entry writes from now.
     #[cfg(test)]
     fail_push_in: std::cell::Cell<Option<usize>>,
 }
+
+/// Account changes the change log keeps: each new one past this drops the
+/// oldest. A peer away for longer than this many changes gets only the
+/// newest when its link comes back.
+const ACCOUNT_LOG_MAX: u64 = 100_000;
+
+/// The number of the last account change logged in `db` (0: none).
+fn last_account_change(db: &DB) -> Result<u64, StoreError> {
+    let end = account_log_key(u64::MAX);
+    let mut iter = db.iterator_cf(cf(db, CF_MESH)?, IteratorMode::From(&end, rocksdb::Direction::Reverse));
+    match iter.next().transpose()? {
+        Some((key, _)) if key.starts_with(ACCOUNT_LOG_PREFIX) && key.len() == ACCOUNT_LOG_PREFIX.len() + 8 => {
+            Ok(decode_u64(&key[ACCOUNT_LOG_PREFIX.len()..]))
+        }
+        _ => Ok(0),
+    }
+}
+
+/// Most entries one `Expire` request deletes.
+const EXPIRE_MAX: u64 = 10_000;
+
+/// Runs of at least this many entries are deleted with one range delete.
+const RANGE_DELETE_MIN: u64 = 64;
 
 /// The accepted-at time in a dedup value.
 pub(super) fn dedup_accepted_at(value: &[u8]) -> Option<u64> {
@@ -388,12 +417,15 @@ impl WriterActor {
             disk_low,
             config,
             bounds: HashMap::new(),
+            nonempty: HashSet::new(),
             total_depth: 0,
             fences: fence::Fences::default(),
+            account_log: std::cell::Cell::new(0),
             #[cfg(test)]
             fail_push_in: std::cell::Cell::new(None),
         };
         actor.load_bounds()?;
+        actor.account_log.set(last_account_change(&actor.db)?);
         Ok(actor)
     }
 
@@ -410,6 +442,9 @@ impl WriterActor {
         for (queue, head) in loaded {
             let tail = self.last_seq(&queue)?.unwrap_or(head).max(head);
             self.total_depth += tail - head;
+            if tail > head {
+                self.nonempty.insert(queue.clone());
+            }
             self.bounds.insert(queue, QueueBounds { head, tail });
         }
         metrics::gauge!("tern_queue_depth").set(self.total_depth as f64);
@@ -470,6 +505,11 @@ impl WriterActor {
             metrics::counter!("tern_store_write_errors_total").increment(1);
         } else {
             for (queue, b) in bounds {
+                if b.depth() > 0 {
+                    self.nonempty.insert(queue.clone());
+                } else {
+                    self.nonempty.remove(&queue);
+                }
                 let old = self.bounds.insert(queue, b).unwrap_or_default();
                 self.total_depth = (self.total_depth + b.depth()).saturating_sub(old.depth());
             }
@@ -551,7 +591,7 @@ impl WriterActor {
                 batch.replies.push(Pending::Bounds(reply, result));
             }
             WriteCmd::PutAccount { account, reply } => {
-                let result = self.put_newer_account(batch, account);
+                let result = self.merge_account(batch, account);
                 batch.finish(mark, &result);
                 batch.replies.push(Pending::Account(reply, result));
             }
@@ -570,7 +610,11 @@ impl WriterActor {
             }
             WriteCmd::Waiting { reply } => {
                 // This batch's bounds stand over the committed ones.
-                let committed = self.bounds.iter().filter(|(q, _)| !batch.bounds.contains_key(*q));
+                let committed = self
+                    .nonempty
+                    .iter()
+                    .filter(|q| !batch.bounds.contains_key(*q))
+                    .filter_map(|q| self.bounds.get_key_value(q));
                 let list = committed
                     .chain(&batch.bounds)
                     .filter(|(_, b)| b.depth() > 0)
@@ -623,8 +667,16 @@ impl WriterActor {
         }
     }
 
+    /// Writes `account`'s record and logs the change (for peers to hear of
+    /// it when their link comes up).
     fn put_account(&self, batch: &mut Batch, account: Account) -> Result<(), StoreError> {
         batch.put(CF_ACCOUNTS, account.handle.as_bytes(), account.to_json());
+        let n = self.account_log.get() + 1;
+        self.account_log.set(n);
+        batch.put(CF_MESH, account_log_key(n), account.handle.as_bytes());
+        if n > ACCOUNT_LOG_MAX {
+            batch.delete(CF_MESH, account_log_key(n - ACCOUNT_LOG_MAX));
+        }
         batch.set_account(account.handle.clone(), Arc::new(account));
         Ok(())
     }
@@ -796,27 +848,68 @@ impl WriterActor {
         } else {
             // Seqs from head to tail are contiguous: the entries need not be
             // read to be deleted.
-            for seq in b.head + 1..=up_to {
-                batch.delete(CF_QUEUES, queue.entry(seq));
-            }
+            self.delete_entries(batch, queue, b.head + 1, up_to);
         }
         b.head = up_to;
         batch.put(CF_META, queue.as_bytes(), up_to.to_be_bytes());
         batch.set_bounds(queue.clone(), b);
-        let now = now_ms();
         for (to, message_id) in receipts {
-            let receipt = StoredItem {
-                enqueued_at_ms: now,
-                item: pb::deliver::Item::Receipt(pb::Receipt {
-                    message_id,
-                    handle: queue.handle().to_owned(),
-                    device: queue.device(),
-                    delivered_at_ms: now,
-                }),
-            };
-            self.push(batch, &to, receipt.encode())?;
+            self.receipt(batch, &to, message_id, queue, ErrorCode::Unspecified)?;
         }
         Ok(b)
+    }
+
+    /// Queues for `to` (a sending device) the receipt of its message
+    /// `message_id` at `delivered_to`: delivered, or undeliverable and why.
+    /// A receipt is not worth refusing the ack or the shipment it comes
+    /// from: when `to`'s queue is full it is dropped, and counted.
+    fn receipt(
+        &self,
+        batch: &mut Batch,
+        to: &QueueKey,
+        message_id: Bytes,
+        delivered_to: &QueueKey,
+        error: ErrorCode,
+    ) -> Result<(), StoreError> {
+        if self.bounds_of(batch, to)?.depth() >= self.config.max_queue_len {
+            metrics::counter!("tern_store_receipts_dropped_total").increment(1);
+            return Ok(());
+        }
+        let now = now_ms();
+        let receipt = StoredItem {
+            enqueued_at_ms: now,
+            item: pb::deliver::Item::Receipt(pb::Receipt {
+                message_id,
+                handle: delivered_to.handle().to_owned(),
+                device: delivered_to.device(),
+                delivered_at_ms: now,
+                error: error as i32,
+            }),
+        };
+        self.push(batch, to, receipt.encode())?;
+        Ok(())
+    }
+
+    /// A shipped entry for `queue` too large for this broker to push: its
+    /// sender gets an undeliverable receipt in its place (a message from a
+    /// member whose `limits.max_frame_len` is larger than this broker's).
+    fn undeliverable(&self, batch: &mut Batch, queue: &QueueKey, value: &[u8]) -> Result<(), StoreError> {
+        metrics::counter!("tern_store_undeliverable_total", "reason" => "too_large").increment(1);
+        tracing::warn!(
+            %queue,
+            bytes = value.len(),
+            max = self.config.max_entry_len,
+            "a shipped entry is too large to deliver here (limits.max_frame_len differs between members); \
+             its sender gets an undeliverable receipt"
+        );
+        match StoredItem::decode(value)?.item {
+            pb::deliver::Item::Message(m) => {
+                let from = QueueKey::new(&m.from, m.from_device);
+                self.receipt(batch, &from, m.message_id, queue, ErrorCode::PayloadTooLarge)
+            }
+            // Receipts are small; one this large came from a broken peer.
+            pb::deliver::Item::Receipt(_) => Ok(()),
+        }
     }
 
     /// Highest origin seq of `origin`'s copy of `queue` accounted for here,
@@ -864,7 +957,11 @@ impl WriterActor {
             return Err(StoreError::Corrupt(format!("shipped entry {seq} of {queue} does not decode")));
         }
         for (_, value) in fresh {
-            self.push(batch, queue, value)?;
+            if value.len() > self.config.max_entry_len {
+                self.undeliverable(batch, queue, &value)?;
+            } else {
+                self.push(batch, queue, value)?;
+            }
         }
         batch.put(CF_MESH, key.clone(), to.to_be_bytes());
         batch.set_shipped(key, to);
@@ -920,19 +1017,34 @@ impl WriterActor {
         Ok(after)
     }
 
-    fn put_newer_account(&mut self, batch: &mut Batch, account: Account) -> Result<Account, StoreError> {
+    /// Merges a record from another broker into the one held here (see
+    /// [`Account::merge`]); returns the record now held.
+    fn merge_account(&mut self, batch: &mut Batch, account: Account) -> Result<Account, StoreError> {
         let current = self.account(batch, &account.handle)?;
+        let merged = match &current {
+            Some(current) => current.merge(&account),
+            None => account,
+        };
         if let Some(current) = &current {
-            if current.next_device_id >= account.next_device_id {
-                return Ok(Account::clone(current));
+            if **current == merged {
+                return Ok(merged);
+            }
+            if merged.lost.len() > current.lost.len() {
+                metrics::counter!("tern_accounts_conflicts_total").increment(1);
+                tracing::warn!(
+                    handle = %merged.handle,
+                    lost = merged.lost.len() - current.lost.len(),
+                    "two copies of an account conflicted (claimed or given a device on both sides of a partition); \
+                     the losing devices are told HANDLE_LOST at their next login"
+                );
             }
         }
         let had = |id: u32| current.as_ref().is_some_and(|a| a.device(id).is_some());
-        for d in account.devices.iter().filter(|d| !had(d.id)) {
-            self.create_queue(batch, QueueKey::new(&account.handle, d.id))?;
+        for d in merged.devices.iter().filter(|d| !had(d.id)) {
+            self.create_queue(batch, QueueKey::new(&merged.handle, d.id))?;
         }
-        self.put_account(batch, account.clone())?;
-        Ok(account)
+        self.put_account(batch, merged.clone())?;
+        Ok(merged)
     }
 
     /// Entries `from ..= to` of `queue` as stored now (not counting this batch).
@@ -955,36 +1067,62 @@ impl WriterActor {
         Ok(out)
     }
 
+    /// Deletes entries enqueued before `cutoff_ms`, at most [`EXPIRE_MAX`]
+    /// of them (so one sweep never makes a batch that stalls the others);
+    /// `Expired::more` says the sweep should go on.
     fn expire(&mut self, batch: &mut Batch, cutoff_ms: u64) -> Result<Expired, StoreError> {
         let mut expired = Expired::default();
         let queues = cf(&self.db, CF_QUEUES)?;
-        let candidates: Vec<QueueKey> =
-            self.bounds.iter().filter(|(_, b)| b.depth() > 0).map(|(q, _)| q.clone()).collect();
+        let candidates: Vec<QueueKey> = self.nonempty.iter().cloned().collect();
         for queue in candidates {
+            if expired.entries >= EXPIRE_MAX {
+                expired.more = true;
+                break;
+            }
             let mut b = self.bounds_of(batch, &queue)?;
             let mut opts = ReadOptions::default();
             opts.set_iterate_upper_bound(queue.entry(b.tail.saturating_add(1)));
             let start = queue.entry(b.head + 1);
             let iter = self.db.iterator_cf_opt(queues, opts, IteratorMode::From(&start, rocksdb::Direction::Forward));
-            let mut removed = 0;
+            let first = b.head;
             for entry in iter {
                 let (key, value) = entry?;
                 let Some(seq) = queue.seq_of(&key) else { break };
                 if super::item::enqueued_at(&value).is_some_and(|at| at >= cutoff_ms) {
                     break;
                 }
-                batch.delete(CF_QUEUES, key.to_vec());
+                if expired.entries >= EXPIRE_MAX {
+                    expired.more = true;
+                    break;
+                }
                 b.head = seq;
-                removed += 1;
+                expired.entries += 1;
             }
-            if removed > 0 {
+            if b.head > first {
+                self.delete_entries(batch, &queue, first + 1, b.head);
                 batch.put(CF_META, queue.as_bytes(), b.head.to_be_bytes());
                 batch.set_bounds(queue, b);
-                expired.entries += removed;
                 expired.queues += 1;
             }
         }
         Ok(expired)
+    }
+
+    /// Stages the deletion of `queue`'s entries `from ..= to` (seqs from
+    /// head to tail are contiguous): one range tombstone for a long run,
+    /// point deletes for a short one (many small range tombstones would
+    /// slow reads down).
+    fn delete_entries(&self, batch: &mut Batch, queue: &QueueKey, from: u64, to: u64) {
+        if to < from {
+            return;
+        }
+        if to - from + 1 >= RANGE_DELETE_MIN {
+            batch.delete_range(CF_QUEUES, queue.entry(from), queue.entry(to + 1));
+        } else {
+            for seq in from..=to {
+                batch.delete(CF_QUEUES, queue.entry(seq));
+            }
+        }
     }
 }
 
@@ -1002,6 +1140,7 @@ mod tests {
             durability: Durability::Written,
             retention: std::time::Duration::from_secs(3600),
             max_queue_len: 100,
+            max_entry_len: 4096,
             max_batch: 64,
             max_devices: 4,
             account_cache_entries: 10,
@@ -1138,6 +1277,113 @@ mod tests {
         let b = actor.bounds[&bob];
         let seqs: Vec<u64> = actor.range(&bob, b.head + 1, b.tail).unwrap().iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, vec![3, 4, 5, 6, 7], "contiguous seqs after the head");
+    }
+
+    fn register(actor: &mut WriterActor, handles: &[&str]) {
+        for (i, handle) in handles.iter().enumerate() {
+            let key = [i as u8; 32];
+            let registered =
+                run(actor, |reply| WriteCmd::Register { handle: (*handle).into(), public_key: key, reply });
+            assert!(registered.is_ok());
+        }
+    }
+
+    /// The receipts in `queue`, as (message number, error code).
+    fn receipts(actor: &WriterActor, queue: &QueueKey) -> Vec<(u8, i32)> {
+        let b = actor.bounds.get(queue).copied().unwrap_or_default();
+        let entries = actor.range(queue, b.head + 1, b.tail).unwrap();
+        entries
+            .iter()
+            .filter_map(|(_, v)| match StoredItem::decode(v).unwrap().item {
+                pb::deliver::Item::Receipt(r) => Some((r.message_id[0], r.error)),
+                pb::deliver::Item::Message(_) => None,
+            })
+            .collect()
+    }
+
+    /// Issue 11, 2.10: receipts went into the sender's queue whatever its
+    /// length, past `max_queue_len`. Now one for a full queue is dropped
+    /// (the ack itself goes through).
+    #[test]
+    fn a_receipt_for_a_full_queue_is_dropped_and_the_ack_still_goes_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut actor = actor(dir.path());
+        register(&mut actor, &["alice", "bob", "carol"]);
+        send(&mut actor, "alice", "bob", 1);
+        for id in 0..100 {
+            send(&mut actor, "carol", "alice", 100u8.wrapping_add(id));
+        }
+        let alice = QueueKey::new("alice", 1);
+        assert_eq!(actor.bounds[&alice].depth(), 100, "alice's queue is full");
+        let bob = QueueKey::new("bob", 1);
+        let acked = run(&mut actor, |reply| WriteCmd::Ack { queue: bob.clone(), up_to: 1, reply });
+        assert_eq!(acked.unwrap(), QueueBounds { head: 1, tail: 1 });
+        assert_eq!(actor.bounds[&alice].depth(), 100, "no receipt beyond max_queue_len");
+        assert!(receipts(&actor, &alice).is_empty());
+    }
+
+    /// Issue 11, 2.10: a shipped message larger than this broker can push
+    /// (a member with a larger `max_frame_len` accepted it) was stored, and
+    /// the device then failed on the frame at every reconnect. Now the
+    /// shipment is taken whole and the sender gets an undeliverable receipt
+    /// in the big entry's place.
+    #[test]
+    fn a_shipped_message_too_large_to_deliver_becomes_an_undeliverable_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut actor = actor(dir.path());
+        register(&mut actor, &["alice", "bob"]);
+        let bob = QueueKey::new("bob", 1);
+        let big = StoredItem {
+            enqueued_at_ms: now_ms(),
+            item: pb::deliver::Item::Message(pb::Message {
+                message_id: Bytes::copy_from_slice(&[2; 16]),
+                from: "alice".into(),
+                from_device: 1,
+                to: "bob".into(),
+                sent_at_ms: 0,
+                body: Bytes::from(vec![7u8; 5000]),
+            }),
+        };
+        let entries = vec![(1, Bytes::from(ids_entry(1))), (2, big.encode()), (3, Bytes::from(ids_entry(3)))];
+        let header = ShipHeader { base: 0, handed_up_to: 0 };
+        let shipped = run(&mut actor, |reply| WriteCmd::ApplyShip {
+            origin: [7; 16],
+            queue: bob.clone(),
+            header,
+            entries,
+            reply,
+        });
+        assert!(matches!(shipped, Ok(ShipOutcome::Acked(3))), "the whole shipment is taken: {shipped:?}");
+        assert_eq!(ids(&actor, &bob), vec![1, 3], "the entry too large to push is not stored");
+        let alice = QueueKey::new("alice", 1);
+        assert_eq!(receipts(&actor, &alice), vec![(2, ErrorCode::PayloadTooLarge as i32)]);
+    }
+
+    /// Issue 11, 2.9: one expiry sweep put every expired entry in a
+    /// single batch (and a point delete each), however many there were,
+    /// stalling every write behind it. Now a request expires a bounded
+    /// number, long runs go as one range delete, and the sweep goes on.
+    #[test]
+    fn expiry_deletes_a_bounded_number_per_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut actor = actor(dir.path());
+        let q = QueueKey::new("bob", 1);
+        let mut batch = Batch::default();
+        let total = EXPIRE_MAX + 50;
+        for i in 0..total {
+            actor.push(&mut batch, &q, Bytes::from(ids_entry(i as u8))).unwrap();
+        }
+        actor.commit(batch);
+        assert_eq!(actor.bounds[&q].depth(), total);
+        let first = run(&mut actor, |reply| WriteCmd::Expire { cutoff_ms: u64::MAX, reply }).unwrap();
+        assert_eq!((first.entries, first.more), (EXPIRE_MAX, true));
+        assert_eq!(actor.bounds[&q], QueueBounds { head: EXPIRE_MAX, tail: total });
+        assert_eq!(actor.range(&q, 1, total).unwrap().len(), 50, "the expired entries are gone from disk");
+        let second = run(&mut actor, |reply| WriteCmd::Expire { cutoff_ms: u64::MAX, reply }).unwrap();
+        assert_eq!((second.entries, second.more), (50, false));
+        assert!(actor.range(&q, 1, total).unwrap().is_empty());
+        let waiting = run(&mut actor, |reply| WriteCmd::Waiting { reply }).unwrap();
+        assert!(waiting.is_empty(), "an emptied queue is not waiting: {waiting:?}");
     }
 
     /// A stored message entry numbered `id` (first byte of its message id).

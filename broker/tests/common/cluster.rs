@@ -39,6 +39,12 @@ impl TestCluster {
     /// Starts `n` brokers; each after the first joins the first. Returns once
     /// every broker sees every other alive over a link.
     pub async fn spawn(n: usize) -> Self {
+        Self::spawn_with(n, |_, _| {}).await
+    }
+
+    /// Like [`TestCluster::spawn`], with `tweak(i, config)` applied to
+    /// broker `i`'s configuration first.
+    pub async fn spawn_with(n: usize, tweak: impl Fn(usize, &mut BrokerConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let names: Vec<String> = (0..n).map(node).collect();
         let certs = certify(dir.path(), &names);
@@ -51,6 +57,7 @@ impl TestCluster {
             if let Some(first) = cluster.configs.first() {
                 c.cluster.join = vec![first.listen.to_string()];
             }
+            tweak(i, &mut c);
             let broker = Broker::spawn(c.clone()).await.expect("broker starts");
             // Restarts reuse the port the broker got.
             c.listen = broker.local_addr();

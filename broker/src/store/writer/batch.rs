@@ -19,11 +19,18 @@ use rocksdb::{WriteBatch, DB};
 use super::super::{cf, Account, QueueBounds, QueueKey, StoreError};
 use super::{Pending, SyncNeed};
 
-/// A staged write: column family, key, and the value (`None`: a delete).
+/// A staged write: column family, key, and what to do there.
 struct Op {
     cf: &'static str,
     key: Vec<u8>,
-    value: Option<Bytes>,
+    write: Write,
+}
+
+enum Write {
+    Put(Bytes),
+    Delete,
+    /// Deletes every key from `key` up to (not including) this one.
+    DeleteRange(Vec<u8>),
 }
 
 /// How to take one overlay change back.
@@ -61,16 +68,21 @@ pub(super) struct Batch {
 
 impl Batch {
     pub(super) fn put(&mut self, cf: &'static str, key: impl Into<Vec<u8>>, value: impl AsRef<[u8]>) {
-        self.ops.push(Op { cf, key: key.into(), value: Some(Bytes::copy_from_slice(value.as_ref())) });
+        self.ops.push(Op { cf, key: key.into(), write: Write::Put(Bytes::copy_from_slice(value.as_ref())) });
     }
 
     /// Stages a put of a value already in a `Bytes` (no copy).
     pub(super) fn put_bytes(&mut self, cf: &'static str, key: impl Into<Vec<u8>>, value: Bytes) {
-        self.ops.push(Op { cf, key: key.into(), value: Some(value) });
+        self.ops.push(Op { cf, key: key.into(), write: Write::Put(value) });
     }
 
     pub(super) fn delete(&mut self, cf: &'static str, key: impl Into<Vec<u8>>) {
-        self.ops.push(Op { cf, key: key.into(), value: None });
+        self.ops.push(Op { cf, key: key.into(), write: Write::Delete });
+    }
+
+    /// Stages the deletion of every key in `from..to` (one range tombstone).
+    pub(super) fn delete_range(&mut self, cf: &'static str, from: Vec<u8>, to: Vec<u8>) {
+        self.ops.push(Op { cf, key: from, write: Write::DeleteRange(to) });
     }
 
     pub(super) fn set_bounds(&mut self, queue: QueueKey, bounds: QueueBounds) {
@@ -128,9 +140,10 @@ impl Batch {
         let mut write = WriteBatch::default();
         for op in &self.ops {
             let cf = cf(db, op.cf)?;
-            match &op.value {
-                Some(value) => write.put_cf(cf, &op.key, value),
-                None => write.delete_cf(cf, &op.key),
+            match &op.write {
+                Write::Put(value) => write.put_cf(cf, &op.key, value),
+                Write::Delete => write.delete_cf(cf, &op.key),
+                Write::DeleteRange(to) => write.delete_range_cf(cf, &op.key, to),
             }
         }
         Ok(write)
