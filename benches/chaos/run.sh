@@ -63,7 +63,7 @@ done
 if [ "$BUILD" = 1 ]; then
   scripts/ensure-deps.sh
   if [ "$PROFILE" = release ]; then
-    cargo build --release -p tern-broker -p tern-loadgen
+    scripts/release.sh build -p tern-broker -p tern-loadgen
   else
     # The same build as scripts/test.sh's, so nothing is compiled again.
     cargo build --workspace --bins

@@ -236,13 +236,13 @@ build() {
     case ",$BROKERS," in *,tern,*) ;; *) return 0 ;; esac
     step "Building tern-broker (release)"
     scripts/ensure-deps.sh
-    cargo build --release -p tern-broker
+    scripts/release.sh build -p tern-broker
     [ -x "$TERN_BROKER" ] || die "missing $TERN_BROKER after the build"
     return 0
   fi
   step "Building tern-broker and tern-loadgen (release)"
   scripts/ensure-deps.sh
-  cargo build --release -p tern-broker -p tern-loadgen
+  scripts/release.sh build -p tern-broker -p tern-loadgen
   [ -x "$TERN_BROKER" ] || die "missing $TERN_BROKER after the build"
   [ -x "$LOADGEN" ] || die "missing $LOADGEN after the build"
 }

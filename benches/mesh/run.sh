@@ -217,7 +217,7 @@ build() {
   if [ -x scripts/ensure-deps.sh ]; then
     scripts/ensure-deps.sh
   fi
-  cargo build --release -p tern-broker -p tern-loadgen
+  scripts/release.sh build -p tern-broker -p tern-loadgen
   [ -x "$TERN_BROKER" ] || die "missing $TERN_BROKER after the build"
   [ -x "$LOADGEN" ] || die "missing $LOADGEN after the build"
 }

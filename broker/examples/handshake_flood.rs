@@ -7,8 +7,12 @@
 //!
 //! ```sh
 //! cargo run --release -p tern-broker --example handshake_flood -- \
-//!     ADDR CA_PEM [SECS=20] [CONCURRENCY=256] [ENDPOINTS=8]
+//!     ADDR CA_PEM [SECS=20] [CONCURRENCY=256] [ENDPOINTS=8] [SOURCE_IP=127.0.0.1]
 //! ```
+//!
+//! SOURCE_IP is the loopback address the flood comes from: another one
+//! than the established clients' lets a broker exempt only theirs from its
+//! rate limits.
 //!
 //! Prints one JSON line: attempts, completed handshakes, refusals, other
 //! failures and the handshake rate.
@@ -75,17 +79,19 @@ async fn one(endpoint: &quinn::Endpoint, addr: SocketAddr, counts: &Counts) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: handshake_flood ADDR CA_PEM [SECS] [CONCURRENCY] [ENDPOINTS]";
+    let usage = "usage: handshake_flood ADDR CA_PEM [SECS] [CONCURRENCY] [ENDPOINTS] [SOURCE_IP]";
     let addr: SocketAddr = args.first().context(usage)?.parse().context("ADDR")?;
     let ca = std::path::PathBuf::from(args.get(1).context(usage)?);
     let arg = |i: usize, default: u64| args.get(i).map_or(Ok(default), |a| a.parse::<u64>());
     let secs = arg(2, 20)?.clamp(1, 600);
     let concurrency = arg(3, 256)?.clamp(1, 10_000);
     let endpoints = arg(4, 8)?.clamp(1, 64);
+    let source: std::net::IpAddr = args.get(5).map_or("127.0.0.1", String::as_str).parse().context("SOURCE_IP")?;
+    anyhow::ensure!(source.is_loopback(), "SOURCE_IP must be a loopback address");
     let config = client_config(&ca)?;
     let endpoints: Vec<quinn::Endpoint> = (0..endpoints)
         .map(|_| {
-            let mut e = quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address"))?;
+            let mut e = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
             e.set_default_client_config(config.clone());
             Ok(e)
         })

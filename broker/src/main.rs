@@ -178,6 +178,9 @@ struct RateArgs {
     /// Most keys (addresses, handles, devices) each rate limiter tracks.
     #[arg(long = "rate-max-keys", env = "TERN_RATE_MAX_KEYS")]
     max_keys: Option<u64>,
+    /// Connection attempts (QUIC handshakes) per source address.
+    #[arg(long = "rate-handshakes-per-ip", env = "TERN_RATE_HANDSHAKES_PER_IP", value_name = "RATE")]
+    handshakes_per_ip: Option<tern_broker::config::Rate>,
     /// `Register` requests per source address.
     #[arg(long = "rate-register-per-ip", env = "TERN_RATE_REGISTER_PER_IP", value_name = "RATE")]
     register_per_ip: Option<tern_broker::config::Rate>,
@@ -293,7 +296,7 @@ impl Args {
             };
         }
         set_rate!(enabled, max_keys, register_per_ip, login_per_ip, login_failures_per_handle, sends_per_device);
-        set_rate!(lookups_per_device);
+        set_rate!(lookups_per_device, handshakes_per_ip);
         if let Some(exempt) = r.exempt {
             c.rate.exempt = exempt
                 .iter()

@@ -84,6 +84,14 @@ impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
         })
     }
 
+    /// True when `key`'s bucket holds less than half its burst.
+    pub(crate) fn is_low(&self, key: &K, now: Instant) -> bool {
+        let Some(bucket) = self.buckets.get(key) else { return false };
+        let full_at = *bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let half = Duration::from_millis(self.rate.refill_ms.saturating_mul(u64::from(self.rate.burst)) / 2);
+        full_at.saturating_duration_since(now) > half
+    }
+
     /// True when `key`'s bucket has nothing left (without taking anything).
     pub(crate) fn is_empty(&self, key: &K, now: Instant) -> bool {
         let Some(bucket) = self.buckets.get(key) else { return false };
@@ -107,6 +115,7 @@ pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
 pub(crate) struct RateLimits {
     enabled: bool,
     exempt: Vec<IpNet>,
+    pub(crate) handshakes: Limiter<IpAddr>,
     pub(crate) register: Limiter<IpAddr>,
     pub(crate) login: Limiter<IpAddr>,
     pub(crate) login_failures: Limiter<String>,
@@ -119,6 +128,7 @@ impl RateLimits {
         Self {
             enabled: c.enabled,
             exempt: c.exempt.clone(),
+            handshakes: Limiter::new("handshakes_per_ip", c.handshakes_per_ip, c.max_keys),
             register: Limiter::new("register_per_ip", c.register_per_ip, c.max_keys),
             login: Limiter::new("login_per_ip", c.login_per_ip, c.max_keys),
             login_failures: Limiter::new("login_failures_per_handle", c.login_failures_per_handle, c.max_keys),

@@ -194,6 +194,26 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, ctx: Context) {
 /// goes on: a Retry while the broker is busy with handshakes and the
 /// address is unproven, a refusal when no connection permit is left.
 fn admit(incoming: quinn::Incoming, ctx: &Context) -> Option<(quinn::Incoming, Slot)> {
+    // Per source address (`rate.handshakes_per_ip`): an unproven address
+    // whose bucket runs low proves itself with a Retry first (forged
+    // sources never come back, so they cannot empty the bucket of the
+    // address they name); what is left is taken, or the attempt refused.
+    let source = crate::ratelimit::source_key(incoming.remote_address().ip());
+    if ctx.rate.applies_to(source) {
+        let now = std::time::Instant::now();
+        if !incoming.remote_address_validated() && ctx.rate.handshakes.is_low(&source, now) {
+            match incoming.retry() {
+                Ok(()) => metrics::counter!("tern_handshake_retries_total").increment(1),
+                Err(e) => e.into_incoming().refuse(),
+            }
+            return None;
+        }
+        if ctx.rate.handshakes.take(source, now).is_err() {
+            metrics::counter!("tern_connections_refused_total").increment(1);
+            incoming.refuse();
+            return None;
+        }
+    }
     let busy = ctx.handshakes.load(Ordering::Relaxed) >= ctx.config.limits.handshakes_before_retry;
     let incoming = if busy && !incoming.remote_address_validated() {
         match incoming.retry() {

@@ -26,6 +26,11 @@ pub struct RateSection {
     /// Most keys (addresses, handles, devices) each limiter tracks; the
     /// least recently used are forgotten first (a forgotten key starts full).
     pub max_keys: u64,
+    /// Connection attempts (QUIC handshakes) per source address (IPv6: per
+    /// /64), taken before any handshake work. While a source's bucket is
+    /// below half, its unproven attempts get a stateless Retry first, so
+    /// packets with a forged source address cannot empty it all.
+    pub handshakes_per_ip: Rate,
     /// `Register` requests per source address (IPv6: per /64).
     pub register_per_ip: Rate,
     /// `Login` and `LinkDevice` requests per source address (IPv6: per /64).
@@ -174,6 +179,7 @@ impl Default for RateSection {
                 IpNet { addr: IpAddr::from(std::net::Ipv6Addr::LOCALHOST), prefix: 128 },
             ],
             max_keys: 100_000,
+            handshakes_per_ip: Rate::new(200, 100),
             register_per_ip: Rate::new(20, 30_000),
             login_per_ip: Rate::new(200, 100),
             login_failures_per_handle: Rate::new(10, 6_000),
@@ -187,6 +193,7 @@ impl RateSection {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         within(self.max_keys, 1, 100_000_000, "rate.max_keys")?;
         let rates = [
+            (self.handshakes_per_ip, "rate.handshakes_per_ip"),
             (self.register_per_ip, "rate.register_per_ip"),
             (self.login_per_ip, "rate.login_per_ip"),
             (self.login_failures_per_handle, "rate.login_failures_per_handle"),
