@@ -19,7 +19,7 @@ pub struct Device {
     /// Device number, from 1, never reused.
     pub id: u32,
     /// Ed25519 public key, hex.
-    #[serde(with = "hex_key")]
+    #[serde(with = "hex_bytes")]
     pub public_key: [u8; 32],
     /// When the device was added, ms since the Unix epoch.
     pub added_at_ms: u64,
@@ -40,7 +40,7 @@ pub struct Account {
     /// claims made on both sides of a partition differ in it. Records
     /// written before it existed read as zero: [`Account::claim`] derives
     /// one from what they hold.
-    #[serde(default, with = "hex_claim", skip_serializing_if = "is_zero")]
+    #[serde(default, with = "hex_bytes", skip_serializing_if = "is_zero")]
     pub claim: [u8; 16],
     /// Devices that lost a merge (their claim of the handle, or their
     /// number, went to another), at most [`LOST_MAX`], by id.
@@ -161,31 +161,18 @@ impl Account {
     }
 }
 
-mod hex_claim {
+/// Fixed-size byte arrays (keys, claim ids) as hex strings.
+mod hex_bytes {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(claim: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(claim))
+    pub(super) fn serialize<S: Serializer, const N: usize>(bytes: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
         let text = String::deserialize(d)?;
         let bytes = hex::decode(text).map_err(D::Error::custom)?;
-        bytes.try_into().map_err(|_| D::Error::custom("a claim id is 16 bytes"))
-    }
-}
-
-mod hex_key {
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(key: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(key))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let text = String::deserialize(d)?;
-        let bytes = hex::decode(text).map_err(D::Error::custom)?;
-        bytes.try_into().map_err(|_| D::Error::custom("a public key is 32 bytes"))
+        bytes.try_into().map_err(|_| D::Error::custom(format!("expected {N} bytes")))
     }
 }
 
