@@ -141,6 +141,13 @@ impl RateLimits {
     pub(crate) fn applies_to(&self, ip: IpAddr) -> bool {
         self.enabled && !self.exempt.iter().any(|net| net.contains(ip))
     }
+
+    /// The key requests from `ip` are limited by ([`source_key`]), or `None`
+    /// when they are not limited (exemption is decided on the address
+    /// itself, not on its /64).
+    pub(crate) fn source(&self, ip: IpAddr) -> Option<IpAddr> {
+        self.applies_to(ip).then(|| source_key(ip))
+    }
 }
 
 #[cfg(test)]
@@ -232,5 +239,16 @@ mod tests {
         assert!(limits.applies_to("192.0.2.7".parse().unwrap()));
         let off = RateLimits::new(&RateSection { enabled: false, ..RateSection::default() });
         assert!(!off.applies_to("192.0.2.7".parse().unwrap()));
+    }
+
+    /// The handshake limit first checked the exemption on the /64 key, so
+    /// `::1` (exempt as ::1/128, keyed as `::`) was limited.
+    #[test]
+    fn exemption_is_decided_on_the_address_and_the_key_is_its_slash_64() {
+        let limits = RateLimits::new(&RateSection::default());
+        assert_eq!(limits.source("::1".parse().unwrap()), None);
+        assert_eq!(limits.source("127.0.0.2".parse().unwrap()), None);
+        let v6: IpAddr = "2001:db8::1:2".parse().unwrap();
+        assert_eq!(limits.source(v6), Some(source_key(v6)));
     }
 }

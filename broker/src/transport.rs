@@ -198,8 +198,7 @@ fn admit(incoming: quinn::Incoming, ctx: &Context) -> Option<(quinn::Incoming, S
     // whose bucket runs low proves itself with a Retry first (forged
     // sources never come back, so they cannot empty the bucket of the
     // address they name); what is left is taken, or the attempt refused.
-    let source = crate::ratelimit::source_key(incoming.remote_address().ip());
-    if ctx.rate.applies_to(source) {
+    if let Some(source) = ctx.rate.source(incoming.remote_address().ip()) {
         let now = std::time::Instant::now();
         if !incoming.remote_address_validated() && ctx.rate.handshakes.is_low(&source, now) {
             match incoming.retry() {

@@ -45,9 +45,10 @@ pub(crate) struct Location {
 #[derive(Debug)]
 pub(crate) struct Directory {
     /// Entries this broker holds as shard owner (and, for its own devices,
-    /// as their host); the lock makes [`Directory::record`]'s look and
-    /// write one step.
-    table: Mutex<moka::sync::Cache<QueueKey, Location>>,
+    /// as their host).
+    table: moka::sync::Cache<QueueKey, Location>,
+    /// Makes [`Directory::record`]'s look and write one step.
+    recording: Mutex<()>,
     /// Cached lookups; `None`: the directory knows no location.
     cache: moka::sync::Cache<QueueKey, Option<Location>>,
     last_epoch: AtomicU64,
@@ -58,7 +59,8 @@ pub(crate) struct Directory {
 impl Directory {
     pub(crate) fn new(cache_entries: u64, ttl: Duration, table_entries: u64) -> Self {
         Self {
-            table: Mutex::new(moka::sync::Cache::builder().max_capacity(table_entries).build()),
+            table: moka::sync::Cache::builder().max_capacity(table_entries).build(),
+            recording: Mutex::new(()),
             cache: moka::sync::Cache::builder().max_capacity(cache_entries).time_to_live(ttl).build(),
             last_epoch: AtomicU64::new(0),
             clock_offset_us: 0,
@@ -98,13 +100,13 @@ impl Directory {
     /// or newer epoch is known), new, or on the same broker.
     pub(crate) fn record(&self, queue: &QueueKey, location: Location) -> Recorded {
         self.observe(location.epoch);
-        let table = self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match table.get(queue) {
+        let _recording = self.recording.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match self.table.get(queue) {
             Some(known) if known.epoch >= location.epoch => Recorded::Stale,
             known => {
                 let moved_from = known.as_ref().filter(|k| k.node != location.node).map(|k| k.node.clone());
                 let known = known.is_some();
-                table.insert(queue.clone(), location);
+                self.table.insert(queue.clone(), location);
                 Recorded::Fresh { moved_from, known }
             }
         }
@@ -112,12 +114,12 @@ impl Directory {
 
     /// The owner's entry.
     pub(crate) fn owned(&self, queue: &QueueKey) -> Option<Location> {
-        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(queue)
+        self.table.get(queue)
     }
 
     /// Entries held as owner (moka's count, which trails the last writes).
     pub(crate) fn owned_len(&self) -> usize {
-        self.table.lock().map(|t| t.entry_count() as usize).unwrap_or(0)
+        self.table.entry_count() as usize
     }
 
     pub(crate) fn cached(&self, queue: &QueueKey) -> Option<Option<Location>> {
@@ -221,9 +223,8 @@ mod tests {
             let q = QueueKey::new(&format!("u{i}"), 1);
             let _ = d.record(&q, Location { node: "a".into(), epoch: u64::from(i) + 1 });
         }
-        let table = d.table.lock().unwrap();
-        table.run_pending_tasks();
-        assert!(table.entry_count() <= 100, "{} entries held", table.entry_count());
+        d.table.run_pending_tasks();
+        assert!(d.table.entry_count() <= 100, "{} entries held", d.table.entry_count());
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl Session {
     pub(crate) fn new(ctx: Context, conn: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(ctx.config.limits.handshake_timeout_secs);
         let ip = conn.remote_address().ip();
-        let source = ctx.rate.applies_to(ip).then(|| ratelimit::source_key(ip));
+        let source = ctx.rate.source(ip);
         Self {
             ctx,
             conn,
