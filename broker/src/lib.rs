@@ -16,6 +16,7 @@
 //! `main.rs` only parses flags, loads the config and waits for a signal.
 
 mod admin;
+mod clock;
 pub mod config;
 pub mod mesh;
 mod ratelimit;

@@ -489,13 +489,11 @@ async fn a_device_that_moves_to_its_senders_broker_gets_the_older_messages_it_he
 /// went in between (node-2's link to node-3 was cut). The newer ones are
 /// handed back when the link heals; bob must still get the older first.
 ///
-/// Fails today (seen: 84..166, then 1..20): the fence's rebase puts what
-/// the queue held before the fence behind what is handed back, which is
-/// right only when what it held is the newer part. Kept ignored until the
-/// fix (order by a per-sender stamp, see issue 11's notes) lands; run it
-/// with `cargo test -p tern-broker --test mesh_crash -- --ignored`.
+/// Failed before entries carried their sender's stamp (seen: 84..166,
+/// then 1..20): the fence's rebase put what the queue held before the
+/// fence behind what was handed back, which is right only when what it
+/// held is the newer part. Now each sender's entries are sorted by stamp.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 11: fails until the rebase orders by sender (mechanism M1)"]
 async fn a_device_back_at_the_broker_holding_its_older_messages_gets_them_before_newer_ones_handed_back() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = nodes(dir.path());

@@ -37,6 +37,7 @@ fn open_capped(dir: &std::path::Path, listener: Arc<dyn QueueListener>, max_queu
 fn message(n: u8) -> Bytes {
     StoredItem {
         enqueued_at_ms: store_now(),
+        stamp: u64::from(n),
         item: pb::deliver::Item::Message(pb::Message {
             message_id: Bytes::from(vec![n; 16]),
             from: "alice".into(),

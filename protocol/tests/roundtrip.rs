@@ -146,8 +146,9 @@ fn reply_kind() -> impl Strategy<Value = reply::Kind> {
         (bytes_up_to(512), any::<u32>())
             .prop_map(|(account, device)| reply::Kind::Account(peer::AccountReply { account, device })),
         (any::<i32>(), ".{0,80}").prop_map(|(code, message)| reply::Kind::Failure(peer::Failure { code, message })),
-        (any::<u32>(), any::<bool>())
-            .prop_map(|(queues, complete)| reply::Kind::SenderFlushed(peer::SenderFlushed { queues, complete })),
+        (any::<u32>(), any::<bool>(), any::<u64>()).prop_map(|(queues, complete, clock)| {
+            reply::Kind::SenderFlushed(peer::SenderFlushed { queues, complete, clock })
+        }),
     ]
 }
 

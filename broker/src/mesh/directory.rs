@@ -28,10 +28,10 @@
 //! message sent on one is never lost (the broker it reaches stores it and
 //! ships it on).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::clock::Hlc;
 use crate::store::QueueKey;
 
 /// Where a device was last seen logging in.
@@ -51,48 +51,30 @@ pub(crate) struct Directory {
     recording: Mutex<()>,
     /// Cached lookups; `None`: the directory knows no location.
     cache: moka::sync::Cache<QueueKey, Option<Location>>,
-    last_epoch: AtomicU64,
-    /// Added to the wall clock: a fault drill for clock skew (tests only).
-    clock_offset_us: i64,
+    /// The broker's clock (the store stamps entries with it too).
+    clock: Arc<Hlc>,
 }
 
 impl Directory {
-    pub(crate) fn new(cache_entries: u64, ttl: Duration, table_entries: u64) -> Self {
+    pub(crate) fn new(cache_entries: u64, ttl: Duration, table_entries: u64, clock: Arc<Hlc>) -> Self {
         Self {
             table: moka::sync::Cache::builder().max_capacity(table_entries).build(),
             recording: Mutex::new(()),
             cache: moka::sync::Cache::builder().max_capacity(cache_entries).time_to_live(ttl).build(),
-            last_epoch: AtomicU64::new(0),
-            clock_offset_us: 0,
+            clock,
         }
-    }
-
-    /// Shifts this broker's epoch clock by `offset_ms` (a clock-skew drill).
-    pub(crate) fn with_clock_offset(mut self, offset_ms: i64) -> Self {
-        self.clock_offset_us = offset_ms.saturating_mul(1000);
-        self
     }
 
     /// Takes note of an epoch given by any broker: later epochs from here
     /// are above it.
     pub(crate) fn observe(&self, epoch: u64) {
-        self.last_epoch.fetch_max(epoch, Ordering::Relaxed);
+        self.clock.observe(epoch);
     }
 
     /// A fresh epoch: microseconds since the Unix epoch, above every epoch
-    /// this broker gave or observed before.
+    /// (and entry stamp) this broker gave or observed before.
     pub(crate) fn next_epoch(&self) -> u64 {
-        let wall =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-        let now = wall.saturating_add_signed(self.clock_offset_us);
-        let mut last = self.last_epoch.load(Ordering::Relaxed);
-        loop {
-            let next = now.max(last + 1);
-            match self.last_epoch.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return next,
-                Err(seen) => last = seen,
-            }
-        }
+        self.clock.next()
     }
 
     /// Records a location as owner. Returns the location it replaced when
@@ -218,7 +200,7 @@ mod tests {
     /// Issue 11, 2.8: the owner's table kept every device it ever heard of.
     #[test]
     fn the_owners_table_stays_within_its_bound() {
-        let d = Directory::new(10, Duration::from_secs(60), 100);
+        let d = Directory::new(10, Duration::from_secs(60), 100, Arc::default());
         for i in 0..2_000u32 {
             let q = QueueKey::new(&format!("u{i}"), 1);
             let _ = d.record(&q, Location { node: "a".into(), epoch: u64::from(i) + 1 });
@@ -229,7 +211,7 @@ mod tests {
 
     #[test]
     fn newer_epochs_win_and_moves_are_reported() {
-        let d = Directory::new(10, Duration::from_secs(60), 100);
+        let d = Directory::new(10, Duration::from_secs(60), 100, Arc::default());
         let q = QueueKey::new("bob", 1);
         let at = |node: &str, epoch| Location { node: node.into(), epoch };
         assert_eq!(d.record(&q, at("a", 5)), Recorded::Fresh { moved_from: None, known: false });
@@ -245,11 +227,17 @@ mod tests {
         assert!(d.next_epoch() < d.next_epoch());
     }
 
+    fn skewed(offset_ms: i64) -> Directory {
+        let clock = Arc::new(Hlc::default());
+        clock.set_offset_ms(offset_ms);
+        Directory::new(10, Duration::from_secs(60), 100, clock)
+    }
+
     #[test]
     fn a_clock_behind_still_gives_epochs_above_those_it_has_seen() {
         let hour_us = 3_600_000_000;
-        let behind = Directory::new(10, Duration::from_secs(60), 100).with_clock_offset(-3_600_000);
-        let ahead = Directory::new(10, Duration::from_secs(60), 100).with_clock_offset(3_600_000);
+        let behind = skewed(-3_600_000);
+        let ahead = skewed(3_600_000);
         let theirs = ahead.next_epoch();
         let before = behind.next_epoch();
         assert!(before + hour_us / 2 < theirs, "the drill skews the clock");

@@ -12,6 +12,11 @@
 //! `hold`), ahead of the sends X takes next. Either way the new sends are
 //! queued behind the old ones wherever they meet.
 //!
+//! P's answer carries its clock, which X takes into its own before it takes
+//! the device's sends: the stamps X gives them are above every stamp P gave
+//! (see [`item`](crate::store::StoredItem)), so wherever the old and new
+//! sends meet out of arrival order, the fence after a move sorts them back.
+//!
 //! The wait is bounded: X gives up after [`SENDER_WAIT`] (or [`DOWN_WAIT`](super::settle::DOWN_WAIT)
 //! while P is not a live member) and P answers by [`FLUSH_WAIT`] with what
 //! it managed. A broker that stays dead that long is the one case in which
@@ -83,7 +88,12 @@ impl Mesh {
             if let Some(link) = self.link(previous) {
                 let ask = pp::SenderFlush { handle: sender.handle().to_owned(), device: sender.device() };
                 match link.request(request::Kind::SenderFlush(ask), FLUSH_WAIT + Duration::from_secs(1)).await {
-                    Ok(reply::Kind::SenderFlushed(f)) => return Some(f.complete),
+                    Ok(reply::Kind::SenderFlushed(f)) => {
+                        // The device's sends here get stamps above those
+                        // it got there.
+                        self.inner.store.clock().observe(f.clock);
+                        return Some(f.complete);
+                    }
                     Ok(other) => {
                         tracing::debug!(%previous, ?other, "unexpected answer to a sender flush");
                         return Some(false);
@@ -102,7 +112,7 @@ impl Mesh {
     /// and answers when it is stored elsewhere, or at [`FLUSH_WAIT`].
     pub(super) async fn serve_sender_flush(&self, ask: pp::SenderFlush, asker: &str) -> reply::Kind {
         let Ok(sender) = super::queue_key(&ask.handle, ask.device) else {
-            return reply::Kind::SenderFlushed(pp::SenderFlushed { queues: 0, complete: true });
+            return reply::Kind::SenderFlushed(pp::SenderFlushed { queues: 0, complete: true, clock: 0 });
         };
         let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
         // The device may have come here from a third broker a moment ago:
@@ -117,7 +127,7 @@ impl Mesh {
             Ok(q) => q,
             Err(e) => {
                 tracing::warn!(%sender, error = %e, "cannot find what a device that moved sent through here");
-                return reply::Kind::SenderFlushed(pp::SenderFlushed { queues: 0, complete: false });
+                return reply::Kind::SenderFlushed(pp::SenderFlushed { queues: 0, complete: false, clock: 0 });
             }
         };
         let count = queues.len() as u32;
@@ -126,10 +136,12 @@ impl Mesh {
             // Its device is here (or was last here): the asker ships the
             // device's next sends here, behind these.
             if self.inner.router.is_attached(&queue) {
+                tracing::debug!(%sender, %queue, "sender flush: the recipient is here");
                 continue;
             }
             if let Ok(Some(Some(l))) = tokio::time::timeout(RETRY, self.locate(&queue)).await {
                 if l.node == self.node() {
+                    tracing::debug!(%sender, %queue, "sender flush: the recipient was last here");
                     continue;
                 }
             }
@@ -144,6 +156,9 @@ impl Mesh {
             Ok(results) => results.iter().all(Result::is_ok),
             Err(_) => false,
         };
-        reply::Kind::SenderFlushed(pp::SenderFlushed { queues: count, complete })
+        // Every stamp given here for the device's sends is at or below it.
+        let clock = self.inner.store.clock().current();
+        tracing::debug!(%sender, %asker, queues = count, complete, "sender flush answered");
+        reply::Kind::SenderFlushed(pp::SenderFlushed { queues: count, complete, clock })
     }
 }

@@ -89,9 +89,10 @@ impl Mesh {
 
     /// Holds `queue` still while its device's previous broker hands over
     /// (the login of `epoch` here): sends into it wait (a store fence),
-    /// then what was queued here before is moved behind what came back,
+    /// then each sender's entries are put in the order of their stamps,
     /// so entries queued here for the device while it was elsewhere do not
-    /// overtake older ones its previous broker held. Resolves to the queue's
+    /// overtake older ones its previous broker held, nor entries older than
+    /// what came back (held here for it) fall behind. Resolves to the queue's
     /// head after that (`None`: the store failed; deliver as it is). The
     /// device's session pushes nothing until then.
     ///
@@ -128,6 +129,7 @@ impl Mesh {
                     from.into_iter().chain(previous).chain(holder).filter(|n| n != mesh.node()).collect();
                 ask.sort_unstable();
                 ask.dedup();
+                tracing::debug!(%queue, epoch, ?ask, "asking for what other brokers hold of the queue");
                 futures::future::join_all(ask.iter().map(|node| mesh.ask_handback(&queue, node, until))).await;
             };
             tokio::select! {
@@ -139,11 +141,12 @@ impl Mesh {
                 let _ = tx.send(None);
                 return;
             };
-            let head = match store.bounds(queue.clone()).await {
-                // Something came back: what was here goes behind it.
-                Ok(b) if b.head < before && b.tail > before => {
-                    store.rebase(queue.clone(), before).await.map(|b| b.head)
-                }
+            let bounds = store.bounds(queue.clone()).await;
+            tracing::debug!(%queue, epoch, before, bounds = ?bounds.as_ref().ok(), "handoff over; lifting the fence");
+            let head = match bounds {
+                // Something came back: put it in its senders' order with
+                // what was here.
+                Ok(b) if b.tail > before && b.depth() > 1 => store.reorder(queue.clone()).await.map(|_| b.head),
                 Ok(b) => Ok(b.head),
                 Err(e) => Err(e),
             };

@@ -152,6 +152,7 @@ impl Mesh {
         let (tx, rx) = mpsc::channel(4096);
         let (ship_tx, ship_rx) = mpsc::channel(65_536);
         let (members_tx, members_rx) = watch::channel(Members::new());
+        setup.store.clock().set_offset_ms(clock_offset_drill());
         let mesh = Self {
             inner: Arc::new(Inner {
                 me: me.clone(),
@@ -166,8 +167,12 @@ impl Mesh {
                 tasks: setup.tasks.clone(),
                 store: setup.store.clone(),
                 router: setup.router.clone(),
-                directory: Directory::new(setup.cache_entries, setup.cache_ttl, setup.directory_entries)
-                    .with_clock_offset(clock_offset_drill()),
+                directory: Directory::new(
+                    setup.cache_entries,
+                    setup.cache_ttl,
+                    setup.directory_entries,
+                    setup.store.clock().clone(),
+                ),
                 hosted: Mutex::new(HashMap::new()),
                 handoffs: Mutex::new(HashMap::new()),
                 handoff_ended: tokio::sync::Notify::new(),
@@ -406,6 +411,7 @@ impl Mesh {
         // elsewhere: this broker asked for it, and ships it on.
         if !ship.hold && self.defers(&queue, &from.peer.name) {
             metrics::counter!("tern_mesh_ship_deferred_total").increment(1);
+            tracing::debug!(%queue, from = %from.peer.name, "shipment deferred (the device is elsewhere, or waits for its handoff)");
             let defer = pp::ShipDefer { handle: queue.handle().to_owned(), device: queue.device() };
             from.send(PeerFrame { kind: Some(P::ShipDefer(defer)) });
             return;
@@ -426,10 +432,12 @@ impl Mesh {
             match outcome.await {
                 Ok(ShipOutcome::Acked(up_to)) => link.ack(queue.handle(), queue.device(), up_to),
                 Ok(ShipOutcome::Gap { expected }) => {
+                    tracing::debug!(%queue, from = %link.peer.name, expected, "shipment refused: a gap");
                     link.nack(&queue, expected, ErrorCode::Unspecified, Duration::ZERO)
                 }
                 Ok(ShipOutcome::Wait { up_to, expected }) => {
                     let Some(via) = via else { return };
+                    tracing::debug!(%queue, from = %link.peer.name, %via, up_to, "shipment waits for a handoff");
                     let retry = mesh.await_handoff(&queue, &via, origin, up_to).await;
                     link.nack(&queue, expected, ErrorCode::Unspecified, retry);
                 }

@@ -123,7 +123,7 @@ pub(crate) enum ShipMsg {
     LinkDown(String),
     /// The queue's device logged in here: stop shipping the queue now, so a
     /// late acknowledgement of what was in flight deletes nothing (the
-    /// queue may be rebased behind its handoff; see `hold_for_handback`).
+    /// queue may be reordered after its handoff; see `hold_for_handback`).
     Attached {
         queue: QueueKey,
         done: oneshot::Sender<()>,
@@ -443,6 +443,7 @@ impl ShipActor {
                 }
                 // Everything after the last ack goes again (the receiver
                 // stores nothing past what it deferred).
+                tracing::debug!(%queue, %node, acked = out.acked, "shipment deferred; looking the device up again");
                 out.sent = out.acked;
                 if out.resolving {
                     return;
@@ -464,6 +465,7 @@ impl ShipActor {
                     return;
                 }
                 // The receiver stored nothing past `expected - 1`.
+                tracing::debug!(%queue, %node, expected, ?retry_after, acked = out.acked, "shipment refused");
                 out.sent = out.acked.max(expected.saturating_sub(1));
                 let now = Instant::now();
                 out.progress = now;
@@ -490,6 +492,7 @@ impl ShipActor {
                 }
             }
             ShipMsg::Returned { node, queue } => {
+                tracing::debug!(%queue, %node, "handed back: no longer a holder of this queue");
                 if let Some(out) = self.queues.get_mut(&queue) {
                     if out.handed.as_ref().is_some_and(|(n, _)| *n == node) {
                         out.handed = None;
@@ -546,6 +549,7 @@ impl ShipActor {
                 out.sent = out.acked;
                 let location = newest(location, out.moved.take());
                 out.dest = location.map(|l| l.node).filter(|n| *n != me);
+                tracing::debug!(%queue, dest = ?out.dest, handed = ?out.handed, acked = out.acked, tail = out.tail, failed, "queue located");
                 if let Some(holder) = &out.hold_for {
                     // A sender flush: entries that cannot go to the device's
                     // broker now go to the sender's new one.
@@ -595,6 +599,7 @@ impl ShipActor {
                 let _ = done.send(());
             }
             ShipMsg::Flush { queue, up_to, holder, done } => {
+                tracing::debug!(%queue, up_to, %holder, dest = ?self.queues.get(&queue).and_then(|o| o.dest.clone()), "sender flush");
                 if self.router.is_attached(&queue) {
                     let _ = done.send(());
                     return;
@@ -895,8 +900,12 @@ mod tests {
             sent_at_ms: 1,
             body: Bytes::from(vec![n]),
         };
-        crate::store::StoredItem { enqueued_at_ms: 1, item: tern_protocol::pb::deliver::Item::Message(message) }
-            .encode()
+        crate::store::StoredItem {
+            enqueued_at_ms: 1,
+            stamp: 0,
+            item: tern_protocol::pb::deliver::Item::Message(message),
+        }
+        .encode()
     }
 
     fn seqs(entries: &[(u64, Bytes)]) -> Vec<u64> {

@@ -172,7 +172,7 @@ mod tests {
             }),
         ];
         for (i, item) in items.into_iter().enumerate() {
-            let value = StoredItem { enqueued_at_ms: 1, item: item.clone() }.encode();
+            let value = StoredItem { enqueued_at_ms: 1, stamp: 0, item: item.clone() }.encode();
             let mut out = BytesMut::new();
             let seq = 1_000_000 + i as u64;
             assert!(encode_deliver(seq, &value, &mut out));
@@ -189,7 +189,8 @@ mod tests {
     #[test]
     fn window_and_ack_clamping() {
         let mut d = Delivery::new(QueueKey::new("bob", 1), 10, 2, 0);
-        let v = StoredItem { enqueued_at_ms: 1, item: pb::deliver::Item::Receipt(pb::Receipt::default()) }.encode();
+        let v = StoredItem { enqueued_at_ms: 1, stamp: 0, item: pb::deliver::Item::Receipt(pb::Receipt::default()) }
+            .encode();
         let mut out = BytesMut::new();
         d.need_read = false;
         d.on_handed(11, &v, &mut out);

@@ -33,6 +33,8 @@ pub use keys::QueueKey;
 use keys::{BOOT_KEY, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES, CLOSED_KEY, INCARNATION_KEY, STORE_ID_KEY};
 use writer::{WriteCmd, WriterActor};
 
+use crate::clock::Hlc;
+
 /// Store settings (the `[store]` part of the broker configuration).
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -214,6 +216,8 @@ struct Inner {
     config: StoreConfig,
     id: [u8; 16],
     incarnation: u64,
+    /// Stamps entries stored here (shared with the mesh's login epochs).
+    clock: Arc<Hlc>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -250,22 +254,27 @@ impl Store {
         let disk_low = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
         let sync_failed = Arc::new(OnceLock::new());
-        let actor = WriterActor::new(
-            db.clone(),
-            rx,
-            accounts.clone(),
-            listener,
-            disk_low.clone(),
-            sync_failed.clone(),
-            config.clone(),
-        )?;
+        let clock = Arc::new(Hlc::default());
+        let shared = writer::Shared {
+            accounts: accounts.clone(),
+            disk_low: disk_low.clone(),
+            sync_failed: sync_failed.clone(),
+            clock: clock.clone(),
+        };
+        let actor = WriterActor::new(db.clone(), rx, listener, config.clone(), shared)?;
         let thread = std::thread::Builder::new()
             .name("tern-store-writer".into())
             .spawn(move || actor.run())
             .map_err(|e| StoreError::Db(format!("cannot start writer thread: {e}")))?;
         let writer = Mutex::new(Some(thread));
-        let inner = Inner { db, tx, accounts, disk_low, sync_failed, writer, config, id, incarnation };
+        let inner = Inner { db, tx, accounts, disk_low, sync_failed, writer, config, id, incarnation, clock };
         Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The clock that stamps entries stored here: the mesh takes login
+    /// epochs from it and observes other brokers' values with it.
+    pub(crate) fn clock(&self) -> &Arc<Hlc> {
+        &self.inner.clock
     }
 
     /// This database's random origin id, made when it was created and made
@@ -526,10 +535,12 @@ impl Store {
         self.call(|reply| WriteCmd::Unfence { queue, reply }).await.map(drop)
     }
 
-    /// Moves the entries of `queue` up to `up_to` behind the rest, in their
-    /// order (new seqs; the head becomes `up_to`). Returns the new bounds.
-    pub async fn rebase(&self, queue: QueueKey, up_to: u64) -> Result<QueueBounds, StoreError> {
-        self.call(|reply| WriteCmd::Rebase { queue, up_to, reply }).await
+    /// Puts each sender's entries of `queue` back in its order (by stamp,
+    /// in the places that sender's entries hold; seqs unchanged), after a
+    /// fence during which older or newer entries came back. Returns how many
+    /// entries moved.
+    pub async fn reorder(&self, queue: QueueKey) -> Result<u64, StoreError> {
+        self.call(|reply| WriteCmd::Reorder { queue, reply }).await
     }
 
     /// The queues holding messages sent by device `device` of `handle`, each

@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use crate::clock::Hlc;
 use crate::config::Durability;
 
 use bytes::Bytes;
@@ -139,11 +140,11 @@ pub(super) enum WriteCmd {
         queue: QueueKey,
         reply: Reply<u64>,
     },
-    /// Moves the entries of `queue` up to `up_to` behind the others.
-    Rebase {
+    /// Puts each sender's entries of `queue` in stamp order; answers how
+    /// many moved.
+    Reorder {
         queue: QueueKey,
-        up_to: u64,
-        reply: Reply<QueueBounds>,
+        reply: Reply<u64>,
     },
     Stop,
 }
@@ -213,7 +214,7 @@ impl WriteCmd {
             | Self::AddDevice { .. }
             | Self::Enqueue { .. }
             | Self::PutAccount { .. }
-            | Self::Rebase { .. } => SyncNeed::Now,
+            | Self::Reorder { .. } => SyncNeed::Now,
             Self::ApplyShip { .. } => SyncNeed::Soon,
             Self::Ack { .. }
             | Self::Bounds { .. }
@@ -328,6 +329,16 @@ impl Syncer {
     }
 }
 
+/// What the writer shares with the store's handles.
+pub(super) struct Shared {
+    pub(super) accounts: moka::sync::Cache<String, Arc<Account>>,
+    /// Set while free disk space is below the configured minimum.
+    pub(super) disk_low: Arc<AtomicBool>,
+    /// Set by the sync thread when a WAL sync failed.
+    pub(super) sync_failed: Arc<OnceLock<StoreError>>,
+    pub(super) clock: Arc<Hlc>,
+}
+
 pub(super) struct WriterActor {
     db: Arc<DB>,
     /// Where written batches wait for their sync (`None` under
@@ -338,6 +349,8 @@ pub(super) struct WriterActor {
     listener: Arc<dyn QueueListener>,
     disk_low: Arc<AtomicBool>,
     config: StoreConfig,
+    /// Stamps each entry stored here with its sender's order (see `item`).
+    clock: Arc<Hlc>,
     bounds: HashMap<QueueKey, QueueBounds>,
     /// The queues of `bounds` holding entries: what `Waiting` and `Expire`
     /// look at, rather than every queue ever made.
@@ -391,12 +404,11 @@ impl WriterActor {
     pub(super) fn new(
         db: Arc<DB>,
         rx: mpsc::Receiver<WriteCmd>,
-        accounts: moka::sync::Cache<String, Arc<Account>>,
         listener: Arc<dyn QueueListener>,
-        disk_low: Arc<AtomicBool>,
-        sync_failed: Arc<OnceLock<StoreError>>,
         config: StoreConfig,
+        shared: Shared,
     ) -> Result<Self, StoreError> {
+        let Shared { accounts, disk_low, sync_failed, clock } = shared;
         let syncer = if config.durability == Durability::Synced {
             let (tx, rx) = std::sync::mpsc::channel();
             let syncer = Syncer { db: db.clone(), rx, failed: sync_failed };
@@ -416,6 +428,7 @@ impl WriterActor {
             listener,
             disk_low,
             config,
+            clock,
             bounds: HashMap::new(),
             nonempty: HashSet::new(),
             total_depth: 0,
@@ -603,10 +616,10 @@ impl WriterActor {
                 self.unfence(batch, &queue);
                 batch.replies.push(Pending::Seq(reply, Ok(0)));
             }
-            WriteCmd::Rebase { queue, up_to, reply } => {
-                let result = self.rebase(batch, &queue, up_to);
+            WriteCmd::Reorder { queue, reply } => {
+                let result = self.reorder(batch, &queue);
                 batch.finish(mark, &result);
-                batch.replies.push(Pending::Bounds(reply, result));
+                batch.replies.push(Pending::Seq(reply, result));
             }
             WriteCmd::Waiting { reply } => {
                 // This batch's bounds stand over the committed ones.
@@ -783,6 +796,7 @@ impl WriterActor {
         }
         let item = StoredItem {
             enqueued_at_ms: now,
+            stamp: self.clock.next(),
             item: pb::deliver::Item::Message(pb::Message {
                 message_id: Bytes::copy_from_slice(&message_id),
                 from: sender.handle().to_owned(),
@@ -878,6 +892,7 @@ impl WriterActor {
         let now = now_ms();
         let receipt = StoredItem {
             enqueued_at_ms: now,
+            stamp: self.clock.next(),
             item: pb::deliver::Item::Receipt(pb::Receipt {
                 message_id,
                 handle: delivered_to.handle().to_owned(),
@@ -1149,7 +1164,13 @@ mod tests {
         let (_tx, rx) = mpsc::channel(1);
         let router: Arc<dyn QueueListener> = Arc::new(crate::router::Router::default());
         let failed = Arc::new(std::sync::OnceLock::new());
-        WriterActor::new(db, rx, moka::sync::Cache::new(10), router, Arc::default(), failed, config).unwrap()
+        let shared = Shared {
+            accounts: moka::sync::Cache::new(10),
+            disk_low: Arc::default(),
+            sync_failed: failed,
+            clock: Arc::default(),
+        };
+        WriterActor::new(db, rx, router, config, shared).unwrap()
     }
 
     /// Applies `cmd` alone in a batch, writes it, and returns its answer.
@@ -1221,10 +1242,10 @@ mod tests {
     /// Issue 11, order across a move: a device comes back to a broker that
     /// holds entries queued for it while it was elsewhere (2, 3), newer than
     /// what its previous broker hands back (1). Sends while the queue is
-    /// fenced wait, in order; the entries from before the fence go behind
-    /// what came back; the held sends follow.
+    /// fenced wait, in order; by their stamps, the entries from before the
+    /// fence go behind what came back; the held sends follow.
     #[test]
-    fn a_fenced_queue_holds_sends_in_order_and_rebases_what_it_had_behind_what_came_back() {
+    fn a_fenced_queue_holds_sends_in_order_and_puts_what_came_back_in_its_senders_order() {
         let dir = tempfile::tempdir().unwrap();
         let mut actor = actor(dir.path());
         for (i, handle) in ["alice", "carol", "bob"].into_iter().enumerate() {
@@ -1266,9 +1287,9 @@ mod tests {
         assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
         assert_eq!(ids(&actor, &bob), vec![2, 3, 1]);
 
-        let rebased = run(&mut actor, |reply| WriteCmd::Rebase { queue: bob.clone(), up_to: before, reply }).unwrap();
-        assert_eq!(rebased, QueueBounds { head: 2, tail: 5 });
-        assert_eq!(ids(&actor, &bob), vec![1, 2, 3], "what was here goes behind what came back");
+        let moved = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
+        assert_eq!(moved, 3);
+        assert_eq!(ids(&actor, &bob), vec![1, 2, 3], "what was here goes behind what came back, older");
         assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
         for mut rx in held {
             assert!(matches!(rx.try_recv(), Ok(Ok(_))), "a held send is answered once the fence is lifted");
@@ -1276,7 +1297,45 @@ mod tests {
         assert_eq!(ids(&actor, &bob), vec![1, 2, 3, 4, 5]);
         let b = actor.bounds[&bob];
         let seqs: Vec<u64> = actor.range(&bob, b.head + 1, b.tail).unwrap().iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, vec![3, 4, 5, 6, 7], "contiguous seqs after the head");
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5], "the seqs stay as they were");
+    }
+
+    /// Issue 11, M1 (the CI chaos run of stop 16): the entries queued here
+    /// before the fence are the *older* ones (shipped here while the device
+    /// was away), and a newer one of the same sender arrives during the
+    /// fence. Moving what was here behind what came back delivered the newer
+    /// one first; sorting by stamp keeps the sender's order, and another
+    /// sender's entry keeps its place.
+    #[test]
+    fn entries_older_than_what_arrives_during_a_fence_stay_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut actor = actor(dir.path());
+        register(&mut actor, &["alice", "carol", "bob"]);
+        let bob = QueueKey::new("bob", 1);
+        let ship = |actor: &mut WriterActor, origin: u8, seq: u64, value: Vec<u8>| {
+            let header = ShipHeader { base: seq - 1, handed_up_to: 0 };
+            let entries = vec![(seq, Bytes::from(value))];
+            let shipped = run(actor, |reply| WriteCmd::ApplyShip {
+                origin: [origin; 16],
+                queue: bob.clone(),
+                header,
+                entries,
+                reply,
+            });
+            assert!(matches!(shipped, Ok(ShipOutcome::Acked(_))), "{shipped:?}");
+        };
+        ship(&mut actor, 7, 1, entry(1, "alice", 100));
+        ship(&mut actor, 8, 1, entry(50, "carol", 90));
+        ship(&mut actor, 7, 2, entry(2, "alice", 101));
+        assert_eq!(run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(), 3);
+        ship(&mut actor, 9, 1, entry(3, "alice", 102));
+        ship(&mut actor, 9, 2, entry(51, "carol", 80));
+        let moved = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
+        assert_eq!(ids(&actor, &bob), vec![1, 51, 2, 3, 50], "each sender in stamp order, in its own places");
+        assert_eq!(moved, 2);
+        assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
+        let again = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
+        assert_eq!(again, 0, "a queue in order is left alone");
     }
 
     fn register(actor: &mut WriterActor, handles: &[&str]) {
@@ -1335,6 +1394,7 @@ mod tests {
         let bob = QueueKey::new("bob", 1);
         let big = StoredItem {
             enqueued_at_ms: now_ms(),
+            stamp: 0,
             item: pb::deliver::Item::Message(pb::Message {
                 message_id: Bytes::copy_from_slice(&[2; 16]),
                 from: "alice".into(),
@@ -1386,13 +1446,20 @@ mod tests {
         assert!(waiting.is_empty(), "an emptied queue is not waiting: {waiting:?}");
     }
 
-    /// A stored message entry numbered `id` (first byte of its message id).
+    /// A stored message entry of alice numbered `id` (first byte of its
+    /// message id), stamped `id`.
     fn ids_entry(id: u8) -> Vec<u8> {
+        entry(id, "alice", u64::from(id))
+    }
+
+    /// A stored message entry numbered `id` from device 1 of `from`.
+    fn entry(id: u8, from: &str, stamp: u64) -> Vec<u8> {
         let item = StoredItem {
             enqueued_at_ms: now_ms(),
+            stamp,
             item: pb::deliver::Item::Message(pb::Message {
                 message_id: Bytes::copy_from_slice(&[id; 16]),
-                from: "alice".into(),
+                from: from.into(),
                 from_device: 1,
                 to: "bob".into(),
                 sent_at_ms: 0,

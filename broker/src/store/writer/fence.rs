@@ -6,9 +6,11 @@
 //! there, shipped but not yet acknowledged, or not shipped at all. While its
 //! previous broker hands over, the mesh fences the queue: sends into it are
 //! held back (in arrival order, answered once applied), so nothing newer is
-//! queued between the older entries coming back. Then it rebases the
-//! entries that were here before the fence behind what came back, and lifts
-//! the fence. A held send is applied before any later request that touches
+//! queued between the older entries coming back. Then it puts each
+//! sender's entries back in the order of their stamps (what was here before
+//! the fence may be newer or older than what came back: sends queued here
+//! while the device was elsewhere, or older ones this broker held for it),
+//! and lifts the fence. A held send is applied before any later request that touches
 //! one of its queues, so each sender's order is kept.
 //!
 //! Shipments from other brokers are not held here: the mesh defers them
@@ -19,8 +21,12 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 
 use super::{Batch, WriteCmd, WriterActor};
-use crate::store::keys::{CF_META, CF_QUEUES};
-use crate::store::{QueueBounds, QueueKey, StoreError};
+use crate::store::item::order_of;
+use crate::store::keys::CF_QUEUES;
+use crate::store::{QueueKey, StoreError};
+
+/// Most entries of a queue [`WriterActor::reorder`] looks at (the newest).
+const REORDER_MAX: u64 = 20_000;
 
 /// Fenced queues and the sends they hold back.
 #[derive(Default)]
@@ -78,38 +84,58 @@ impl WriterActor {
         }
     }
 
-    /// Moves the entries of `queue` from its head up to `up_to` to its tail,
-    /// in their order, behind everything stored after them. The device's
-    /// session has pushed none of them (it waits for this), and the queue
-    /// is not being shipped (the device is here).
-    pub(super) fn rebase(
-        &mut self,
-        batch: &mut Batch,
-        queue: &QueueKey,
-        up_to: u64,
-    ) -> Result<QueueBounds, StoreError> {
+    /// Puts each sender's entries of `queue` in the order of their stamps
+    /// (see [`item`](crate::store::StoredItem)), in the places that sender's
+    /// entries already hold: what came back from the device's previous
+    /// broker during the fence, and what was queued here before it, end up
+    /// in their senders' order, whichever arrived first. Other senders'
+    /// entries, and entries without a stamp, keep their place; seqs and
+    /// bounds do not change. Only the newest [`REORDER_MAX`] entries are
+    /// looked at. The device's session has pushed none of them (it waits for
+    /// this), and the queue is not being shipped (the device is here).
+    /// Returns how many entries moved.
+    pub(super) fn reorder(&mut self, batch: &mut Batch, queue: &QueueKey) -> Result<u64, StoreError> {
         let b = self.bounds_of(batch, queue)?;
-        let up_to = up_to.min(b.tail);
-        if up_to <= b.head || up_to == b.tail {
-            return Ok(b);
+        let from = b.head.max(b.tail.saturating_sub(REORDER_MAX)) + 1;
+        if from >= b.tail {
+            return Ok(0);
         }
-        let mut moved = self.range(queue, b.head + 1, up_to)?;
+        let mut entries = self.range(queue, from, b.tail)?;
         // Entries staged in this batch are not in the database yet.
         for (q, seq, value) in &batch.queued {
-            if q == queue && *seq > b.head && *seq <= up_to && !moved.iter().any(|(s, _)| s == seq) {
-                moved.push((*seq, value.to_vec().into_boxed_slice()));
+            if q == queue && *seq >= from && !entries.iter().any(|(s, _)| s == seq) {
+                entries.push((*seq, value.to_vec().into_boxed_slice()));
             }
         }
-        moved.sort_unstable_by_key(|(seq, _)| *seq);
-        for (seq, value) in moved {
-            batch.delete(CF_QUEUES, queue.entry(seq));
-            self.push(batch, queue, Bytes::from(value.into_vec()))?;
+        entries.sort_unstable_by_key(|(seq, _)| *seq);
+        // Each sender's stamped entries, by position.
+        let mut senders: HashMap<(u8, String, u32), Vec<(usize, u64)>> = HashMap::new();
+        for (i, (_, value)) in entries.iter().enumerate() {
+            if let Some((kind, handle, device, stamp)) = order_of(value).filter(|o| o.3 != 0) {
+                senders.entry((kind, handle, device)).or_default().push((i, stamp));
+            }
         }
-        let mut after = self.bounds_of(batch, queue)?;
-        after.head = up_to;
-        batch.put(CF_META, queue.as_bytes(), up_to.to_be_bytes());
-        batch.set_bounds(queue.clone(), after);
-        metrics::counter!("tern_store_rebased_entries_total").increment(up_to - b.head);
-        Ok(after)
+        let mut moves = Vec::new();
+        for places in senders.values() {
+            let mut by_stamp = places.clone();
+            by_stamp.sort_by_key(|(_, stamp)| *stamp);
+            for ((to, _), (from, _)) in places.iter().zip(by_stamp) {
+                if *to != from {
+                    moves.push((entries[*to].0, Bytes::copy_from_slice(&entries[from].1)));
+                }
+            }
+        }
+        for (seq, value) in &moves {
+            batch.put_bytes(CF_QUEUES, queue.entry(*seq), value.clone());
+            for staged in batch.queued.iter_mut().filter(|(q, s, _)| q == queue && s == seq) {
+                staged.2 = value.clone();
+            }
+        }
+        let moved = moves.len() as u64;
+        if moved > 0 {
+            metrics::counter!("tern_store_reordered_entries_total").increment(moved);
+            tracing::debug!(%queue, moved, "put a queue back in its senders' order after a handoff");
+        }
+        Ok(moved)
     }
 }
