@@ -25,7 +25,22 @@ pub enum DecodeError {
     /// The frame's bytes are not a valid protobuf message.
     #[error("malformed frame: {0}")]
     Malformed(#[from] prost::DecodeError),
+    /// A `Ship` frame carries more entries than [`MAX_SHIP_ENTRIES`].
+    #[error("shipment of {count} entries exceeds the maximum of {max}")]
+    TooManyEntries {
+        /// Entries in the frame.
+        count: usize,
+        /// The maximum.
+        max: usize,
+    },
 }
+
+/// Most entries one `Ship` frame may carry. A sender's batches hold at most
+/// half of it. The bound is what keeps a peer frame's decoded size near its
+/// wire size: an empty `ShipEntry` takes 2 bytes on the wire and 40 in
+/// memory, and the `Vec` holding the entries grows by doubling, so without
+/// it one 8 MiB frame cost 160 MiB in one allocation (docs/fuzzing.md).
+pub const MAX_SHIP_ENTRIES: usize = 1024;
 
 /// Why a frame could not be encoded.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +91,55 @@ pub fn decode<M: Message + Default>(src: &mut BytesMut, max_len: usize) -> Resul
     src.advance(LEN_PREFIX);
     let frame = src.split_to(len).freeze();
     Ok(Some(M::decode(frame)?))
+}
+
+/// [`decode`] for a broker-to-broker [`PeerFrame`](crate::peer::PeerFrame),
+/// refusing one whose `Ship` carries more than [`MAX_SHIP_ENTRIES`] entries
+/// before decoding it: a pre-scan of the wire format counts them without
+/// allocating.
+pub fn decode_peer_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<crate::peer::PeerFrame>, DecodeError> {
+    let Some(len) = peek_len(src, max_len)? else {
+        return Ok(None);
+    };
+    let Some(frame) = src.get(LEN_PREFIX..LEN_PREFIX + len) else {
+        return Ok(None);
+    };
+    // `PeerFrame.ship` is field 5, `Ship.entries` field 4 (peer.proto).
+    let count = count_field(frame, &[5, 4])?;
+    if count > MAX_SHIP_ENTRIES {
+        return Err(DecodeError::TooManyEntries { count, max: MAX_SHIP_ENTRIES });
+    }
+    decode(src, max_len)
+}
+
+/// How often field `path`'s last number occurs in the encoded message
+/// `msg`, inside the nested message fields the numbers before it name
+/// (every occurrence of each, since protobuf merges a message field that
+/// occurs twice). For a repeated message field, that is its element count.
+/// Reads the wire format only; allocates nothing.
+pub fn count_field(mut msg: &[u8], path: &[u32]) -> Result<usize, prost::DecodeError> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    let Some((&field, inner)) = path.split_first() else {
+        return Ok(0);
+    };
+    let mut count = 0;
+    while !msg.is_empty() {
+        let (tag, wire_type) = decode_key(&mut msg)?;
+        if tag == field && inner.is_empty() {
+            count += 1;
+        }
+        if tag == field && !inner.is_empty() && wire_type == WireType::LengthDelimited {
+            // A length past the end counts what is there; decoding then
+            // fails on it.
+            let len = usize::try_from(decode_varint(&mut msg)?).unwrap_or(usize::MAX).min(msg.len());
+            let (nested, rest) = msg.split_at(len);
+            count += count_field(nested, inner)?;
+            msg = rest;
+        } else {
+            skip_field(wire_type, tag, &mut msg, DecodeContext::default())?;
+        }
+    }
+    Ok(count)
 }
 
 /// The length announced by the prefix at the front of `src`, once it is

@@ -37,7 +37,7 @@ pub mod peer {
     include!(concat!(env!("OUT_DIR"), "/tern.peer.v1.rs"));
 }
 
-pub use codec::{decode, encode, DecodeError, EncodeError};
+pub use codec::{decode, decode_peer_frame, encode, DecodeError, EncodeError, MAX_SHIP_ENTRIES};
 pub use handle::{validate_handle, HandleError};
 pub use message_id::{MessageId, MessageIdError};
 pub use pb::ErrorCode;

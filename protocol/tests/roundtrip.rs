@@ -362,3 +362,64 @@ fn oversized_peer_prefix_rejected_without_allocation() {
     ));
     assert_eq!(buf.capacity(), cap);
 }
+
+fn ship_frame(entries: usize) -> peer::PeerFrame {
+    peer::PeerFrame {
+        kind: Some(peer_frame::Kind::Ship(peer::Ship {
+            handle: "bob".into(),
+            device: 1,
+            entries: (1..=entries as u64).map(|seq| peer::ShipEntry { seq, value: Bytes::new() }).collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The fuzzing finding of docs/fuzzing.md: empty entries cost 20 times
+/// their wire size in one allocation, so a `Ship` of more than
+/// `MAX_SHIP_ENTRIES` is refused before it is decoded, and nothing of it
+/// is consumed.
+#[test]
+fn a_ship_of_too_many_entries_is_refused_before_decoding() {
+    let mut buf = codec::encode_to_vec(&ship_frame(tern_protocol::MAX_SHIP_ENTRIES + 1), MAX_PEER_FRAME).unwrap();
+    let len = buf.len();
+    assert!(matches!(
+        codec::decode_peer_frame(&mut buf, MAX_PEER_FRAME),
+        Err(DecodeError::TooManyEntries { count, max }) if count == max + 1
+    ));
+    assert_eq!(buf.len(), len);
+
+    let full = ship_frame(tern_protocol::MAX_SHIP_ENTRIES);
+    let mut buf = codec::encode_to_vec(&full, MAX_PEER_FRAME).unwrap();
+    assert_eq!(codec::decode_peer_frame(&mut buf, MAX_PEER_FRAME).unwrap(), Some(full));
+}
+
+/// protobuf merges a message field that occurs twice, so the entries of
+/// two `ship` fields in one frame count together.
+#[test]
+fn entries_are_counted_across_repeated_occurrences_of_the_ship_field() {
+    let half = tern_protocol::MAX_SHIP_ENTRIES / 2 + 1;
+    let mut body = ship_frame(half).encode_to_vec();
+    body.extend_from_slice(&ship_frame(half).encode_to_vec());
+    assert_eq!(codec::count_field(&body, &[5, 4]).unwrap(), 2 * half);
+    let mut buf = BytesMut::new();
+    buf.put_u32(body.len() as u32);
+    buf.extend_from_slice(&body);
+    assert!(matches!(codec::decode_peer_frame(&mut buf, MAX_PEER_FRAME), Err(DecodeError::TooManyEntries { .. })));
+}
+
+proptest! {
+    /// The pre-scan agrees with prost on every frame prost decodes.
+    #[test]
+    fn the_entry_count_matches_what_prost_decodes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(frame) = peer::PeerFrame::decode(&body[..]) {
+            let decoded = match frame.kind {
+                Some(peer_frame::Kind::Ship(ship)) => ship.entries.len(),
+                _ => 0,
+            };
+            let counted = codec::count_field(&body, &[5, 4]).unwrap();
+            // A later oneof field of another kind replaces the ship, so
+            // the pre-scan may count more, never fewer.
+            prop_assert!(counted >= decoded, "counted {} decoded {}", counted, decoded);
+        }
+    }
+}

@@ -57,10 +57,14 @@ pub(crate) struct Directory {
 
 impl Directory {
     pub(crate) fn new(cache_entries: u64, ttl: Duration, table_entries: u64, clock: Arc<Hlc>) -> Self {
+        Self::with_ttls(cache_entries, CacheTtl { known: ttl, unknown: UNKNOWN_TTL }, table_entries, clock)
+    }
+
+    fn with_ttls(cache_entries: u64, ttl: CacheTtl, table_entries: u64, clock: Arc<Hlc>) -> Self {
         Self {
             table: moka::sync::Cache::builder().max_capacity(table_entries).build(),
             recording: Mutex::new(()),
-            cache: moka::sync::Cache::builder().max_capacity(cache_entries).time_to_live(ttl).build(),
+            cache: moka::sync::Cache::builder().max_capacity(cache_entries).expire_after(ttl).build(),
             clock,
         }
     }
@@ -138,6 +142,50 @@ impl Directory {
         }
         metrics::counter!("tern_location_invalidations_total").increment(1);
         self.cache.insert(queue.clone(), Some(location));
+    }
+}
+
+/// How long a cached answer that knows no location lives. An owner that
+/// restarted, or a shard that just moved, answers "unknown" until the
+/// device's broker registers it again (within a gossip round); a broker that
+/// kept that answer for the full TTL held the device's messages that long
+/// while it was online.
+const UNKNOWN_TTL: Duration = Duration::from_secs(2);
+
+/// The cache's lifetimes: `known` for a location, `unknown` for "none known".
+struct CacheTtl {
+    known: Duration,
+    unknown: Duration,
+}
+
+impl CacheTtl {
+    fn of(&self, location: &Option<Location>) -> Duration {
+        if location.is_some() {
+            self.known
+        } else {
+            self.unknown
+        }
+    }
+}
+
+impl moka::Expiry<QueueKey, Option<Location>> for CacheTtl {
+    fn expire_after_create(
+        &self,
+        _: &QueueKey,
+        location: &Option<Location>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(self.of(location))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &QueueKey,
+        location: &Option<Location>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.of(location))
     }
 }
 
@@ -225,6 +273,27 @@ mod tests {
         d.invalidate(&q, at("c", 9));
         assert_eq!(d.cached(&q), Some(Some(at("c", 9))));
         assert!(d.next_epoch() < d.next_epoch());
+    }
+
+    /// Issue 11 (CI chaos run of stop 17): a broker that restarted asked
+    /// an owner that did not know the device yet, cached "unknown" for the
+    /// location cache's 60 s, and held the messages of an online device
+    /// for 16 s, until its sender moved and they were overtaken.
+    #[test]
+    fn an_unknown_location_is_cached_briefly_and_a_known_one_for_the_ttl() {
+        let ttl = CacheTtl { known: Duration::from_secs(60), unknown: Duration::from_millis(100) };
+        let d = Directory::with_ttls(10, ttl, 100, Arc::default());
+        let (bob, carol) = (QueueKey::new("bob", 1), QueueKey::new("carol", 1));
+        d.cache(bob.clone(), None);
+        d.cache(carol.clone(), Some(Location { node: "a".into(), epoch: 1 }));
+        assert_eq!(d.peek(&bob), Some(None));
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(d.peek(&bob), None, "the unknown answer is asked again");
+        assert!(d.peek(&carol).is_some_and(|l| l.is_some()));
+        // A known location replaced by an unknown one gets the short life.
+        d.cache(carol.clone(), None);
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(d.peek(&carol), None);
     }
 
     fn skewed(offset_ms: i64) -> Directory {

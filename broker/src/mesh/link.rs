@@ -308,7 +308,7 @@ fn peer_windows(conn: &quinn::Connection) {
 async fn read_hello(recv: &mut quinn::RecvStream, inbuf: &mut BytesMut, cert_name: &str) -> Result<NodeId, LinkError> {
     let read = async {
         loop {
-            match codec::decode::<PeerFrame>(inbuf, MAX_PEER_FRAME) {
+            match codec::decode_peer_frame(inbuf, MAX_PEER_FRAME) {
                 Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => {}
                 Err(e) => return Err(LinkError::Protocol(e.to_string())),
@@ -412,7 +412,7 @@ async fn read_until_end(mesh: &Mesh, handle: &LinkHandle, mut recv: quinn::RecvS
 
 /// Hands every complete frame in `inbuf` to the mesh.
 async fn read_frames(mesh: &Mesh, handle: &LinkHandle, inbuf: &mut BytesMut) -> Result<(), DecodeError> {
-    while let Some(frame) = codec::decode::<PeerFrame>(inbuf, MAX_PEER_FRAME)? {
+    while let Some(frame) = codec::decode_peer_frame(inbuf, MAX_PEER_FRAME)? {
         handle.stats.frames_in.fetch_add(1, Ordering::Relaxed);
         mesh.on_frame(handle, frame).await;
     }

@@ -317,6 +317,21 @@ impl Mesh {
         }
     }
 
+    /// What this broker can tell a lookup of `queue`: its entry as owner,
+    /// or the device's login here if that is newer. A broker asked by a
+    /// member whose view of the membership differs (one that just started
+    /// may not know every member yet, so it computes another owner) still
+    /// answers right for its own devices.
+    pub(super) fn known_location(&self, queue: &QueueKey) -> Option<Location> {
+        let owned = self.inner.directory.owned(queue);
+        let here =
+            lock(&self.inner.hosted).get(queue).map(|epoch| Location { node: self.node().to_owned(), epoch: *epoch });
+        match (owned, here) {
+            (Some(o), Some(h)) => Some(if h.epoch > o.epoch { h } else { o }),
+            (o, h) => o.or(h),
+        }
+    }
+
     /// Where `queue`'s device is: this broker if connected here, else the
     /// cache, else its directory owner (the answer is cached). `None` when
     /// the owner could not be asked; `Some(None)` when no location is known.

@@ -28,6 +28,7 @@ mod flush;
 mod link;
 mod location;
 mod membership;
+mod outbox;
 mod settle;
 mod ship;
 mod status;
@@ -453,7 +454,7 @@ impl Mesh {
     async fn serve(&self, kind: request::Kind, asker: &str) -> reply::Kind {
         match kind {
             request::Kind::Lookup(l) => {
-                let location = queue_key(&l.handle, l.device).ok().and_then(|q| self.inner.directory.owned(&q));
+                let location = queue_key(&l.handle, l.device).ok().and_then(|q| self.known_location(&q));
                 let (node, epoch) = location.map_or((String::new(), 0), |l| (l.node, l.epoch));
                 reply::Kind::Lookup(pp::LookupReply { node, epoch })
             }

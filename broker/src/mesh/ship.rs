@@ -23,7 +23,7 @@
 //! sweep that re-sends what was not acknowledged and picks up queues left
 //! over from before a restart.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,17 +33,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::directory::Location;
+use super::outbox::{Stream, Transmit, BATCH_BYTES, BATCH_ITEMS};
 use super::Mesh;
 use crate::router::Router;
 use crate::store::{QueueBounds, QueueKey, Store};
 
-/// Entries in flight (shipped, not yet acknowledged) per queue.
-const WINDOW: u64 = 4096;
-/// Entries and bytes per `Ship` frame.
-const BATCH_ITEMS: usize = 512;
-const BATCH_BYTES: usize = 1 << 20;
-/// Unacknowledged entries are sent again after this long without progress.
-const RESEND_AFTER: Duration = Duration::from_secs(5);
 /// How often queues with no known destination are looked up again, and the
 /// store is swept for queues this actor does not know of.
 const SWEEP_EVERY: Duration = Duration::from_secs(3);
@@ -119,6 +113,12 @@ pub(crate) enum ShipMsg {
         handed: Option<(String, u64)>,
         failed: bool,
     },
+    /// A store read of the queue's entries from `from` on finished.
+    Read {
+        queue: QueueKey,
+        from: u64,
+        read: Result<Vec<(u64, Bytes)>, crate::store::StoreError>,
+    },
     LinkUp(String),
     LinkDown(String),
     /// The queue's device logged in here: stop shipping the queue now, so a
@@ -167,9 +167,6 @@ impl OutboxGauge {
 /// traffic (looked up again on its next entry).
 const IDLE_FORGET: Duration = Duration::from_secs(60);
 
-/// Announced entries kept per queue for shipping without a store read.
-const FRESH_MAX: usize = 1024;
-
 /// Delay before a deferred queue is looked up and sent again.
 const DEFER_RETRY: Duration = Duration::from_millis(100);
 
@@ -190,31 +187,23 @@ struct Ask {
 /// Asks not answered within this long are dropped (the asker asks again).
 const ASK_FORGET: Duration = Duration::from_secs(60);
 
+/// A queue shipped (or held) here: where its entries go, and the
+/// [`Stream`] of what was sent and acknowledged there.
 #[derive(Debug)]
 struct Outbound {
     /// Where the entries go; `None` while unknown (held here).
     dest: Option<String>,
-    /// The link `sent` counts shipments on: entries sent on an earlier link
-    /// (gone, or replaced by a restarted peer's) are sent again.
-    link: u64,
-    /// Highest seq sent to `dest`.
-    sent: u64,
-    /// Highest seq `dest` acknowledged (deleted here).
-    acked: u64,
-    /// Highest seq known to be stored here (announced, or seen in the
-    /// queue's bounds): past it there is nothing to read.
-    tail: u64,
-    progress: Instant,
+    /// Shipping to `dest` (sans-IO: see [`super::outbox`]).
+    stream: Stream,
+    /// When the device was last looked up (held queues are looked up again
+    /// after [`HELD_RETRY`]).
+    looked_up: Instant,
     resolving: bool,
     /// Tell `dest` once everything here is shipped and acknowledged.
     handoff: bool,
     /// A `Moved` notice that came while a lookup was in flight: the newer
     /// of the two (by epoch) decides where the entries go.
     moved: Option<Location>,
-    /// Entries the router announced and not yet sent, in seq order with no
-    /// gap, so they ship without a store read. A gap (a notice dropped, a
-    /// full buffer) is filled from the store.
-    fresh: VecDeque<(u64, Bytes)>,
     /// The last lookup failed: look it up again at the next sweep, not
     /// after `HELD_RETRY`.
     retry_soon: bool,
@@ -224,8 +213,6 @@ struct Outbound {
     /// The broker that last acknowledged entries of this queue, and up to
     /// which seq: a receiver lacking them waits for that broker's handoff.
     handed: Option<(String, u64)>,
-    /// No shipping before this (a receiver's nack asked to wait).
-    hold_until: Option<Instant>,
     /// Brokers waiting for everything held here to be handed over.
     asks: Vec<Ask>,
     /// Ship to this broker as a holder (`Ship.hold`) when the destination
@@ -237,21 +224,17 @@ struct Outbound {
 
 impl Outbound {
     fn new() -> Self {
+        let now = Instant::now();
         Self {
             dest: None,
-            link: 0,
-            sent: 0,
-            acked: 0,
-            tail: 0,
-            progress: Instant::now(),
+            stream: Stream::new(now),
+            looked_up: now,
             resolving: false,
             handoff: false,
             moved: None,
             held: false,
             retry_soon: false,
-            fresh: VecDeque::new(),
             handed: None,
-            hold_until: None,
             asks: Vec::new(),
             hold_for: None,
             flushes: Vec::new(),
@@ -262,8 +245,8 @@ impl Outbound {
     /// and the broker that last acknowledged entries if it is not `dest`.
     fn header(&self, dest: &str) -> (u64, String, u64) {
         match &self.handed {
-            Some((node, up_to)) if node != dest => (self.acked, node.clone(), *up_to),
-            _ => (self.acked, String::new(), 0),
+            Some((node, up_to)) if node != dest => (self.stream.acked(), node.clone(), *up_to),
+            _ => (self.stream.acked(), String::new(), 0),
         }
     }
 
@@ -271,7 +254,7 @@ impl Outbound {
     /// covers. True when that ends shipping to a holder (the destination is
     /// to be looked up again).
     fn flushed(&mut self) -> bool {
-        let acked = self.acked;
+        let acked = self.stream.acked();
         let (done, waiting): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.flushes).into_iter().partition(|f| f.0 <= acked);
         self.flushes = waiting;
@@ -292,7 +275,7 @@ impl Outbound {
     /// Removes and returns the asks of `node` that everything acknowledged
     /// so far answers.
     fn answered(&mut self, node: &str) -> Vec<u64> {
-        let acked = self.acked;
+        let acked = self.stream.acked();
         let mut ids = Vec::new();
         self.asks.retain(|a| {
             let done = a.node == node && a.tail <= acked;
@@ -302,45 +285,6 @@ impl Outbound {
             !done
         });
         ids
-    }
-
-    /// Keeps an announced entry for the next shipment (not for held queues:
-    /// they may wait long, and are read from the store when they go).
-    fn announce(&mut self, seq: u64, value: Bytes) {
-        self.tail = self.tail.max(seq);
-        let keeps = self.dest.is_some() || self.resolving;
-        let follows = self.fresh.back().is_none_or(|(last, _)| *last + 1 == seq);
-        if !keeps || !follows || self.fresh.len() >= FRESH_MAX {
-            self.fresh.clear();
-        }
-        if keeps && seq > self.sent {
-            self.fresh.push_back((seq, value));
-        }
-    }
-
-    /// The next entries to ship after `sent`: the announced ones if they
-    /// start there, else up to a batch read from the store (unless nothing
-    /// is known to be stored past `sent`).
-    fn next_entries(&mut self, store: &Store, queue: &QueueKey) -> Result<Vec<(u64, Bytes)>, crate::store::StoreError> {
-        while self.fresh.front().is_some_and(|(seq, _)| *seq <= self.sent) {
-            self.fresh.pop_front();
-        }
-        if self.fresh.front().is_some_and(|(seq, _)| *seq == self.sent + 1) {
-            let mut bytes = 0;
-            let mut entries = Vec::new();
-            while let Some((_, value)) = self.fresh.front() {
-                if entries.len() >= BATCH_ITEMS || !entries.is_empty() && bytes + value.len() > BATCH_BYTES {
-                    break;
-                }
-                bytes += value.len();
-                entries.extend(self.fresh.pop_front());
-            }
-            return Ok(entries);
-        }
-        if self.sent >= self.tail {
-            return Ok(Vec::new());
-        }
-        store.read(queue, self.sent + 1, BATCH_ITEMS, BATCH_BYTES)
     }
 }
 
@@ -371,6 +315,7 @@ impl ShipActor {
     pub(crate) async fn run(mut self) {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut members = self.mesh.inner.members.clone();
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return,
@@ -378,6 +323,7 @@ impl ShipActor {
                     self.sweep().await;
                     self.count();
                 }
+                Ok(()) = members.changed() => members_changed(&mut self.queues),
                 msg = self.rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
                     None => return,
@@ -391,18 +337,16 @@ impl ShipActor {
         match msg {
             ShipMsg::Queued { queue, seq, value } => {
                 if let Some(out) = self.queues.get_mut(&queue) {
-                    out.announce(seq, value);
+                    let keep = out.dest.is_some() || out.resolving;
+                    out.stream.handle_announce(seq, value, keep);
                 }
                 self.track(queue);
             }
             ShipMsg::Acked { node, queue, up_to } => {
                 let Some(out) = self.queues.get_mut(&queue) else { return };
-                if out.dest.as_deref() != Some(node.as_str()) || up_to <= out.acked {
+                if out.dest.as_deref() != Some(node.as_str()) || !out.stream.handle_ack(Instant::now(), up_to) {
                     return;
                 }
-                out.acked = up_to;
-                out.sent = out.sent.max(up_to);
-                out.progress = Instant::now();
                 out.handed = Some((node.clone(), up_to));
                 for id in out.answered(&node) {
                     self.mesh.handoff_done(&node, &queue, id);
@@ -443,8 +387,8 @@ impl ShipActor {
                 }
                 // Everything after the last ack goes again (the receiver
                 // stores nothing past what it deferred).
-                tracing::debug!(%queue, %node, acked = out.acked, "shipment deferred; looking the device up again");
-                out.sent = out.acked;
+                tracing::debug!(%queue, %node, acked = out.stream.acked(), "shipment deferred; looking the device up again");
+                out.stream.handle_defer();
                 if out.resolving {
                     return;
                 }
@@ -465,20 +409,14 @@ impl ShipActor {
                     return;
                 }
                 // The receiver stored nothing past `expected - 1`.
-                tracing::debug!(%queue, %node, expected, ?retry_after, acked = out.acked, "shipment refused");
-                out.sent = out.acked.max(expected.saturating_sub(1));
-                let now = Instant::now();
-                out.progress = now;
-                if retry_after.is_zero() {
-                    if out.hold_until.is_none_or(|t| t <= now) {
-                        self.pump(&queue);
-                    }
+                tracing::debug!(%queue, %node, expected, ?retry_after, acked = out.stream.acked(), "shipment refused");
+                let Some(until) = out.stream.handle_nack(Instant::now(), expected, retry_after) else {
+                    self.pump(&queue);
                     return;
-                }
-                out.hold_until = Some(out.hold_until.map_or(now + retry_after, |t| t.max(now + retry_after)));
+                };
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
-                    tokio::time::sleep(retry_after).await;
+                    tokio::time::sleep_until(until.into()).await;
                     if let Some(tx) = tx.upgrade() {
                         let _ = tx.send(ShipMsg::Wake(queue)).await;
                     }
@@ -486,8 +424,7 @@ impl ShipActor {
             }
             ShipMsg::Wake(queue) => {
                 let Some(out) = self.queues.get_mut(&queue) else { return };
-                if out.hold_until.is_some_and(|t| t <= Instant::now()) {
-                    out.hold_until = None;
+                if out.stream.handle_wake(Instant::now()) {
                     self.pump(&queue);
                 }
             }
@@ -522,7 +459,7 @@ impl ShipActor {
                 }
                 let out = self.queues.entry(queue.clone()).or_insert_with(Outbound::new);
                 out.asks.push(Ask { node: node.clone(), id, tail: bounds.tail, at: Instant::now() });
-                out.tail = out.tail.max(bounds.tail);
+                out.stream.handle_tail(bounds.tail);
                 if out.dest.as_deref() == Some(node.as_str()) {
                     self.pump(&queue);
                 } else if !out.resolving {
@@ -544,12 +481,12 @@ impl ShipActor {
                         out.handed = Some((node, up_to));
                     }
                 }
-                out.acked = out.acked.max(bounds.head);
-                out.tail = out.tail.max(bounds.tail);
-                out.sent = out.acked;
+                let now = Instant::now();
+                out.stream.handle_start(now, bounds.head, bounds.tail);
+                out.looked_up = now;
                 let location = newest(location, out.moved.take());
                 out.dest = location.map(|l| l.node).filter(|n| *n != me);
-                tracing::debug!(%queue, dest = ?out.dest, handed = ?out.handed, acked = out.acked, tail = out.tail, failed, "queue located");
+                tracing::debug!(%queue, dest = ?out.dest, handed = ?out.handed, stream = ?out.stream, failed, "queue located");
                 if let Some(holder) = &out.hold_for {
                     // A sender flush: entries that cannot go to the device's
                     // broker now go to the sender's new one.
@@ -565,10 +502,22 @@ impl ShipActor {
                     out.handoff = true;
                     out.held = false;
                 }
-                out.progress = Instant::now();
                 if out.dest.is_some() {
                     self.pump(&queue);
                 }
+            }
+            ShipMsg::Read { queue, from, read } => {
+                let Some(out) = self.queues.get_mut(&queue) else { return };
+                match read {
+                    Ok(entries) => out.stream.handle_loaded(from, entries),
+                    Err(e) => {
+                        // The sweep tries again.
+                        out.stream.handle_read_failed();
+                        tracing::warn!(%queue, error = %e, "cannot read entries to ship");
+                        return;
+                    }
+                }
+                self.pump(&queue);
             }
             ShipMsg::LinkUp(node) => {
                 let waiting: Vec<QueueKey> = self
@@ -605,7 +554,7 @@ impl ShipActor {
                     return;
                 }
                 let out = self.queues.entry(queue.clone()).or_insert_with(Outbound::new);
-                out.tail = out.tail.max(up_to);
+                out.stream.handle_tail(up_to);
                 out.flushes.push((up_to, done));
                 out.hold_for = Some(holder);
                 let shipping = out.dest.as_ref().is_some_and(|d| self.mesh.link(d).is_some());
@@ -621,7 +570,7 @@ impl ShipActor {
             ShipMsg::LinkDown(node) => {
                 let mut to_holder = Vec::new();
                 for (q, out) in self.queues.iter_mut().filter(|(_, o)| o.dest.as_deref() == Some(&node)) {
-                    out.sent = out.acked;
+                    out.stream.handle_link_down();
                     // A sender flush waits on these: they go to its holder.
                     if let Some(holder) = out.hold_for.clone().filter(|h| *h != node) {
                         out.dest = Some(holder);
@@ -638,10 +587,10 @@ impl ShipActor {
     /// Publishes what is held per destination.
     fn count(&self) {
         let mut counts: HashMap<String, OutboxCount> = HashMap::new();
-        for out in self.queues.values().filter(|o| o.dest.is_none() || o.sent > o.acked) {
+        for out in self.queues.values().filter(|o| o.dest.is_none() || !o.stream.settled()) {
             let c = counts.entry(out.dest.clone().unwrap_or_default()).or_default();
             c.queues += 1;
-            c.in_flight += out.sent - out.acked;
+            c.in_flight += out.stream.in_flight();
         }
         self.gauge.set(counts);
     }
@@ -670,6 +619,18 @@ impl ShipActor {
         let mesh = self.mesh.clone();
         let q = queue.clone();
         self.resolved_later(queue, async move { mesh.locate(&q).await });
+    }
+
+    /// Reads entries of `queue` from `from` on, on a blocking thread, and
+    /// posts what it found (`Read`).
+    fn read_later(&self, queue: QueueKey, from: u64) {
+        let (store, tx) = (self.store.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let read = store.read_off_thread(queue.clone(), from, BATCH_ITEMS, BATCH_BYTES).await;
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(ShipMsg::Read { queue, from, read }).await;
+            }
+        });
     }
 
     /// Posts `Resolved` for `queue` once `location` is known, with the
@@ -706,40 +667,34 @@ impl ShipActor {
         let Some(out) = self.queues.get_mut(queue) else { return };
         let Some(dest) = out.dest.clone() else { return };
         let Some(link) = self.mesh.link(&dest) else { return };
-        if out.link != link.id {
-            // What went out on another link may have died with it (or with
-            // the peer process it reached): send it again.
-            out.link = link.id;
-            out.sent = out.acked;
-        }
-        if out.hold_until.is_some_and(|t| t > Instant::now()) {
-            return;
-        }
+        out.stream.handle_link(link.id);
         let origin = self.store.id();
-        while out.sent - out.acked < WINDOW {
-            let entries = match out.next_entries(&self.store, queue) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(queue = %queue, error = %e, "cannot read entries to ship");
+        loop {
+            let entries = match out.stream.poll_transmit(Instant::now()) {
+                Transmit::Ship(entries) => entries,
+                Transmit::Read(from) => {
+                    self.read_later(queue.clone(), from);
+                    return;
+                }
+                Transmit::Wait => return,
+                Transmit::Nothing => {
+                    if out.stream.settled() {
+                        // Everything shipped and acknowledged.
+                        if out.handoff {
+                            self.mesh.handoff_done(&dest, queue, 0);
+                            out.handoff = false;
+                        }
+                        for id in out.answered(&dest) {
+                            self.mesh.handoff_done(&dest, queue, id);
+                        }
+                    }
+                    // Kept while the conversation goes on, so the next
+                    // entry ships at once (no lookup, no bounds read); the
+                    // sweep drops it after `IDLE_FORGET` without traffic.
                     return;
                 }
             };
-            let Some(last) = entries.last().map(|(seq, _)| *seq) else {
-                if out.sent == out.acked && out.handoff {
-                    // Everything shipped and acknowledged.
-                    self.mesh.handoff_done(&dest, queue, 0);
-                    out.handoff = false;
-                }
-                if out.sent == out.acked {
-                    for id in out.answered(&dest) {
-                        self.mesh.handoff_done(&dest, queue, id);
-                    }
-                }
-                // Kept while the conversation goes on, so the next entry
-                // ships at once (no lookup, no bounds read); the sweep drops
-                // it after `IDLE_FORGET` without traffic.
-                return;
-            };
+            let Some(first) = entries.first().map(|(seq, _)| *seq) else { return };
             let (base, handed_to, handed_up_to) = out.header(&dest);
             let ship = Ship {
                 handle: queue.handle().to_owned(),
@@ -754,10 +709,10 @@ impl ShipActor {
             let count = ship.entries.len() as u64;
             if !link.send(PeerFrame { kind: Some(P::Ship(ship)) }) {
                 // The link's queue is full or it went down: the sweep retries.
+                out.stream.handle_unsent(first);
                 return;
             }
             metrics::counter!("tern_mesh_shipped_entries_total").increment(count);
-            out.sent = last;
         }
     }
 
@@ -770,16 +725,18 @@ impl ShipActor {
             out.asks.retain(|a| now - a.at < ASK_FORGET);
         }
         self.queues.retain(|_, o| {
-            o.resolving || o.dest.is_none() || o.sent > o.acked || !o.asks.is_empty() || now - o.progress < IDLE_FORGET
+            o.resolving
+                || o.dest.is_none()
+                || !o.stream.settled()
+                || !o.asks.is_empty()
+                || now - o.stream.progress().max(o.looked_up) < IDLE_FORGET
         });
         let mut retry = Vec::new();
         for (q, out) in &mut self.queues {
-            if out.sent > out.acked && now - out.progress > RESEND_AFTER {
-                out.sent = out.acked;
-                out.progress = now;
+            if out.stream.handle_timeout(now) {
                 metrics::counter!("tern_mesh_reships_total").increment(1);
             }
-            if out.dest.is_some() && out.sent == out.acked {
+            if out.dest.is_some() && out.stream.settled() {
                 retry.push(q.clone());
             }
         }
@@ -787,7 +744,7 @@ impl ShipActor {
         for q in retry {
             if let Some(out) = self.queues.get_mut(&q) {
                 if out.dest.is_none() && !out.resolving {
-                    out.progress = now;
+                    out.looked_up = now;
                     self.mesh.forget_location(&q);
                 }
             }
@@ -806,16 +763,14 @@ impl ShipActor {
         let holding: std::collections::HashSet<&QueueKey> = waiting.iter().map(|(q, _)| q).collect();
         self.queues.retain(|q, o| o.dest.is_some() || o.resolving || !o.asks.is_empty() || holding.contains(q));
         for (q, bounds) in waiting {
-            match self.queues.get_mut(&q) {
+            if let Some(out) = self.queues.get_mut(&q) {
                 // Entries whose notice was dropped (a full channel) are
                 // known from here on.
-                Some(out) if bounds.tail > out.tail => {
-                    out.tail = bounds.tail;
+                if out.stream.handle_tail(bounds.tail) {
                     self.pump(&q);
                 }
-                Some(_) => {}
-                None if !self.router.is_attached(&q) => self.track(q),
-                None => {}
+            } else if !self.router.is_attached(&q) {
+                self.track(q);
             }
         }
     }
@@ -841,6 +796,15 @@ impl ShipActor {
     }
 }
 
+/// The membership changed, so directory shards moved: held queues are
+/// looked up again at the next sweeps (their devices' new owners may know
+/// where they are; an answer of "unknown" from the old owner is stale).
+fn members_changed(queues: &mut HashMap<QueueKey, Outbound>) {
+    for out in queues.values_mut().filter(|o| o.dest.is_none()) {
+        out.retry_soon = true;
+    }
+}
+
 /// Held queues looked up again per sweep, at most: a broker holding queues
 /// for many offline devices spreads their lookups over several sweeps
 /// instead of asking the directory for all of them at once.
@@ -853,8 +817,8 @@ const HELD_LOOKUPS_PER_SWEEP: usize = 256;
 fn due_held(queues: &HashMap<QueueKey, Outbound>, now: Instant) -> Vec<QueueKey> {
     let mut due: Vec<(bool, Instant, &QueueKey)> = queues
         .iter()
-        .filter(|(_, o)| o.dest.is_none() && !o.resolving && (o.retry_soon || now - o.progress > HELD_RETRY))
-        .map(|(q, o)| (!o.retry_soon, o.progress, q))
+        .filter(|(_, o)| o.dest.is_none() && !o.resolving && (o.retry_soon || now - o.looked_up > HELD_RETRY))
+        .map(|(q, o)| (!o.retry_soon, o.looked_up, q))
         .collect();
     if due.len() > HELD_LOOKUPS_PER_SWEEP {
         due.select_nth_unstable(HELD_LOOKUPS_PER_SWEEP);
@@ -874,96 +838,6 @@ fn newest(a: Option<Location>, b: Option<Location>) -> Option<Location> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Durability;
-    use crate::store::StoreConfig;
-
-    fn store(dir: &std::path::Path) -> Store {
-        let config = StoreConfig {
-            path: dir.to_owned(),
-            durability: Durability::Written,
-            retention: Duration::from_secs(3600),
-            max_queue_len: 1000,
-            max_entry_len: crate::store::max_entry_len(tern_protocol::DEFAULT_MAX_FRAME_LEN),
-            max_batch: 64,
-            max_devices: 4,
-            account_cache_entries: 10,
-        };
-        Store::open(config, Arc::new(Router::default())).unwrap()
-    }
-
-    fn item(n: u8) -> Bytes {
-        let message = tern_protocol::pb::Message {
-            message_id: Bytes::from(vec![n; 16]),
-            from: "alice".into(),
-            from_device: 1,
-            to: "bob".into(),
-            sent_at_ms: 1,
-            body: Bytes::from(vec![n]),
-        };
-        crate::store::StoredItem {
-            enqueued_at_ms: 1,
-            stamp: 0,
-            item: tern_protocol::pb::deliver::Item::Message(message),
-        }
-        .encode()
-    }
-
-    fn seqs(entries: &[(u64, Bytes)]) -> Vec<u64> {
-        entries.iter().map(|(s, _)| *s).collect()
-    }
-
-    /// A store holding entries `1..=n` of bob/1, and bob/1's outbound state
-    /// towards node-2 with nothing sent or announced yet.
-    async fn bob_stored(dir: &std::path::Path, n: u64) -> (Store, QueueKey, Outbound) {
-        let store = store(dir);
-        let q = QueueKey::new("bob", 1);
-        let stored: Vec<(u64, Bytes)> = (1..=n).map(|s| (s, item(s as u8))).collect();
-        store.submit_ship([7; 16], q.clone(), Default::default(), stored).await.unwrap().await.unwrap();
-        let mut out = Outbound::new();
-        out.dest = Some("node-2".into());
-        (store, q, out)
-    }
-
-    #[tokio::test]
-    async fn announced_entries_ship_without_a_read_and_gaps_are_read_from_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, q, mut out) = bob_stored(dir.path(), 5).await;
-        // Announced from seq 3 on, but 1 and 2 were never sent: read them all.
-        out.announce(3, Bytes::from_static(b"x"));
-        out.announce(4, Bytes::from_static(b"x"));
-        let first = out.next_entries(&store, &q).unwrap();
-        assert_eq!(seqs(&first), [1, 2, 3, 4, 5]);
-        assert_eq!(first[2].1, item(3), "read from the store, not the buffer");
-        out.sent = 5;
-        // Seq 6 is only in the buffer: it ships from there.
-        out.announce(6, Bytes::from_static(b"six"));
-        let next = out.next_entries(&store, &q).unwrap();
-        assert_eq!(next, vec![(6, Bytes::from_static(b"six"))]);
-        out.sent = 6;
-        // A dropped notice (7) leaves a gap: the store is read from 7.
-        out.announce(8, Bytes::from_static(b"eight"));
-        assert!(out.next_entries(&store, &q).unwrap().is_empty(), "7 and 8 are not in this store");
-        // A held queue (no destination, no lookup running) keeps nothing.
-        let mut held = Outbound::new();
-        held.announce(1, Bytes::from_static(b"x"));
-        assert!(held.fresh.is_empty());
-        store.close();
-    }
-
-    #[tokio::test]
-    async fn the_store_is_read_only_up_to_the_highest_seq_known_to_be_there() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, q, mut out) = bob_stored(dir.path(), 3).await;
-        // Their notices were lost (a full channel): nothing is known past
-        // `sent`, so shipping what is acknowledged reads nothing.
-        assert!(out.next_entries(&store, &q).unwrap().is_empty());
-        // The queue's bounds (a lookup's, or the sweep's) make them known.
-        out.tail = 3;
-        assert_eq!(seqs(&out.next_entries(&store, &q).unwrap()), [1, 2, 3]);
-        out.sent = 3;
-        assert!(out.next_entries(&store, &q).unwrap().is_empty());
-        store.close();
-    }
 
     #[test]
     fn held_queues_are_looked_up_again_failed_first_then_oldest_and_a_bounded_number_per_sweep() {
@@ -974,29 +848,30 @@ mod tests {
         // than one sweep looks up.
         for i in 0..HELD_LOOKUPS_PER_SWEEP as u64 + 5 {
             let mut out = Outbound::new();
-            out.progress = start + Duration::from_secs(i);
+            out.looked_up = start + Duration::from_secs(i);
             queues.insert(QueueKey::new(&format!("u{i}"), 1), out);
         }
         // Checked just now: not due. A failed lookup just now: due first.
         let mut fresh = Outbound::new();
-        fresh.progress = now;
+        fresh.looked_up = now;
         queues.insert(QueueKey::new("fresh", 1), fresh);
         let mut failed = Outbound::new();
-        failed.progress = now;
+        failed.looked_up = now;
         failed.retry_soon = true;
         queues.insert(QueueKey::new("failed", 1), failed);
         // A lookup in flight, or a known destination: never.
         let mut resolving = Outbound::new();
-        resolving.progress = start;
+        resolving.looked_up = start;
         resolving.resolving = true;
         queues.insert(QueueKey::new("resolving", 1), resolving);
         let mut shipping = Outbound::new();
-        shipping.progress = start;
+        shipping.looked_up = start;
         shipping.dest = Some("node-2".into());
         queues.insert(QueueKey::new("shipping", 1), shipping);
 
         let due = due_held(&queues, now);
         assert_eq!(due.len(), HELD_LOOKUPS_PER_SWEEP);
+        assert!(!due.contains(&QueueKey::new("fresh", 1)));
         assert!(due.contains(&QueueKey::new("failed", 1)));
         for name in ["fresh", "resolving", "shipping"] {
             assert!(!due.contains(&QueueKey::new(name, 1)), "{name} is not due");
@@ -1005,5 +880,14 @@ mod tests {
         assert!(due.contains(&QueueKey::new("u0", 1)));
         let last = HELD_LOOKUPS_PER_SWEEP as u64 + 4;
         assert!(!due.contains(&QueueKey::new(&format!("u{last}"), 1)));
+
+        // Issue 11 (CI chaos of stop 17): a membership change makes every
+        // held queue due, the one checked a moment ago too (its answer may
+        // have come from an owner that no longer owns it).
+        queues.retain(|q, _| !q.handle().starts_with('u'));
+        members_changed(&mut queues);
+        let due = due_held(&queues, now);
+        assert!(due.contains(&QueueKey::new("fresh", 1)), "a held queue looked up just now is due again");
+        assert!(!due.contains(&QueueKey::new("shipping", 1)));
     }
 }

@@ -67,11 +67,12 @@ impl Delivery {
         self.need_read = true;
     }
 
-    /// Reads waiting entries from the store into `out`, as far as the window allows.
-    pub(crate) fn fill(&mut self, store: &Store, out: &mut BytesMut, max_bytes: usize) -> Result<(), StoreError> {
+    /// Reads waiting entries from the store into `out`, as far as the
+    /// window allows (on a blocking thread: see [`Store::read_off_thread`]).
+    pub(crate) async fn fill(&mut self, store: &Store, out: &mut BytesMut, max_bytes: usize) -> Result<(), StoreError> {
         while self.need_read && self.room() > 0 {
             let want = self.room().min(256) as usize;
-            let entries = store.read(&self.queue, self.next, want, max_bytes)?;
+            let entries = store.read_off_thread(self.queue.clone(), self.next, want, max_bytes).await?;
             let bytes: usize = entries.iter().map(|(_, v)| v.len()).sum();
             for (seq, value) in &entries {
                 self.push(*seq, value, out);

@@ -191,7 +191,7 @@ impl Session {
                 }
             }
             self.drain_ready();
-            if let Err(e) = self.fill() {
+            if let Err(e) = self.fill().await {
                 return End::Fatal(ErrorCode::StorageError, e.to_string());
             }
             if self.flush().await.is_err() {
@@ -228,13 +228,13 @@ impl Session {
         }
     }
 
-    fn fill(&mut self) -> Result<(), StoreError> {
+    async fn fill(&mut self) -> Result<(), StoreError> {
         if self.held.is_some() {
             return Ok(());
         }
         let max_bytes = self.ctx.config.limits.max_frame_len;
         match &mut self.device {
-            Some(d) => d.delivery.fill(&self.ctx.store, &mut self.out, max_bytes),
+            Some(d) => d.delivery.fill(&self.ctx.store, &mut self.out, max_bytes).await,
             None => Ok(()),
         }
     }
@@ -309,7 +309,7 @@ impl Session {
                     metrics::counter!("tern_bad_frames_total", "reason" => "too_large").increment(1);
                     return Err(End::Fatal(ErrorCode::FrameTooLarge, format!("frame of {len} bytes exceeds {max}")));
                 }
-                Err(DecodeError::Malformed(e)) => {
+                Err(e @ (DecodeError::Malformed(_) | DecodeError::TooManyEntries { .. })) => {
                     metrics::counter!("tern_bad_frames_total", "reason" => "malformed").increment(1);
                     return Err(End::Fatal(ErrorCode::MalformedFrame, format!("undecodable frame: {e}")));
                 }

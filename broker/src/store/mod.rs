@@ -494,6 +494,22 @@ impl Store {
         Ok(Some(account))
     }
 
+    /// [`Store::read`] on a blocking thread, so a read that misses the
+    /// caches (an iterator over SST files on disk) does not hold up the
+    /// other tasks of a tokio worker.
+    pub async fn read_off_thread(
+        &self,
+        queue: QueueKey,
+        from: u64,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read(&queue, from, max_items, max_bytes))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Db(format!("queue read task failed: {e}"))))
+    }
+
     /// Up to `max_items` entries (and about `max_bytes`) of `queue` with
     /// seq >= `from`, in order, as `(seq, stored bytes)`.
     pub fn read(
