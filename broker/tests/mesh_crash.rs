@@ -534,3 +534,56 @@ async fn a_device_back_at_the_broker_holding_its_older_messages_gets_them_before
     let got = drain(&mut bob, &acked).await;
     check(&acked, &got);
 }
+
+/// The chaos suite's `--moves` reorder of seed 216750418721701362: alice's
+/// broker, node-1, is also her directory owner. It is SIGKILLed while it
+/// holds her messages to bob (bob's broker, node-3, is down) and restarts
+/// having forgotten where she was, so when alice logs in at node-2 the
+/// owner says "unknown". node-2 must still have node-1 move on what she
+/// sent through it before it takes her next sends.
+///
+/// Failed before a broker asked every member when the owner knew nothing:
+/// node-2 took alice's sends at once, shipped them to node-3 when it came
+/// back, and node-1 (its link to node-3 cut) delivered 1..100 after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_whose_directory_owner_forgot_it_still_has_its_older_messages_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes(dir.path());
+    let mut procs: Vec<Proc> = nodes.iter().map(Node::spawn).collect();
+    wait_formed(&nodes).await;
+    let names = names(&nodes);
+    let alice_handle = handle_owned("alice", &names, |owner| owner == names[0]);
+    let bob_handle = handle_owned("bob", &names, |owner| owner == names[1]);
+    let (akey, bkey) = (key(), key());
+    let mut alice = connect(&nodes[0]).await;
+    assert!(matches!(alice.register(&alice_handle, &akey).await, S::LoginOk(_)));
+    let mut bob = connect(&nodes[2]).await;
+    assert!(matches!(bob.register(&bob_handle, &bkey).await, S::LoginOk(_)));
+    drop(bob);
+    // Bob's broker is down: node-1 keeps what alice sends him.
+    procs[2].sigkill();
+    assert!(wait_for(Duration::from_secs(20), || nodes[0].linked_members() == 1).await, "node-1 saw node-3 go");
+    let (mut next, mut in_flight, mut acked) = (1u64, HashMap::new(), Vec::new());
+    assert!(stream_to(&mut alice, &bob_handle, &mut next, &mut in_flight, &mut acked, 100).await);
+    drop(alice);
+    // node-1 restarts: it still holds bob's 100, and forgot alice.
+    procs[0].sigkill();
+    procs[0] = nodes[0].spawn();
+    assert!(
+        wait_for(Duration::from_secs(30), || nodes[0].linked_members() == 1 && nodes[1].linked_members() == 1).await,
+        "node-1 is back in the mesh"
+    );
+    // What node-1 ships to node-3 directly is late: their link is cut.
+    let url = format!("http://127.0.0.1:{}/mesh/sever/node-3?secs=8", nodes[0].admin);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    ureq::post(&url).header("Authorization", &auth).send_empty().expect("sever through the admin port");
+    let mut alice = connect(&nodes[1]).await;
+    assert!(matches!(alice.login(&alice_handle, 1, &akey).await, S::LoginOk(_)));
+    let mut in_flight = HashMap::new();
+    assert!(stream_to(&mut alice, &bob_handle, &mut next, &mut in_flight, &mut acked, 200).await);
+    procs[2] = nodes[2].spawn();
+    let mut bob = connect(&nodes[2]).await;
+    assert!(matches!(bob.login(&bob_handle, 1, &bkey).await, S::LoginOk(_)));
+    let got = drain(&mut bob, &acked).await;
+    check(&acked, &got);
+}

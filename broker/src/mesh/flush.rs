@@ -17,6 +17,11 @@
 //! (see [`item`](crate::store::StoredItem)), so wherever the old and new
 //! sends meet out of arrival order, the fence after a move sorts them back.
 //!
+//! X learns P from the device's directory owner. When the owner knows
+//! nothing of the device (it restarted and forgot, or cannot be asked), X
+//! asks every live member instead: a broker the device never used answers
+//! at once.
+//!
 //! The wait is bounded: X gives up after [`SENDER_WAIT`] (or [`DOWN_WAIT`](super::settle::DOWN_WAIT)
 //! while P is not a live member) and P answers by [`FLUSH_WAIT`] with what
 //! it managed. A broker that stays dead that long is the one case in which
@@ -49,32 +54,36 @@ impl SendsReady {
 }
 
 impl Mesh {
-    /// Device `sender` logged in here, coming from broker `previous`: asks
-    /// it to move on what the device sent through it (see the module doc).
-    pub(crate) fn flush_sender(&self, sender: &QueueKey, previous: String) -> SendsReady {
+    /// Device `sender` logged in here, coming from one of the brokers
+    /// `previous` (one, when the directory knew where it was): asks each to
+    /// move on what the device sent through it (see the module doc).
+    pub(crate) fn flush_sender(&self, sender: &QueueKey, previous: Vec<String>) -> SendsReady {
         let (tx, rx) = watch::channel(false);
         lock(&self.inner.sender_flushes).insert(sender.clone(), rx.clone());
         let (mesh, sender, mine) = (self.clone(), sender.clone(), rx.clone());
         self.inner.tasks.spawn(async move {
-            let asked = tokio::time::timeout(SENDER_WAIT, mesh.ask_flush(&sender, &previous));
-            let outcome = tokio::select! {
+            let (mesh, sender) = (&mesh, &sender);
+            let asks = previous.iter().map(|node| async move {
+                let asked = tokio::time::timeout(SENDER_WAIT, mesh.ask_flush(sender, node)).await;
+                let result = match asked {
+                    Ok(Some(true)) => "complete",
+                    Ok(Some(false)) => "partial",
+                    Ok(None) => "unreachable",
+                    Err(_) => "timeout",
+                };
+                metrics::counter!("tern_mesh_sender_flushes_total", "result" => result).increment(1);
+                if result != "complete" {
+                    tracing::info!(%sender, previous = %node, result, "the device's sends are taken before its previous broker moved on all it sent");
+                }
+            });
+            tokio::select! {
                 () = mesh.inner.cancel.cancelled() => return,
-                outcome = asked => outcome,
-            };
-            let result = match outcome {
-                Ok(Some(true)) => "complete",
-                Ok(Some(false)) => "partial",
-                Ok(None) => "unreachable",
-                Err(_) => "timeout",
-            };
-            metrics::counter!("tern_mesh_sender_flushes_total", "result" => result).increment(1);
-            if result != "complete" {
-                tracing::info!(%sender, %previous, result, "the device's sends are taken before its previous broker moved on all it sent");
+                _ = futures::future::join_all(asks) => {}
             }
             let _ = tx.send(true);
             let mut flushes = lock(&mesh.inner.sender_flushes);
-            if flushes.get(&sender).is_some_and(|r| r.same_channel(&mine)) {
-                flushes.remove(&sender);
+            if flushes.get(sender).is_some_and(|r| r.same_channel(&mine)) {
+                flushes.remove(sender);
             }
         });
         SendsReady(rx)

@@ -71,14 +71,24 @@ impl Mesh {
     /// the epoch of this login: above that of its last login anywhere (asked
     /// of the directory first, for up to [`LOGIN_LOOKUP`]), so a broker whose
     /// clock is behind does not register the newest login as a stale one.
-    /// The second value is the broker it was last at, if another.
-    pub(crate) async fn device_online(&self, queue: &QueueKey) -> (u64, Option<String>) {
+    /// The second value is the brokers it may have been at before: the one
+    /// the directory names, if another; or, when the directory knows
+    /// nothing of the device (its owner restarted and forgot it, or could
+    /// not be asked), every live member, so that what the device sent or
+    /// was sent through its previous broker still goes first.
+    pub(crate) async fn device_online(&self, queue: &QueueKey) -> (u64, Vec<String>) {
         self.forget_location(queue);
-        let mut previous = None;
-        if let Ok(Some(Some(last))) = tokio::time::timeout(LOGIN_LOOKUP, self.locate(queue)).await {
-            self.inner.directory.observe(last.epoch);
-            previous = Some(last.node).filter(|n| n != self.node());
-        }
+        let previous = match tokio::time::timeout(LOGIN_LOOKUP, self.locate(queue)).await {
+            Ok(Some(Some(last))) => {
+                self.inner.directory.observe(last.epoch);
+                Some(last.node).filter(|n| n != self.node()).into_iter().collect()
+            }
+            _ => {
+                let everyone: Vec<String> = self.members().into_keys().collect();
+                tracing::debug!(%queue, ?everyone, "no broker known for the device's last login; asking every member");
+                everyone
+            }
+        };
         let epoch = self.inner.directory.next_epoch();
         lock(&self.inner.hosted).insert(queue.clone(), epoch);
         let until = tokio::time::Instant::now() + HANDOFF_WAIT;
@@ -101,12 +111,13 @@ impl Mesh {
     /// looked): so once the move's handoff is over, this broker also asks it
     /// (`HandoffRequest` on the link that carried those shipments, so they
     /// are counted) and waits for that answer too. `previous` is where the
-    /// directory had the device (for when the owner's answer was missed).
+    /// device may have been (for when the owner's answer was missed; see
+    /// [`Mesh::device_online`]).
     pub(crate) fn hold_for_handback(
         &self,
         queue: &QueueKey,
         epoch: u64,
-        previous: Option<String>,
+        previous: Vec<String>,
     ) -> tokio::sync::oneshot::Receiver<Option<u64>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (mesh, queue) = (self.clone(), queue.clone());

@@ -439,8 +439,9 @@ impl Session {
         let (epoch, sends_ready) = match mesh {
             Some(mesh) => {
                 let (epoch, previous) = mesh.device_online(&queue).await;
-                self.held = Some(mesh.hold_for_handback(&queue, epoch, previous.clone()));
-                (Some(epoch), previous.map(|p| mesh.flush_sender(&queue, p)))
+                let sends_ready = (!previous.is_empty()).then(|| mesh.flush_sender(&queue, previous.clone()));
+                self.held = Some(mesh.hold_for_handback(&queue, epoch, previous));
+                (Some(epoch), sends_ready)
             }
             None => (None, None),
         };
