@@ -191,7 +191,7 @@ impl Session {
                 }
             }
             self.drain_ready();
-            if let Err(e) = self.fill().await {
+            if let Err(e) = self.fill() {
                 return End::Fatal(ErrorCode::StorageError, e.to_string());
             }
             if self.flush().await.is_err() {
@@ -228,13 +228,13 @@ impl Session {
         }
     }
 
-    async fn fill(&mut self) -> Result<(), StoreError> {
+    fn fill(&mut self) -> Result<(), StoreError> {
         if self.held.is_some() {
             return Ok(());
         }
         let max_bytes = self.ctx.config.limits.max_frame_len;
         match &mut self.device {
-            Some(d) => d.delivery.fill(&self.ctx.store, &mut self.out, max_bytes).await,
+            Some(d) => d.delivery.fill(&self.ctx.store, &mut self.out, max_bytes),
             None => Ok(()),
         }
     }
