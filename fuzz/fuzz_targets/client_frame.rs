@@ -82,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(alloc.largest <= (max + codec::LEN_PREFIX).max(SLACK), "{alloc:?} for a limit of {max}");
                     return;
                 }
+                Err(e @ DecodeError::TooManyEntries { .. }) => panic!("only peer frames count entries: {e}"),
             }
         }
     }
