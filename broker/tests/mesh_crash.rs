@@ -400,18 +400,7 @@ async fn a_senders_messages_through_its_new_broker_do_not_overtake_those_its_old
     // learns where she was.
     let names = names(&nodes);
     let alice_handle = handle_owned("alice", &names, |owner| owner == names[1]);
-    let (akey, bkey) = (key(), key());
-    let mut alice = connect(&nodes[0]).await;
-    assert!(matches!(alice.register(&alice_handle, &akey).await, S::LoginOk(_)));
-    let mut bob = connect(&nodes[2]).await;
-    assert!(matches!(bob.register("bob", &bkey).await, S::LoginOk(_)));
-    drop(bob);
-    // Bob's broker is down: node-1 keeps what alice sends him.
-    procs[2].sigkill();
-    assert!(wait_for(Duration::from_secs(20), || nodes[0].linked_members() == 1).await, "node-1 saw node-3 go");
-    let (mut next, mut in_flight, mut acked) = (1u64, HashMap::new(), Vec::new());
-    assert!(stream(&mut alice, &mut next, &mut in_flight, &mut acked, 100).await);
-    drop(alice);
+    let (akey, bkey, mut next, mut acked) = held_at_node_1_for_bob(&nodes, &mut procs, &alice_handle, "bob").await;
     // Alice moves to node-2 and goes on sending.
     let mut alice = connect(&nodes[1]).await;
     assert!(matches!(alice.login(&alice_handle, 1, &akey).await, S::LoginOk(_)));
@@ -428,6 +417,29 @@ async fn a_senders_messages_through_its_new_broker_do_not_overtake_those_its_old
     let rest: Vec<u64> = acked.iter().filter(|n| !got.contains(n)).copied().collect();
     got.extend(drain(&mut bob, &rest).await);
     check(&acked, &got);
+}
+
+/// Alice registers at node-1 and bob at node-3, which is then SIGKILLed;
+/// alice sends bob 100 messages, acknowledged and held at node-1. Returns
+/// their keys, alice's next message number and the acknowledged ones.
+async fn held_at_node_1_for_bob(
+    nodes: &[Node],
+    procs: &mut [Proc],
+    alice_handle: &str,
+    bob_handle: &str,
+) -> (ed25519_dalek::SigningKey, ed25519_dalek::SigningKey, u64, Vec<u64>) {
+    let (akey, bkey) = (key(), key());
+    let mut alice = connect(&nodes[0]).await;
+    assert!(matches!(alice.register(alice_handle, &akey).await, S::LoginOk(_)));
+    let mut bob = connect(&nodes[2]).await;
+    assert!(matches!(bob.register(bob_handle, &bkey).await, S::LoginOk(_)));
+    drop(bob);
+    // Bob's broker is down: node-1 keeps what alice sends him.
+    procs[2].sigkill();
+    assert!(wait_for(Duration::from_secs(20), || nodes[0].linked_members() == 1).await, "node-1 saw node-3 go");
+    let (mut next, mut in_flight, mut acked) = (1u64, HashMap::new(), Vec::new());
+    assert!(stream_to(&mut alice, bob_handle, &mut next, &mut in_flight, &mut acked, 100).await);
+    (akey, bkey, next, acked)
 }
 
 /// Entries `node` has shipped and not had acknowledged, and queues it still
@@ -554,18 +566,8 @@ async fn a_sender_whose_directory_owner_forgot_it_still_has_its_older_messages_g
     let names = names(&nodes);
     let alice_handle = handle_owned("alice", &names, |owner| owner == names[0]);
     let bob_handle = handle_owned("bob", &names, |owner| owner == names[1]);
-    let (akey, bkey) = (key(), key());
-    let mut alice = connect(&nodes[0]).await;
-    assert!(matches!(alice.register(&alice_handle, &akey).await, S::LoginOk(_)));
-    let mut bob = connect(&nodes[2]).await;
-    assert!(matches!(bob.register(&bob_handle, &bkey).await, S::LoginOk(_)));
-    drop(bob);
-    // Bob's broker is down: node-1 keeps what alice sends him.
-    procs[2].sigkill();
-    assert!(wait_for(Duration::from_secs(20), || nodes[0].linked_members() == 1).await, "node-1 saw node-3 go");
-    let (mut next, mut in_flight, mut acked) = (1u64, HashMap::new(), Vec::new());
-    assert!(stream_to(&mut alice, &bob_handle, &mut next, &mut in_flight, &mut acked, 100).await);
-    drop(alice);
+    let (akey, bkey, mut next, mut acked) =
+        held_at_node_1_for_bob(&nodes, &mut procs, &alice_handle, &bob_handle).await;
     // node-1 restarts: it still holds bob's 100, and forgot alice.
     procs[0].sigkill();
     procs[0] = nodes[0].spawn();
