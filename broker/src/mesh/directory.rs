@@ -41,6 +41,14 @@ pub(crate) struct Location {
     pub(crate) epoch: u64,
 }
 
+/// The later of two locations (by epoch; `a` on a tie), or whichever is known.
+pub(super) fn newest(a: Option<Location>, b: Option<Location>) -> Option<Location> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.epoch > a.epoch { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The owner's table and every broker's cache.
 #[derive(Debug)]
 pub(crate) struct Directory {

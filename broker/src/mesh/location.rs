@@ -337,10 +337,7 @@ impl Mesh {
         let owned = self.inner.directory.owned(queue);
         let here =
             lock(&self.inner.hosted).get(queue).map(|epoch| Location { node: self.node().to_owned(), epoch: *epoch });
-        match (owned, here) {
-            (Some(o), Some(h)) => Some(if h.epoch > o.epoch { h } else { o }),
-            (o, h) => o.or(h),
-        }
+        directory::newest(owned, here)
     }
 
     /// Where `queue`'s device is: this broker if connected here, else the

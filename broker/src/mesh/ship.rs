@@ -32,7 +32,7 @@ use tern_protocol::peer::{peer_frame::Kind as P, PeerFrame, Ship, ShipEntry};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::directory::Location;
+use super::directory::{newest, Location};
 use super::outbox::{Stream, Transmit, BATCH_BYTES, BATCH_ITEMS};
 use super::Mesh;
 use crate::router::Router;
@@ -825,14 +825,6 @@ fn due_held(queues: &HashMap<QueueKey, Outbound>, now: Instant) -> Vec<QueueKey>
         due.truncate(HELD_LOOKUPS_PER_SWEEP);
     }
     due.into_iter().map(|(_, _, q)| q.clone()).collect()
-}
-
-/// The later of two locations (by epoch), or whichever is known.
-fn newest(a: Option<Location>, b: Option<Location>) -> Option<Location> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(if b.epoch > a.epoch { b } else { a }),
-        (a, b) => a.or(b),
-    }
 }
 
 #[cfg(test)]
