@@ -20,7 +20,7 @@ sanitizer=${FUZZ_SANITIZER:-none}
 # thiserror watch RUSTC_BOOTSTRAP, so a main-workspace build that sees it
 # change rebuilds every proc macro and, through bindgen, RocksDB's C++.
 fuzz() { RUSTC_BOOTSTRAP=1 nice -n 19 cargo fuzz "$@"; }
-protocol_targets=(client_frame peer_frame ship_admit)
+protocol_targets=(client_frame server_frame peer_frame ship_admit)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz" >&2

@@ -40,8 +40,15 @@ struct Inner {
     /// Highest seq pushed to each device by any session, to count redeliveries.
     pushed: Mutex<HashMap<QueueKey, u64>>,
     next_id: AtomicU64,
-    /// Told of entries for devices not connected here (mesh members only).
-    remote: OnceLock<mpsc::Sender<crate::mesh::ShipMsg>>,
+    /// Told of entries for devices not connected here (mesh members only:
+    /// the mesh's ship actor). The router knows nothing of the mesh.
+    remote: OnceLock<Box<dyn QueueListener>>,
+}
+
+impl std::fmt::Debug for dyn QueueListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueListener")
+    }
 }
 
 #[derive(Debug)]
@@ -141,9 +148,11 @@ impl Router {
         }
     }
 
-    /// Sends entries for devices not connected here to the mesh's ship actor.
-    pub(crate) fn set_remote(&self, ship: mpsc::Sender<crate::mesh::ShipMsg>) {
-        let _ = self.inner.remote.set(ship);
+    /// Tells `remote` (the mesh's ship actor) of entries for devices not
+    /// connected here. It must not block: it runs on the store's writer
+    /// thread.
+    pub(crate) fn set_remote(&self, remote: impl QueueListener) {
+        let _ = self.inner.remote.set(Box::new(remote));
     }
 
     /// True when `queue`'s device has a session here.
@@ -177,9 +186,8 @@ impl QueueListener for Router {
                 slot.lag.lagged.store(true, Ordering::Release);
                 slot.lag.wake.notify_one();
             }
-        } else if let Some(ship) = self.inner.remote.get() {
-            // A full channel is caught up by the ship actor's sweep.
-            let _ = ship.try_send(crate::mesh::ShipMsg::Queued { queue: queue.clone(), seq, value: value.clone() });
+        } else if let Some(remote) = self.inner.remote.get() {
+            remote.queued(queue, seq, value);
         }
     }
 }

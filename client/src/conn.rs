@@ -208,7 +208,7 @@ async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>, ma
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
         loop {
-            match codec::decode::<pb::ServerFrame>(&mut buf, max_frame_len.load(Ordering::Relaxed)) {
+            match codec::decode_server_frame(&mut buf, max_frame_len.load(Ordering::Relaxed)) {
                 Ok(Some(frame)) => {
                     if tx.send(Ok(frame)).await.is_err() {
                         return;

@@ -25,10 +25,15 @@ pub enum DecodeError {
     /// The frame's bytes are not a valid protobuf message.
     #[error("malformed frame: {0}")]
     Malformed(#[from] prost::DecodeError),
-    /// A `Ship` frame carries more entries than [`MAX_SHIP_ENTRIES`].
-    #[error("shipment of {count} entries exceeds the maximum of {max}")]
+    /// A repeated field holds more elements than its bound: a `Ship`'s
+    /// entries ([`MAX_SHIP_ENTRIES`]), a `DeviceList`'s devices
+    /// ([`MAX_LISTED_DEVICES`]) or a `Redirect`'s brokers
+    /// ([`MAX_REDIRECT_BROKERS`]). Refused before decoding.
+    #[error("{field} holds {count} elements, more than the maximum of {max}")]
     TooManyEntries {
-        /// Entries in the frame.
+        /// The field, as `Message.field`.
+        field: &'static str,
+        /// Elements in the frame.
         count: usize,
         /// The maximum.
         max: usize,
@@ -41,6 +46,16 @@ pub enum DecodeError {
 /// memory, and the `Vec` holding the entries grows by doubling, so without
 /// it one 8 MiB frame cost 160 MiB in one allocation (docs/fuzzing.md).
 pub const MAX_SHIP_ENTRIES: usize = 1024;
+
+/// Most devices one `DeviceList` may name: the most a broker lets one user
+/// have (`store.max_devices` is at most 1,024). An empty `DeviceInfo` takes
+/// 2 bytes on the wire and 48 in memory.
+pub const MAX_LISTED_DEVICES: usize = 1024;
+
+/// Most broker addresses one `Redirect` may carry (a broker sends at most
+/// this many of its mesh's members). An empty string takes 2 bytes on the
+/// wire and 24 in memory.
+pub const MAX_REDIRECT_BROKERS: usize = 1024;
 
 /// Why a frame could not be encoded.
 #[derive(Debug, thiserror::Error)]
@@ -105,11 +120,36 @@ pub fn decode_peer_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<cr
         return Ok(None);
     };
     // `PeerFrame.ship` is field 5, `Ship.entries` field 4 (peer.proto).
-    let count = count_field(frame, &[5, 4])?;
-    if count > MAX_SHIP_ENTRIES {
-        return Err(DecodeError::TooManyEntries { count, max: MAX_SHIP_ENTRIES });
-    }
+    check_count(frame, &[5, 4], "Ship.entries", MAX_SHIP_ENTRIES)?;
     decode(src, max_len)
+}
+
+/// [`decode`] for a [`ServerFrame`](crate::pb::ServerFrame) (what a client
+/// reads), refusing one whose `DeviceList` or `Redirect` holds more than
+/// [`MAX_LISTED_DEVICES`] or [`MAX_REDIRECT_BROKERS`] elements before
+/// decoding it, so a frame costs a client about its size in memory.
+pub fn decode_server_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<crate::pb::ServerFrame>, DecodeError> {
+    let Some(len) = peek_len(src, max_len)? else {
+        return Ok(None);
+    };
+    let Some(frame) = src.get(LEN_PREFIX..LEN_PREFIX + len) else {
+        return Ok(None);
+    };
+    // `ServerFrame.device_list` is field 8 with `devices` 2, `redirect` 9
+    // with `brokers` 1 (tern.proto).
+    check_count(frame, &[8, 2], "DeviceList.devices", MAX_LISTED_DEVICES)?;
+    check_count(frame, &[9, 1], "Redirect.brokers", MAX_REDIRECT_BROKERS)?;
+    decode(src, max_len)
+}
+
+/// Refuses `frame` if the field at `path` (see [`count_field`]) occurs more
+/// than `max` times.
+fn check_count(frame: &[u8], path: &[u32], field: &'static str, max: usize) -> Result<(), DecodeError> {
+    let count = count_field(frame, path)?;
+    if count > max {
+        return Err(DecodeError::TooManyEntries { field, count, max });
+    }
+    Ok(())
 }
 
 /// How often field `path`'s last number occurs in the encoded message

@@ -37,7 +37,10 @@ pub mod peer {
     include!(concat!(env!("OUT_DIR"), "/tern.peer.v1.rs"));
 }
 
-pub use codec::{decode, decode_peer_frame, encode, DecodeError, EncodeError, MAX_SHIP_ENTRIES};
+pub use codec::{
+    decode, decode_peer_frame, decode_server_frame, encode, DecodeError, EncodeError, MAX_LISTED_DEVICES,
+    MAX_REDIRECT_BROKERS, MAX_SHIP_ENTRIES,
+};
 pub use handle::{validate_handle, HandleError};
 pub use message_id::{MessageId, MessageIdError};
 pub use pb::ErrorCode;

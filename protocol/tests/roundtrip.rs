@@ -384,7 +384,7 @@ fn a_ship_of_too_many_entries_is_refused_before_decoding() {
     let len = buf.len();
     assert!(matches!(
         codec::decode_peer_frame(&mut buf, MAX_PEER_FRAME),
-        Err(DecodeError::TooManyEntries { count, max }) if count == max + 1
+        Err(DecodeError::TooManyEntries { field: "Ship.entries", count, max }) if count == max + 1
     ));
     assert_eq!(buf.len(), len);
 
@@ -405,6 +405,42 @@ fn entries_are_counted_across_repeated_occurrences_of_the_ship_field() {
     buf.put_u32(body.len() as u32);
     buf.extend_from_slice(&body);
     assert!(matches!(codec::decode_peer_frame(&mut buf, MAX_PEER_FRAME), Err(DecodeError::TooManyEntries { .. })));
+}
+
+/// The client side of the same finding: a hostile broker's `DeviceList` of
+/// empty devices or `Redirect` of empty addresses cost a client 24 and 12
+/// times their wire size; more than the bound are refused before decoding.
+#[test]
+fn a_server_frame_listing_too_many_devices_or_brokers_is_refused_before_decoding() {
+    let max = tern_protocol::DEFAULT_MAX_FRAME_LEN;
+    let devices = |n: usize| pb::ServerFrame {
+        request_id: 1,
+        kind: Some(pb::server_frame::Kind::DeviceList(pb::DeviceList {
+            handle: "bob".into(),
+            devices: vec![pb::DeviceInfo::default(); n],
+        })),
+    };
+    let redirect = |n: usize| pb::ServerFrame {
+        request_id: 0,
+        kind: Some(pb::server_frame::Kind::Redirect(pb::Redirect {
+            brokers: vec![String::new(); n],
+            reason: "drain".into(),
+        })),
+    };
+    for (frame, field) in [
+        (devices(tern_protocol::MAX_LISTED_DEVICES + 1), "DeviceList.devices"),
+        (redirect(tern_protocol::MAX_REDIRECT_BROKERS + 1), "Redirect.brokers"),
+    ] {
+        let mut buf = codec::encode_to_vec(&frame, max).unwrap();
+        let len = buf.len();
+        let refused = codec::decode_server_frame(&mut buf, max);
+        assert!(matches!(refused, Err(DecodeError::TooManyEntries { field: f, .. }) if f == field), "{refused:?}");
+        assert_eq!(buf.len(), len, "nothing consumed");
+    }
+    for frame in [devices(tern_protocol::MAX_LISTED_DEVICES), redirect(tern_protocol::MAX_REDIRECT_BROKERS)] {
+        let mut buf = codec::encode_to_vec(&frame, max).unwrap();
+        assert_eq!(codec::decode_server_frame(&mut buf, max).unwrap(), Some(frame));
+    }
 }
 
 proptest! {

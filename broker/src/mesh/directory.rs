@@ -158,7 +158,7 @@ impl Directory {
 /// device's broker registers it again (within a gossip round); a broker that
 /// kept that answer for the full TTL held the device's messages that long
 /// while it was online.
-const UNKNOWN_TTL: Duration = Duration::from_secs(2);
+pub(super) const UNKNOWN_TTL: Duration = Duration::from_secs(2);
 
 /// The cache's lifetimes: `known` for a location, `unknown` for "none known".
 struct CacheTtl {

@@ -186,7 +186,7 @@ impl Mesh {
                 outbox: ship::OutboxGauge::default(),
             }),
         };
-        setup.router.set_remote(ship_tx.clone());
+        setup.router.set_remote(ship::Outbox(ship_tx.clone()));
         let actor = MembershipActor::new(me, rx, &tx, members_tx, mesh.clone(), setup.cancel.clone());
         setup.tasks.spawn(actor.run());
         let gauge = mesh.inner.outbox.clone();

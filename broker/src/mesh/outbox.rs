@@ -51,7 +51,6 @@ pub(super) enum Transmit {
 }
 
 /// One queue's shipping to its destination (see the module docs).
-#[derive(Debug)]
 pub(super) struct Stream {
     /// The link `sent` counts shipments on: entries sent on an earlier link
     /// (gone, or replaced by a restarted peer's) are sent again.
@@ -75,6 +74,22 @@ pub(super) struct Stream {
     reading: bool,
     /// What the last store read found, from which seq: shipped next.
     read: Option<(u64, Vec<(u64, Bytes)>)>,
+}
+
+/// The positions and counts, not the entries' bytes (debug logs print it).
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("link", &self.link)
+            .field("sent", &self.sent)
+            .field("acked", &self.acked)
+            .field("tail", &self.tail)
+            .field("fresh", &self.fresh.front().map(|(seq, _)| (*seq, self.fresh.len())))
+            .field("hold_until", &self.hold_until)
+            .field("reading", &self.reading)
+            .field("read", &self.read.as_ref().map(|(from, entries)| (*from, entries.len())))
+            .finish()
+    }
 }
 
 impl Stream {
@@ -394,6 +409,18 @@ mod tests {
     /// Issue 11 section 1: a restarted peer's link replaced the dead one
     /// without a link-down, and shipping went on past what died with the
     /// old process.
+    #[test]
+    fn a_streams_debug_form_shows_positions_not_entry_bytes() {
+        let now = Instant::now();
+        let mut s = Stream::new(now);
+        for seq in 1..=3 {
+            s.handle_announce(seq, Bytes::from(vec![0xab; 4096]), true);
+        }
+        let shown = format!("{s:?}");
+        assert!(shown.contains("tail: 3") && shown.contains("fresh: Some((1, 3))"), "{shown}");
+        assert!(shown.len() < 300 && !shown.contains("xab"), "entry bytes printed: {shown}");
+    }
+
     #[test]
     fn a_new_link_under_the_stream_sends_again_what_was_not_acknowledged() {
         let now = Instant::now();

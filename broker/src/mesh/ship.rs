@@ -32,7 +32,7 @@ use tern_protocol::peer::{peer_frame::Kind as P, PeerFrame, Ship, ShipEntry};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::directory::{newest, Location};
+use super::directory::{newest, Location, UNKNOWN_TTL};
 use super::outbox::{Stream, Transmit, BATCH_BYTES, BATCH_ITEMS};
 use super::Mesh;
 use crate::router::Router;
@@ -140,6 +140,17 @@ pub(crate) enum ShipMsg {
     },
 }
 
+/// What the router tells of entries for devices not connected here: they
+/// go to the ship actor.
+pub(crate) struct Outbox(pub(crate) mpsc::Sender<ShipMsg>);
+
+impl crate::store::QueueListener for Outbox {
+    fn queued(&self, queue: &QueueKey, seq: u64, value: &Bytes) {
+        // A full channel is caught up by the ship actor's sweep.
+        let _ = self.0.try_send(ShipMsg::Queued { queue: queue.clone(), seq, value: value.clone() });
+    }
+}
+
 /// Per destination node ("" for queues held for lack of one): queues and
 /// entries in flight, as the ship actor last counted them.
 #[derive(Debug, Default, Clone)]
@@ -241,6 +252,16 @@ impl Outbound {
         }
     }
 
+    /// A new entry of the queue starts a lookup of its device (or ships).
+    /// Not while the queue is held and was looked up less than the
+    /// directory's "unknown" lifetime ago: the answer would be the cached
+    /// "unknown" again (one lookup, store read and task per entry for a
+    /// device receiving while offline). A `Moved` notice, a membership
+    /// change or the sweep looks it up sooner.
+    fn looks_up_on_entry(&self, now: Instant) -> bool {
+        self.dest.is_some() || self.retry_soon || now - self.looked_up >= UNKNOWN_TTL
+    }
+
     /// What the receiver must be told the sender no longer holds: `base`,
     /// and the broker that last acknowledged entries if it is not `dest`.
     fn header(&self, dest: &str) -> (u64, String, u64) {
@@ -339,6 +360,9 @@ impl ShipActor {
                 if let Some(out) = self.queues.get_mut(&queue) {
                     let keep = out.dest.is_some() || out.resolving;
                     out.stream.handle_announce(seq, value, keep);
+                    if !out.looks_up_on_entry(Instant::now()) {
+                        return;
+                    }
                 }
                 self.track(queue);
             }
@@ -830,6 +854,21 @@ fn due_held(queues: &HashMap<QueueKey, Outbound>, now: Instant) -> Vec<QueueKey>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_for_a_held_queue_looks_its_device_up_only_once_the_unknown_answer_is_stale() {
+        let now = Instant::now();
+        let mut held = Outbound::new();
+        held.looked_up = now;
+        assert!(!held.looks_up_on_entry(now + UNKNOWN_TTL / 2), "the cached 'unknown' would answer");
+        assert!(held.looks_up_on_entry(now + UNKNOWN_TTL), "the cached answer is gone: ask again");
+        held.retry_soon = true;
+        assert!(held.looks_up_on_entry(now), "the last lookup failed, or the members changed");
+        let mut shipping = Outbound::new();
+        shipping.looked_up = now;
+        shipping.dest = Some("node-2".into());
+        assert!(shipping.looks_up_on_entry(now), "a queue with a destination ships the entry");
+    }
 
     #[test]
     fn held_queues_are_looked_up_again_failed_first_then_oldest_and_a_bounded_number_per_sweep() {

@@ -258,7 +258,8 @@ impl Session {
     /// reconnect to while this broker drains.
     fn redirect(&mut self) {
         let Some(mesh) = &self.ctx.mesh else { return };
-        let brokers: Vec<String> = mesh.members().values().map(|m| m.addr.to_string()).collect();
+        let brokers: Vec<String> =
+            mesh.members().values().take(tern_protocol::MAX_REDIRECT_BROKERS).map(|m| m.addr.to_string()).collect();
         if !brokers.is_empty() {
             let reason = "this broker is shutting down".to_owned();
             self.write(0, S::Redirect(pb::Redirect { brokers, reason }));
@@ -570,6 +571,8 @@ impl Session {
                 let devices = account
                     .devices
                     .iter()
+                    // A client refuses a longer list (`codec::decode_server_frame`).
+                    .take(tern_protocol::MAX_LISTED_DEVICES)
                     .map(|d| pb::DeviceInfo {
                         device_id: d.id,
                         public_key: Bytes::copy_from_slice(&d.public_key),
