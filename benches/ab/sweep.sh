@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Several tern-broker binaries on the 1:1 workload, interleaved in one
 # session: each round runs `tern-loadgen chat` once against every binary, in
-# an order that rotates from round to round (so no binary always runs first,
-# or right after the same one), each run on a fresh broker with a fresh data
+# an order that rotates from round to round (so no binary always runs first
+# or last), each run on a fresh broker with a fresh data
 # directory (synced durability, the default). Prints, per binary, the median
 # of each metric over the rounds, its ratio to the first binary's, and a 90%
 # bootstrap interval of that ratio: a ratio whose interval holds 1.00 is
