@@ -24,7 +24,7 @@
 //!
 //! The wait is bounded: X gives up after [`SENDER_WAIT`] (or [`DOWN_WAIT`](super::settle::DOWN_WAIT)
 //! while P is not a live member) and P answers by [`FLUSH_WAIT`] with what
-//! it managed. A broker that stays dead that long is the one case in which
+//! it managed; X asks again while P is live and has not finished. A broker that stays dead that long is the one case in which
 //! a device's later sends may overtake its earlier ones (docs/mesh.md).
 
 use std::time::Duration;
@@ -35,10 +35,17 @@ use tokio::sync::{oneshot, watch};
 use super::{lock, Mesh, ShipMsg};
 use crate::store::QueueKey;
 
-/// Longest a broker takes to answer a `SenderFlush`.
+/// Longest a broker takes to answer a `SenderFlush` (with `complete:
+/// false` when it could not move everything on by then; it is asked again).
 const FLUSH_WAIT: Duration = Duration::from_secs(8);
-/// Longest a device's sends wait at its new broker for its previous one.
-const SENDER_WAIT: Duration = Duration::from_secs(10);
+/// Longest a device's sends wait at its new broker for a previous one that
+/// is a live member: the settle bound for a live broker not answering, well
+/// past a recipient's wait for a handback (`HANDOFF_WAIT`, 10 s), which the
+/// previous broker's shipments to that recipient may have to wait behind
+/// (chaos seed 5249553177941115760: both waits began at one login, the
+/// sender's ended 60 ms before the fence it waited behind, and the device's
+/// new sends overtook 34 older ones).
+const SENDER_WAIT: Duration = super::settle::UNANSWERED_WAIT;
 /// Pause between attempts to reach the previous broker.
 const RETRY: Duration = Duration::from_millis(250);
 
@@ -64,13 +71,7 @@ impl Mesh {
         self.inner.tasks.spawn(async move {
             let (mesh, sender) = (&mesh, &sender);
             let asks = previous.iter().map(|node| async move {
-                let asked = tokio::time::timeout(SENDER_WAIT, mesh.ask_flush(sender, node)).await;
-                let result = match asked {
-                    Ok(Some(true)) => "complete",
-                    Ok(Some(false)) => "partial",
-                    Ok(None) => "unreachable",
-                    Err(_) => "timeout",
-                };
+                let result = mesh.ask_flush(sender, node).await;
                 metrics::counter!("tern_mesh_sender_flushes_total", "result" => result).increment(1);
                 if result != "complete" {
                     tracing::info!(%sender, previous = %node, result, "the device's sends are taken before its previous broker moved on all it sent");
@@ -89,29 +90,47 @@ impl Mesh {
         SendsReady(rx)
     }
 
-    /// Asks `previous` until it answers: `Some(complete)`, or `None` once it
-    /// has not been a live member for [`DOWN_WAIT`](super::settle::DOWN_WAIT).
-    async fn ask_flush(&self, sender: &QueueKey, previous: &str) -> Option<bool> {
+    /// Asks `previous` until it moved on everything (`"complete"`), it has
+    /// not been a live member for [`DOWN_WAIT`](super::settle::DOWN_WAIT)
+    /// (`"unreachable"`), or [`SENDER_WAIT`] is over (`"partial"` if it
+    /// answered that it could not finish, `"timeout"` if it never answered).
+    async fn ask_flush(&self, sender: &QueueKey, previous: &str) -> &'static str {
+        let deadline = tokio::time::Instant::now() + SENDER_WAIT;
         let mut down_since = None;
+        let mut partial = false;
         loop {
+            let mut answer = Attempt::NoAnswer;
             if let Some(link) = self.link(previous) {
                 let ask = pp::SenderFlush { handle: sender.handle().to_owned(), device: sender.device() };
-                match link.request(request::Kind::SenderFlush(ask), FLUSH_WAIT + Duration::from_secs(1)).await {
-                    Ok(reply::Kind::SenderFlushed(f)) => {
+                let request = link.request(request::Kind::SenderFlush(ask), FLUSH_WAIT + Duration::from_secs(1));
+                answer = match tokio::time::timeout_at(deadline, request).await {
+                    Ok(Ok(reply::Kind::SenderFlushed(f))) => {
                         // The device's sends here get stamps above those
                         // it got there.
                         self.inner.store.clock().observe(f.clock);
-                        return Some(f.complete);
+                        if f.complete {
+                            Attempt::Complete
+                        } else {
+                            tracing::debug!(%sender, %previous, "sender flush not complete yet; asking again");
+                            Attempt::Partial
+                        }
                     }
-                    Ok(other) => {
+                    Ok(Ok(other)) => {
                         tracing::debug!(%previous, ?other, "unexpected answer to a sender flush");
-                        return Some(false);
+                        Attempt::Partial
                     }
-                    Err(e) => tracing::debug!(%previous, error = %e, "sender flush not answered; asking again"),
-                }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%previous, error = %e, "sender flush not answered; asking again");
+                        Attempt::NoAnswer
+                    }
+                    Err(_) => Attempt::NoAnswer,
+                };
             }
-            if self.gone_too_long(previous, &mut down_since) {
-                return None;
+            partial |= answer == Attempt::Partial;
+            let gone = self.gone_too_long(previous, &mut down_since);
+            let past = tokio::time::Instant::now() >= deadline;
+            if let Some(result) = after_attempt(answer, gone, past, partial) {
+                return result;
             }
             tokio::time::sleep(RETRY).await;
         }
@@ -169,5 +188,54 @@ impl Mesh {
         let clock = self.inner.store.clock().current();
         tracing::debug!(%sender, %asker, queues = count, complete, "sender flush answered");
         reply::Kind::SenderFlushed(pp::SenderFlushed { queues: count, complete, clock })
+    }
+}
+
+/// How one `SenderFlush` request ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attempt {
+    /// Everything the device sent through the previous broker is moved on.
+    Complete,
+    /// It answered that it could not finish by its deadline.
+    Partial,
+    /// No answer (no link, the link went down, the request timed out).
+    NoAnswer,
+}
+
+/// After one attempt: the flush's result, or `None` to ask again. A live
+/// previous broker is asked until it completes or [`SENDER_WAIT`] is over
+/// (`past`), even when it answered that it could not finish: what it waits
+/// on (a recipient's fence) may end after its own deadline. One that has
+/// not been a live member for `DOWN_WAIT` (`gone`) is given up at once.
+fn after_attempt(answer: Attempt, gone: bool, past: bool, partial: bool) -> Option<&'static str> {
+    match answer {
+        Attempt::Complete => Some("complete"),
+        _ if gone => Some("unreachable"),
+        _ if past && partial => Some("partial"),
+        _ if past => Some("timeout"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chaos seed 5249553177941115760: the previous broker could not finish
+    /// within its 8 s because the recipient's broker held its shipments
+    /// behind a fence (up to `HANDOFF_WAIT`, 10 s); the new broker took the
+    /// device's sends on that partial answer (or at its own 10 s), and they
+    /// overtook 34 older ones.
+    #[test]
+    fn a_live_previous_broker_that_could_not_finish_is_asked_again_until_the_wait_is_over() {
+        assert_eq!(after_attempt(Attempt::Partial, false, false, true), None, "asked again");
+        assert_eq!(after_attempt(Attempt::NoAnswer, false, false, true), None, "asked again");
+        assert_eq!(after_attempt(Attempt::Complete, false, false, true), Some("complete"));
+        assert_eq!(after_attempt(Attempt::Partial, false, true, true), Some("partial"));
+        assert_eq!(after_attempt(Attempt::NoAnswer, false, true, false), Some("timeout"));
+        assert_eq!(after_attempt(Attempt::NoAnswer, true, false, false), Some("unreachable"));
+        // The new broker outwaits the fence its previous broker's shipments
+        // may wait behind, and that broker's own deadline after it.
+        assert!(SENDER_WAIT >= super::super::location::HANDOFF_WAIT + FLUSH_WAIT + FLUSH_WAIT);
     }
 }

@@ -14,7 +14,7 @@ use crate::store::QueueKey;
 
 /// Longest a device's new broker holds other shipments back while waiting
 /// for its previous broker's handoff.
-const HANDOFF_WAIT: Duration = Duration::from_secs(10);
+pub(super) const HANDOFF_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a login waits to learn the device's previous location (its
 /// epoch) before it registers without it.
