@@ -589,3 +589,77 @@ async fn a_sender_whose_directory_owner_forgot_it_still_has_its_older_messages_g
     let got = drain(&mut bob, &acked).await;
     check(&acked, &got);
 }
+
+/// Sender flushes `node` finished (any result), from its `/metrics`.
+fn sender_flushes_finished(node: &Node) -> u64 {
+    let url = format!("http://127.0.0.1:{}/metrics", node.admin);
+    let body = ureq::get(&url).call().expect("/metrics").body_mut().read_to_string().expect("a body");
+    body.lines()
+        .filter(|l| l.starts_with("tern_mesh_sender_flushes_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A device that moves has its sends wait until its previous broker has
+/// moved on what it sent there (`mesh::flush`); with that broker frozen
+/// (SIGSTOP) the wait lasts until the others declare it down. Meanwhile the
+/// session goes on serving the device (here: a `Ping` is answered while
+/// the flush is still unfinished), and the sends that waited are taken in
+/// the order they came once it ends.
+///
+/// Failed before the wait was a branch of the session's loop: the session
+/// awaited it inside the first `Send`, so nothing else of the device's was
+/// answered or pushed until the flush had finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_sends_wait_for_its_frozen_previous_broker_is_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes(dir.path());
+    let procs: Vec<Proc> = nodes.iter().map(Node::spawn).collect();
+    wait_formed(&nodes).await;
+    // Alice's directory entry is at node-3, which stays up: node-2 learns
+    // that she was last at node-1.
+    let names = names(&nodes);
+    let alice_handle = handle_owned("alice", &names, |owner| owner == names[2]);
+    let (akey, bkey) = (key(), key());
+    let mut bob = connect(&nodes[1]).await;
+    assert!(matches!(bob.register("bob", &bkey).await, S::LoginOk(_)));
+    let mut alice = connect(&nodes[1]).await;
+    assert!(matches!(alice.register(&alice_handle, &akey).await, S::LoginOk(_)));
+    drop(alice);
+    let mut alice = connect(&nodes[0]).await;
+    assert!(matches!(alice.login(&alice_handle, 1, &akey).await, S::LoginOk(_)));
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    procs[0].pause(true);
+    // Registering asks every member too (the owner knew nothing yet).
+    let before = sender_flushes_finished(&nodes[1]);
+
+    let mut alice = connect(&nodes[1]).await;
+    assert!(matches!(alice.login(&alice_handle, 1, &akey).await, S::LoginOk(_)));
+    let body = Bytes::from_static(b"after the move");
+    let mut sends = Vec::new();
+    for n in 1..=2 {
+        let send = pb::Send { message_id: Bytes::copy_from_slice(&mid(n)), to: "bob".into(), body: body.clone() };
+        sends.push(alice.request(C::Send(send)).await);
+    }
+    let ping = alice.request(C::Ping(pb::Ping { nonce: 7 })).await;
+    let first = alice.next().await.expect("an answer while the sends wait");
+    assert_eq!(first.request_id, ping, "the first answer is the Pong: {first:?}");
+    assert_eq!(sender_flushes_finished(&nodes[1]), before, "the Pong came while the sender flush was still under way");
+
+    // The wait ends (node-1 answers once resumed, or is given up); the
+    // sends are taken in the order they came.
+    procs[0].pause(false);
+    let mut acks = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acks.len() < sends.len() && Instant::now() < deadline {
+        if let Some(f) = alice.next().await {
+            assert!(matches!(f.kind, Some(S::SendAck(_))), "a SendAck, got {f:?}");
+            acks.push(f.request_id);
+        }
+    }
+    assert_eq!(acks, sends, "both sends acknowledged, in order");
+    assert!(sender_flushes_finished(&nodes[1]) > before, "the sends were taken once the flush had finished");
+    let got = drain(&mut bob, &[1, 2]).await;
+    check(&[1, 2], &got);
+}

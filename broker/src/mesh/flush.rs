@@ -50,7 +50,7 @@ const SENDER_WAIT: Duration = super::settle::UNANSWERED_WAIT;
 const RETRY: Duration = Duration::from_millis(250);
 
 /// Resolves when the device's sends may be taken here.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct SendsReady(watch::Receiver<bool>);
 
 impl SendsReady {

@@ -8,8 +8,12 @@
 //! `Ack` deletes from its own queue (never beyond what this session pushed:
 //! seqs mean something only on the connection that delivered them), and the
 //! [`delivery`] state pushes its queue in order. Everything happens in one
-//! task: a `select!` over the stream, finished sends, handed-over entries and
-//! shutdown, then one write of everything produced.
+//! task: a `select!` over the stream, finished sends, handed-over entries,
+//! the end of a sender flush and shutdown, then one write of everything
+//! produced. A device that just moved has its `Send`s wait in the session
+//! until its previous broker has moved on what it sent there (the mesh's
+//! sender flush); meanwhile the session goes on answering and pushing, and
+//! the waiting sends are taken in the order they came once the flush ends.
 //!
 //! Until the login, a session costs little and can make the broker do
 //! little: frames of at most `limits.max_frame_len_before_login`, one login
@@ -24,6 +28,7 @@ mod lookup;
 
 pub(crate) use lookup::AccountLookups;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -61,7 +66,8 @@ struct LoggedIn {
     /// The epoch of this login in the mesh's directory.
     epoch: Option<u64>,
     /// Set while the device's previous broker moves on what it sent there:
-    /// its sends here wait for that (see `mesh::flush`).
+    /// its sends here wait for that (see `mesh::flush`), queued in
+    /// `Session::waiting_sends`, while everything else goes on.
     sends_ready: Option<crate::mesh::SendsReady>,
 }
 
@@ -83,6 +89,10 @@ pub(crate) struct Session {
     /// until it resolves to the queue's head.
     held: Option<tokio::sync::oneshot::Receiver<Option<u64>>>,
     pending: FuturesUnordered<SendDone>,
+    /// Sends that came while `LoggedIn::sends_ready` was set, in the order
+    /// they came: taken once it resolves. They count against
+    /// `limits.max_pending_sends` like the pending ones.
+    waiting_sends: VecDeque<(u64, pb::Send)>,
     deadline: tokio::time::Instant,
 }
 
@@ -106,6 +116,7 @@ impl Session {
             inbox: None,
             held: None,
             pending: FuturesUnordered::new(),
+            waiting_sends: VecDeque::new(),
             deadline,
         }
     }
@@ -143,7 +154,8 @@ impl Session {
     async fn serve(&mut self) -> End {
         let max_pending = self.ctx.config.limits.max_pending_sends;
         loop {
-            let can_read = self.pending.len() < max_pending;
+            let can_read = self.pending.len() + self.waiting_sends.len() < max_pending;
+            let sends_wait = self.device.as_ref().is_some_and(|d| d.sends_ready.is_some());
             let logged_in = self.device.is_some();
             let max_frame = self.max_frame_len();
             tokio::select! {
@@ -164,6 +176,11 @@ impl Session {
                 }
                 Some((request_id, id, started, result)) = self.pending.next(), if !self.pending.is_empty() => {
                     self.send_done(request_id, id, started, result);
+                }
+                () = sends_ready(&self.device), if sends_wait => {
+                    if let Err(end) = self.take_waiting_sends().await {
+                        return end;
+                    }
                 }
                 head = handed_back(&mut self.held), if self.held.is_some() => {
                     self.held = None;
@@ -357,6 +374,10 @@ impl Session {
                 self.write_error(id, ErrorCode::Unauthenticated, "log in first");
                 Ok(())
             }
+            Some(C::Send(req)) if self.device.as_ref().is_some_and(|d| d.sends_ready.is_some()) => {
+                self.waiting_sends.push_back((id, req));
+                Ok(())
+            }
             Some(C::Send(req)) => self.start_send(id, req).await,
             Some(C::Ack(ack)) => {
                 self.ack(ack.up_to_seq).await;
@@ -454,21 +475,22 @@ impl Session {
         Ok(())
     }
 
+    /// What the device sent through its previous broker has moved on: takes
+    /// the sends that waited for it, in the order they came.
+    async fn take_waiting_sends(&mut self) -> Result<(), End> {
+        if let Some(d) = &mut self.device {
+            d.sends_ready = None;
+        }
+        while let Some((request_id, req)) = self.waiting_sends.pop_front() {
+            self.start_send(request_id, req).await?;
+        }
+        Ok(())
+    }
+
     /// Validates a `Send` and queues it for the store before the next frame
     /// is read, so one device's sends get their seqs in the order it sent
     /// them; the durable outcome is awaited with the other pending sends.
     async fn start_send(&mut self, request_id: u64, req: pb::Send) -> Result<(), End> {
-        if let Some(mut ready) = self.device.as_mut().and_then(|d| d.sends_ready.take()) {
-            // The device moved here: what it sent through its previous
-            // broker goes first.
-            tokio::select! {
-                biased;
-                () = self.ctx.cancel.cancelled() => {
-                    return Err(End::Fatal(ErrorCode::ShuttingDown, "the broker is shutting down; reconnect".into()));
-                }
-                () = ready.wait() => {}
-            }
-        }
         let Some(d) = &self.device else { return Ok(()) };
         if let Err(limited) = self.limit(&self.ctx.rate.sends, || d.delivery.queue.clone()) {
             metrics::counter!("tern_sends_total", "result" => ErrorCode::RateLimited.as_str_name()).increment(1);
@@ -650,6 +672,14 @@ async fn replaced(device: &Option<LoggedIn>) {
 async fn lost(device: &Option<LoggedIn>) {
     match device {
         Some(d) => d.attachment.lost.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once the device's sends may be taken (see `LoggedIn::sends_ready`).
+async fn sends_ready(device: &Option<LoggedIn>) {
+    match device.as_ref().and_then(|d| d.sends_ready.clone()) {
+        Some(mut ready) => ready.wait().await,
         None => std::future::pending().await,
     }
 }

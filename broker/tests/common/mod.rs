@@ -34,6 +34,14 @@ impl Proc {
         let _ = self.0.kill(); // SIGKILL
         let _ = self.0.wait();
     }
+
+    /// SIGSTOPs the process (`stop`), or SIGCONTs it: stopped, it sends and
+    /// reads nothing, and its peers see it fall silent, as after a freeze.
+    pub fn pause(&self, stop: bool) {
+        use rustix::process::{kill_process, Pid, Signal};
+        let pid = Pid::from_raw(self.0.id() as i32).expect("a running process");
+        kill_process(pid, if stop { Signal::STOP } else { Signal::CONT }).expect("signal the broker");
+    }
 }
 
 impl Drop for Proc {
