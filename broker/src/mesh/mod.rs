@@ -29,6 +29,7 @@ mod link;
 mod location;
 mod membership;
 mod outbox;
+mod routes;
 mod settle;
 mod ship;
 mod status;
