@@ -37,34 +37,17 @@ for b in "$OLD" "$NEW" "$LOADGEN"; do
   [ -x "$b" ] || { echo "run.sh: $b is not an executable" >&2; exit 2; }
 done
 mkdir -p "$OUT"
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/tern-ab.XXXXXX")
-BROKER_PID=""
-cleanup() {
-  if [ -n "$BROKER_PID" ]; then kill "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true; fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. "$ROOT/benches/ab/lib.sh"
 
 # run LABEL BROKER ROUND: one broker, one chat run, one max run.
 run() {
-  local label=$1 bin=$2 round=$3 port data
-  port=$(free_port)
+  local label=$1 bin=$2 round=$3 data
   data="$WORK/$label-$round"
-  "$bin" --listen "127.0.0.1:$port" --data-dir "$data" >"$OUT/$label-$round.broker.log" 2>&1 &
-  BROKER_PID=$!
-  for _ in $(seq 100); do
-    [ -f "$data/tls/cert.pem" ] && break
-    sleep 0.1
-  done
-  sleep 0.5
-  local common=(--target "tern://127.0.0.1:$port" --ca "$data/tls/cert.pem" --quiet)
+  start_broker "$bin" "$data" "$OUT/$label-$round.broker.log"
+  local common=(--target "tern://127.0.0.1:$PORT" --ca "$data/tls/cert.pem" --quiet)
   timeout 300 "$LOADGEN" chat "${common[@]}" --rate "$RATE" --duration "$SECS" --json "$OUT/$label-$round.chat.json"
   timeout 300 "$LOADGEN" max "${common[@]}" --json "$OUT/$label-$round.max.json"
-  kill "$BROKER_PID"
-  wait "$BROKER_PID" 2>/dev/null || true
-  BROKER_PID=""
+  stop_broker
   echo "round $round $label done" >&2
 }
 

@@ -15,7 +15,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use tern_fuzz::{read_into, session_reserve, AllocWatch, Chunks, Input, TrackingAlloc};
+use tern_fuzz::{decode_stream, session_reserve, Chunks, Decoded, Input, TrackingAlloc};
 use tern_protocol::{codec, pb, DecodeError};
 
 #[global_allocator]
@@ -39,52 +39,27 @@ fuzz_target!(|data: &[u8]| {
     };
     let seed = input.u32();
     let mut chunks = Chunks::new(seed, input.rest());
-    let mut buf = BytesMut::new();
-    loop {
-        session_reserve(&mut buf, max);
+    let reserve = |buf: &mut BytesMut| {
+        session_reserve(buf, max);
         assert!(
             buf.capacity() <= 2 * (max + codec::LEN_PREFIX) + 128 * 1024,
             "read buffer of {} bytes for a limit of {max}",
             buf.capacity()
         );
-        if !read_into(&mut buf, &mut chunks) {
-            return;
+    };
+    let on_frame = |d: Decoded<pb::ClientFrame>| {
+        assert!(d.alloc.largest <= (max + codec::LEN_PREFIX).max(BOOKKEEPING), "{:?} for a limit of {max}", d.alloc);
+        assert!(d.alloc.total <= d.len + SLACK, "{:?} for a frame of {}", d.alloc, d.len);
+        check_reencodes(&d.frame, d.len, max);
+    };
+    match decode_stream(&mut chunks, max, reserve, codec::decode::<pb::ClientFrame>, on_frame) {
+        // Plus prost's error, which records the nesting (at most its
+        // recursion limit of 100 levels).
+        Some((DecodeError::Malformed(_), alloc)) => {
+            assert!(alloc.largest <= (max + codec::LEN_PREFIX).max(SLACK), "{alloc:?} for a limit of {max}");
         }
-        loop {
-            let before = buf.len();
-            AllocWatch::start();
-            let result = codec::decode::<pb::ClientFrame>(&mut buf, max);
-            let alloc = AllocWatch::stop();
-            match result {
-                Ok(Some(frame)) => {
-                    let frame_len = before - buf.len() - codec::LEN_PREFIX;
-                    assert!(frame_len <= max);
-                    assert!(
-                        alloc.largest <= (max + codec::LEN_PREFIX).max(BOOKKEEPING),
-                        "{alloc:?} for a limit of {max}"
-                    );
-                    assert!(alloc.total <= frame_len + SLACK, "{alloc:?} for a frame of {frame_len}");
-                    check_reencodes(&frame, frame_len, max);
-                }
-                Ok(None) => {
-                    assert_eq!(buf.len(), before, "an incomplete frame is not consumed");
-                    assert_eq!(alloc.total, 0, "an incomplete frame allocates nothing");
-                    break;
-                }
-                Err(DecodeError::TooLarge { len, max: m }) => {
-                    assert!(len > max && m == max);
-                    assert_eq!(alloc.total, 0, "a frame over the limit allocates nothing");
-                    return;
-                }
-                Err(DecodeError::Malformed(_)) => {
-                    // Plus prost's error, which records the nesting (at most
-                    // its recursion limit of 100 levels).
-                    assert!(alloc.largest <= (max + codec::LEN_PREFIX).max(SLACK), "{alloc:?} for a limit of {max}");
-                    return;
-                }
-                Err(e @ DecodeError::TooManyEntries { .. }) => panic!("only peer frames count entries: {e}"),
-            }
-        }
+        Some((e @ DecodeError::TooManyEntries { .. }, _)) => panic!("client frames count no entries: {e}"),
+        Some((DecodeError::TooLarge { .. }, _)) | None => {}
     }
 });
 

@@ -16,9 +16,9 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use tern_fuzz::{check_admit, read_into, AllocWatch, Chunks, Input, TrackingAlloc};
+use tern_fuzz::{check_admit, decode_stream, Chunks, Decoded, Input, TrackingAlloc};
 use tern_protocol::peer::{peer_frame, PeerFrame};
-use tern_protocol::{codec, DecodeError, MAX_SHIP_ENTRIES};
+use tern_protocol::{codec, MAX_SHIP_ENTRIES};
 
 #[global_allocator]
 static ALLOC: TrackingAlloc = TrackingAlloc;
@@ -46,53 +46,23 @@ fuzz_target!(|data: &[u8]| {
     let done = small_or_large(input.u64());
     let seed = input.u32();
     let mut chunks = Chunks::new(seed, input.rest());
-    let mut buf = BytesMut::new();
-    loop {
-        // The peer link's rule (`reserve` in broker/src/mesh/link.rs).
+    // The peer link's rule (`reserve` in broker/src/mesh/link.rs).
+    let reserve = |buf: &mut BytesMut| {
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
-        if !read_into(&mut buf, &mut chunks) {
-            return;
+    };
+    let on_frame = |d: Decoded<PeerFrame>| {
+        assert!(d.alloc.total <= d.len + ENTRIES_MEMORY + SLACK, "{:?} for {}", d.alloc, d.len);
+        let largest = (max + codec::LEN_PREFIX).max(SLACK).max(ENTRIES_MEMORY / 2);
+        assert!(d.alloc.largest <= largest, "{:?} for a frame of {}, limit {max}", d.alloc, d.len);
+        check_reencodes(&d.frame);
+        if let Some(peer_frame::Kind::Ship(ship)) = &d.frame.kind {
+            let seqs: Vec<u64> = ship.entries.iter().map(|e| e.seq).collect();
+            check_admit(done, ship.base, ship.handed_up_to, &seqs);
         }
-        loop {
-            let before = buf.len();
-            AllocWatch::start();
-            let result = codec::decode_peer_frame(&mut buf, max);
-            let alloc = AllocWatch::stop();
-            match result {
-                Ok(Some(frame)) => {
-                    let frame_len = before - buf.len() - codec::LEN_PREFIX;
-                    assert!(frame_len <= max);
-                    assert!(alloc.total <= frame_len + ENTRIES_MEMORY + SLACK, "{alloc:?} for {frame_len}");
-                    let largest = (max + codec::LEN_PREFIX).max(SLACK).max(ENTRIES_MEMORY / 2);
-                    assert!(alloc.largest <= largest, "{alloc:?} for a frame of {frame_len}, limit {max}");
-                    check_reencodes(&frame);
-                    if let Some(peer_frame::Kind::Ship(ship)) = &frame.kind {
-                        let seqs: Vec<u64> = ship.entries.iter().map(|e| e.seq).collect();
-                        check_admit(done, ship.base, ship.handed_up_to, &seqs);
-                    }
-                }
-                Ok(None) => {
-                    assert_eq!(buf.len(), before, "an incomplete frame is not consumed");
-                    assert_eq!(alloc.total, 0, "an incomplete frame allocates nothing");
-                    break;
-                }
-                Err(DecodeError::TooLarge { len, max: m }) => {
-                    assert!(len > max && m == max);
-                    assert_eq!(alloc.total, 0, "a frame over the limit allocates nothing");
-                    return;
-                }
-                Err(DecodeError::TooManyEntries { count, max, .. }) => {
-                    assert!(count > max);
-                    assert_eq!(buf.len(), before, "a refused shipment is not consumed");
-                    assert_eq!(alloc.total, 0, "the entry count allocates nothing");
-                    return;
-                }
-                Err(DecodeError::Malformed(_)) => return,
-            }
-        }
-    }
+    };
+    decode_stream(&mut chunks, max, reserve, codec::decode_peer_frame, on_frame);
 });
 
 /// Seqs near 0 and near `u64::MAX` are where arithmetic breaks.

@@ -16,8 +16,8 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use tern_fuzz::{read_into, AllocWatch, Chunks, Input, TrackingAlloc};
-use tern_protocol::{codec, pb, DecodeError, MAX_LISTED_DEVICES, MAX_REDIRECT_BROKERS};
+use tern_fuzz::{decode_stream, Chunks, Decoded, Input, TrackingAlloc};
+use tern_protocol::{codec, pb, MAX_LISTED_DEVICES, MAX_REDIRECT_BROKERS};
 
 #[global_allocator]
 static ALLOC: TrackingAlloc = TrackingAlloc;
@@ -39,49 +39,19 @@ fuzz_target!(|data: &[u8]| {
     };
     let seed = input.u32();
     let mut chunks = Chunks::new(seed, input.rest());
-    let mut buf = BytesMut::new();
-    loop {
-        // The client's rule (`read_frames` in client/src/conn.rs).
+    // The client's rule (`read_frames` in client/src/conn.rs).
+    let reserve = |buf: &mut BytesMut| {
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(16 * 1024);
         }
-        if !read_into(&mut buf, &mut chunks) {
-            return;
-        }
-        loop {
-            let before = buf.len();
-            AllocWatch::start();
-            let result = codec::decode_server_frame(&mut buf, max);
-            let alloc = AllocWatch::stop();
-            match result {
-                Ok(Some(frame)) => {
-                    let frame_len = before - buf.len() - codec::LEN_PREFIX;
-                    assert!(frame_len <= max);
-                    assert!(alloc.total <= frame_len + LISTS_MEMORY + SLACK, "{alloc:?} for {frame_len}");
-                    let largest = (max + codec::LEN_PREFIX).max(SLACK).max(LISTS_MEMORY / 2);
-                    assert!(alloc.largest <= largest, "{alloc:?} for a frame of {frame_len}, limit {max}");
-                    check_reencodes(&frame);
-                }
-                Ok(None) => {
-                    assert_eq!(buf.len(), before, "an incomplete frame is not consumed");
-                    assert_eq!(alloc.total, 0, "an incomplete frame allocates nothing");
-                    break;
-                }
-                Err(DecodeError::TooLarge { len, max: m }) => {
-                    assert!(len > max && m == max);
-                    assert_eq!(alloc.total, 0, "a frame over the limit allocates nothing");
-                    return;
-                }
-                Err(DecodeError::TooManyEntries { count, max, .. }) => {
-                    assert!(count > max);
-                    assert_eq!(buf.len(), before, "a refused frame is not consumed");
-                    assert_eq!(alloc.total, 0, "the count allocates nothing");
-                    return;
-                }
-                Err(DecodeError::Malformed(_)) => return,
-            }
-        }
-    }
+    };
+    let on_frame = |d: Decoded<pb::ServerFrame>| {
+        assert!(d.alloc.total <= d.len + LISTS_MEMORY + SLACK, "{:?} for {}", d.alloc, d.len);
+        let largest = (max + codec::LEN_PREFIX).max(SLACK).max(LISTS_MEMORY / 2);
+        assert!(d.alloc.largest <= largest, "{:?} for a frame of {}, limit {max}", d.alloc, d.len);
+        check_reencodes(&d.frame);
+    };
+    decode_stream(&mut chunks, max, reserve, codec::decode_server_frame, on_frame);
 });
 
 /// A decoded frame survives a round trip (re-encoded no longer than it came).

@@ -12,7 +12,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::BytesMut;
-use tern_protocol::codec;
+use tern_protocol::{codec, DecodeError};
 use tern_protocol::shipping::{admit, Admit};
 
 /// The system allocator, recording the largest single allocation and the
@@ -148,6 +148,70 @@ pub fn read_into(buf: &mut BytesMut, chunks: &mut Chunks<'_>) -> bool {
             true
         }
         None => false,
+    }
+}
+
+/// A frame [`decode_stream`] decoded: its length without the prefix, and
+/// what decoding it allocated.
+#[derive(Debug)]
+pub struct Decoded<F> {
+    pub frame: F,
+    pub len: usize,
+    pub alloc: AllocWatch,
+}
+
+/// Feeds `chunks` into a read buffer, made room in by `reserve` before each
+/// read as the real reader does, and decodes frames of at most `max` bytes
+/// with `decode`, handing each to `on_frame`, until the stream ends (`None`)
+/// or a frame is refused (the error, and what refusing it allocated).
+///
+/// Checks what every frame decoder must hold: an incomplete frame is not
+/// consumed and allocates nothing; a length over `max` is refused before
+/// anything is allocated for it; a frame refused for too many entries is not
+/// consumed, and counting them allocates nothing.
+pub fn decode_stream<F>(
+    chunks: &mut Chunks<'_>,
+    max: usize,
+    mut reserve: impl FnMut(&mut BytesMut),
+    mut decode: impl FnMut(&mut BytesMut, usize) -> Result<Option<F>, DecodeError>,
+    mut on_frame: impl FnMut(Decoded<F>),
+) -> Option<(DecodeError, AllocWatch)> {
+    let mut buf = BytesMut::new();
+    loop {
+        reserve(&mut buf);
+        if !read_into(&mut buf, chunks) {
+            return None;
+        }
+        loop {
+            let before = buf.len();
+            AllocWatch::start();
+            let result = decode(&mut buf, max);
+            let alloc = AllocWatch::stop();
+            match result {
+                Ok(Some(frame)) => {
+                    let len = before - buf.len() - codec::LEN_PREFIX;
+                    assert!(len <= max, "a frame of {len} bytes decoded under a limit of {max}");
+                    on_frame(Decoded { frame, len, alloc });
+                }
+                Ok(None) => {
+                    assert_eq!(buf.len(), before, "an incomplete frame is not consumed");
+                    assert_eq!(alloc.total, 0, "an incomplete frame allocates nothing");
+                    break;
+                }
+                Err(DecodeError::TooLarge { len, max: m }) => {
+                    assert!(len > max && m == max);
+                    assert_eq!(alloc.total, 0, "a frame over the limit allocates nothing");
+                    return Some((DecodeError::TooLarge { len, max: m }, alloc));
+                }
+                Err(e @ DecodeError::TooManyEntries { count, max, .. }) => {
+                    assert!(count > max);
+                    assert_eq!(buf.len(), before, "a refused frame is not consumed");
+                    assert_eq!(alloc.total, 0, "counting the entries allocates nothing");
+                    return Some((e, alloc));
+                }
+                Err(e @ DecodeError::Malformed(_)) => return Some((e, alloc)),
+            }
+        }
     }
 }
 

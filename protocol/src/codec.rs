@@ -113,15 +113,8 @@ pub fn decode<M: Message + Default>(src: &mut BytesMut, max_len: usize) -> Resul
 /// before decoding it: a pre-scan of the wire format counts them without
 /// allocating.
 pub fn decode_peer_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<crate::peer::PeerFrame>, DecodeError> {
-    let Some(len) = peek_len(src, max_len)? else {
-        return Ok(None);
-    };
-    let Some(frame) = src.get(LEN_PREFIX..LEN_PREFIX + len) else {
-        return Ok(None);
-    };
     // `PeerFrame.ship` is field 5, `Ship.entries` field 4 (peer.proto).
-    check_count(frame, &[5, 4], "Ship.entries", MAX_SHIP_ENTRIES)?;
-    decode(src, max_len)
+    decode_bounded(src, max_len, &[(&[5, 4], "Ship.entries", MAX_SHIP_ENTRIES)])
 }
 
 /// [`decode`] for a [`ServerFrame`](crate::pb::ServerFrame) (what a client
@@ -129,27 +122,37 @@ pub fn decode_peer_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<cr
 /// [`MAX_LISTED_DEVICES`] or [`MAX_REDIRECT_BROKERS`] elements before
 /// decoding it, so a frame costs a client about its size in memory.
 pub fn decode_server_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<crate::pb::ServerFrame>, DecodeError> {
+    // `ServerFrame.device_list` is field 8 with `devices` 2, `redirect` 9
+    // with `brokers` 1 (tern.proto).
+    let bounds: [Bound; 2] =
+        [(&[8, 2], "DeviceList.devices", MAX_LISTED_DEVICES), (&[9, 1], "Redirect.brokers", MAX_REDIRECT_BROKERS)];
+    decode_bounded(src, max_len, &bounds)
+}
+
+/// A repeated field's path (see [`count_field`]), its name in errors, and
+/// the most elements a frame may hold.
+type Bound = (&'static [u32], &'static str, usize);
+
+/// [`decode`], refusing a whole frame in which a field of `bounds` occurs
+/// more often than its bound before decoding anything of it.
+fn decode_bounded<M: Message + Default>(
+    src: &mut BytesMut,
+    max_len: usize,
+    bounds: &[Bound],
+) -> Result<Option<M>, DecodeError> {
     let Some(len) = peek_len(src, max_len)? else {
         return Ok(None);
     };
     let Some(frame) = src.get(LEN_PREFIX..LEN_PREFIX + len) else {
         return Ok(None);
     };
-    // `ServerFrame.device_list` is field 8 with `devices` 2, `redirect` 9
-    // with `brokers` 1 (tern.proto).
-    check_count(frame, &[8, 2], "DeviceList.devices", MAX_LISTED_DEVICES)?;
-    check_count(frame, &[9, 1], "Redirect.brokers", MAX_REDIRECT_BROKERS)?;
-    decode(src, max_len)
-}
-
-/// Refuses `frame` if the field at `path` (see [`count_field`]) occurs more
-/// than `max` times.
-fn check_count(frame: &[u8], path: &[u32], field: &'static str, max: usize) -> Result<(), DecodeError> {
-    let count = count_field(frame, path)?;
-    if count > max {
-        return Err(DecodeError::TooManyEntries { field, count, max });
+    for &(path, field, max) in bounds {
+        let count = count_field(frame, path)?;
+        if count > max {
+            return Err(DecodeError::TooManyEntries { field, count, max });
+        }
     }
-    Ok(())
+    decode(src, max_len)
 }
 
 /// How often field `path`'s last number occurs in the encoded message
