@@ -28,6 +28,8 @@ mod flush;
 mod link;
 mod location;
 mod membership;
+#[cfg(test)]
+mod moves_sim;
 mod outbox;
 mod routes;
 mod settle;
