@@ -154,10 +154,19 @@ impl Mesh {
             };
             let bounds = store.bounds(queue.clone()).await;
             tracing::debug!(%queue, epoch, before, bounds = ?bounds.as_ref().ok(), "handoff over; lifting the fence");
+            // Only while this login is still the device's here: its session
+            // has pushed nothing yet (it waits for this), and the queue is
+            // not shipped elsewhere. Once it has ended (the device moved on,
+            // or logged in here again), entries moved under seqs already
+            // pushed or shipped would be lost or repeated; a later login's
+            // fence counts from this one's start and puts them in order.
+            let current = lock(&mesh.inner.hosted).get(&queue) == Some(&epoch);
             let head = match bounds {
                 // Something came back: put it in its senders' order with
                 // what was here.
-                Ok(b) if b.tail > before && b.depth() > 1 => store.reorder(queue.clone()).await.map(|_| b.head),
+                Ok(b) if current && b.tail > before && b.depth() > 1 => {
+                    store.reorder(queue.clone()).await.map(|_| b.head)
+                }
                 Ok(b) => Ok(b.head),
                 Err(e) => Err(e),
             };

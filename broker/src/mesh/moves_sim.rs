@@ -354,7 +354,11 @@ impl Sim {
         for f in &mut b.fences {
             f.session = false;
         }
-        b.fences.push(Fence { session: true, from, asking: None, until: now + HANDOFF_WAIT, before: b.queue.tail });
+        // A fence on a queue still fenced counts from the first one still
+        // up (`store::writer::fence`): what came back during that one is
+        // put in order when this one lifts, even if that one is still up.
+        let before = b.fences.iter().map(|f| f.before).min().unwrap_or(b.queue.tail);
+        b.fences.push(Fence { session: true, from, asking: None, until: now + HANDOFF_WAIT, before });
         self.send(to, S, Frame::Moved { to, from });
         self.send(to, from, Frame::Moved { to, from });
     }
@@ -631,7 +635,11 @@ impl Sim {
     fn lift_fence(&mut self, x: Node, i: usize) {
         let b = &mut self.brokers[x];
         let fence = b.fences.remove(i);
-        if b.queue.tail > fence.before {
+        // Only for the session still here, before it delivers: once it has
+        // ended, the queue may be shipping elsewhere, and moving entries
+        // under seqs already shipped or pushed would lose some and repeat
+        // others (`Mesh::hold_for_handback`).
+        if fence.session && b.queue.tail > fence.before {
             b.queue.reorder();
         }
     }

@@ -1239,6 +1239,45 @@ mod tests {
             .collect()
     }
 
+    /// A second fence on a queue still fenced counts from the first one's
+    /// start: an entry that came back during the first is put in order
+    /// when the second is lifted, though the login that set the first has
+    /// ended and does not reorder (the three-broker simulation,
+    /// `mesh::moves_sim`: alice's 2 was delivered before her 1).
+    #[test]
+    fn a_fence_on_a_fenced_queue_counts_from_the_first_fences_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut actor = actor(dir.path());
+        for (i, handle) in ["alice", "bob"].into_iter().enumerate() {
+            let registered =
+                run(&mut actor, |reply| WriteCmd::Register { handle: handle.into(), public_key: [i as u8; 32], reply });
+            assert!(registered.is_ok());
+        }
+        let bob = QueueKey::new("bob", 1);
+        send(&mut actor, "alice", "bob", 2);
+        assert_eq!(run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(), 1);
+        // Comes back during the first fence.
+        let header = ShipHeader { base: 0, handed_up_to: 0 };
+        let entries = vec![(1, Bytes::from(ids_entry(1)))];
+        let shipped = run(&mut actor, |reply| WriteCmd::ApplyShip {
+            origin: [7; 16],
+            queue: bob.clone(),
+            header,
+            entries,
+            reply,
+        });
+        assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
+        assert_eq!(
+            run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(),
+            1,
+            "the tail when the first fence went up, not now"
+        );
+        assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
+        assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
+        // Unfenced, a new fence counts from now.
+        assert_eq!(run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(), 2);
+    }
+
     /// Issue 11, order across a move: a device comes back to a broker that
     /// holds entries queued for it while it was elsewhere (2, 3), newer than
     /// what its previous broker hands back (1). Sends while the queue is

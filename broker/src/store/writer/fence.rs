@@ -32,8 +32,9 @@ const REORDER_MAX: u64 = 20_000;
 #[derive(Default)]
 pub(super) struct Fences {
     /// Queue -> number of fences on it (a device may log in again before
-    /// the first login's handoff is over).
-    fenced: HashMap<QueueKey, u32>,
+    /// the first login's handoff is over), and the queue's tail when the
+    /// first of them went up.
+    fenced: HashMap<QueueKey, (u32, u64)>,
     /// Held sends in arrival order, with the queues each goes into.
     held: VecDeque<(Vec<QueueKey>, WriteCmd)>,
 }
@@ -62,17 +63,21 @@ impl WriterActor {
         None
     }
 
-    /// Fences `queue`; returns its tail.
+    /// Fences `queue`; returns its tail, or, if it is fenced already, its
+    /// tail when the first fence still up went up: what came back during
+    /// that one is put in order when this one is lifted (the login that
+    /// set the first may be gone by then, and not reorder).
     pub(super) fn fence(&mut self, batch: &Batch, queue: QueueKey) -> Result<u64, StoreError> {
         let tail = self.bounds_of(batch, &queue)?.tail;
-        *self.fences.fenced.entry(queue).or_default() += 1;
-        Ok(tail)
+        let (count, since) = self.fences.fenced.entry(queue).or_insert((0, tail));
+        *count += 1;
+        Ok(*since)
     }
 
     /// Lifts one fence of `queue`, and applies the sends held back that no
     /// other fence holds, in their order.
     pub(super) fn unfence(&mut self, batch: &mut Batch, queue: &QueueKey) {
-        if let Some(n) = self.fences.fenced.get_mut(queue) {
+        if let Some((n, _)) = self.fences.fenced.get_mut(queue) {
             *n -= 1;
             if *n == 0 {
                 self.fences.fenced.remove(queue);
@@ -91,8 +96,11 @@ impl WriterActor {
     /// in their senders' order, whichever arrived first. Other senders'
     /// entries, and entries without a stamp, keep their place; seqs and
     /// bounds do not change. Only the newest [`REORDER_MAX`] entries are
-    /// looked at. The device's session has pushed none of them (it waits for
-    /// this), and the queue is not being shipped (the device is here).
+    /// looked at. Only for a login that is still the device's here, before
+    /// its session pushes (it waits for this): then the session has pushed
+    /// none of them and the queue is not being shipped (the device is here).
+    /// Moving entries under seqs already pushed or shipped would lose some
+    /// and repeat others.
     /// Returns how many entries moved.
     pub(super) fn reorder(&mut self, batch: &mut Batch, queue: &QueueKey) -> Result<u64, StoreError> {
         let b = self.bounds_of(batch, queue)?;
