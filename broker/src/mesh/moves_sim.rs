@@ -540,12 +540,16 @@ impl Sim {
                 if id == 0 {
                     // The move's handoff is done: ask once more, for what
                     // was shipped there just before (`hold_for_handback`).
+                    let mut asks = Vec::new();
                     for i in 0..b.fences.len() {
                         if b.fences[i].from == y && b.fences[i].asking.is_none() {
                             let id = b.request_id();
                             b.fences[i].asking = Some((id, now));
-                            self.wires[x][y].push_back((self.links[x.min(y)][x.max(y)], Frame::HandoffRequest(id)));
+                            asks.push(id);
                         }
+                    }
+                    for id in asks {
+                        self.send(x, y, Frame::HandoffRequest(id));
                     }
                     return;
                 }
