@@ -49,14 +49,8 @@ fi
 BROKER="$ROOT/target/release/tern-broker" LOADGEN="$ROOT/target/release/tern-loadgen"
 mkdir -p "$OUT"
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/tern-events.XXXXXX")
-PID=""
-cleanup() {
-  [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# WORK (removed on exit), free_port, stop_broker (BROKER_PID).
+source "$ROOT/benches/ab/lib.sh"
 udp() { awk '/^Udp: [0-9]/ {print $2, $5}' /proc/net/snmp; }
 
 # one RATE: a fresh broker, the loadgen at RATE, perf attached to the broker
@@ -66,12 +60,12 @@ one() {
   port=$(free_port) admin=$(free_port)
   "$BROKER" --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" --data-dir "$data" \
     --durability "$DURABILITY" >"$WORK/broker-$rate.log" 2>&1 &
-  PID=$!
+  BROKER_PID=$!
   for _ in $(seq 100); do [ -f "$data/tls/cert.pem" ] && break; sleep 0.1; done
   sleep 0.5
   # The loadgen registers and connects, warms up 2 s, then measures SECS.
   "$LOADGEN" chat --target "tern://127.0.0.1:$port" --ca "$data/tls/cert.pem" --users "$USERS" \
-    --rate "$rate" --duration "$SECS" --warmup 2 --broker-pid "$PID" --json "$WORK/$rate.json" --quiet &
+    --rate "$rate" --duration "$SECS" --warmup 2 --broker-pid "$BROKER_PID" --json "$WORK/$rate.json" --quiet &
   local lg=$!
   # Attach once the users are connected and warm: the window is the middle
   # SECS-2 seconds of the measured run.
@@ -80,13 +74,12 @@ one() {
   curl -s "http://127.0.0.1:$admin/metrics" >"$WORK/$rate.metrics0" || true
   udp >"$WORK/$rate.udp0"
   local window=$(( SECS - 2 ))
-  perf stat -x, -e "$EVENTS" -p "$PID" -- sleep "$window" 2>"$WORK/$rate.txt"
+  perf stat -x, -e "$EVENTS" -p "$BROKER_PID" -- sleep "$window" 2>"$WORK/$rate.txt"
   udp >"$WORK/$rate.udp1"
   curl -s "http://127.0.0.1:$admin/metrics" >"$WORK/$rate.metrics1" || true
   echo "$window" >"$WORK/$rate.window"
   wait "$lg"
-  kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true
-  PID=""
+  stop_broker
 }
 
 IFS=, read -r -a rates <<<"$RATES"

@@ -1197,12 +1197,7 @@ mod tests {
     fn a_request_that_fails_part_way_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let mut actor = actor(dir.path());
-        for (i, handle) in ["alice", "carol", "bob"].into_iter().enumerate() {
-            let key = [i as u8; 32];
-            let registered =
-                run(&mut actor, |reply| WriteCmd::Register { handle: handle.into(), public_key: key, reply });
-            assert!(registered.is_ok());
-        }
+        register(&mut actor, &["alice", "carol", "bob"]);
         send(&mut actor, "alice", "bob", 1);
         send(&mut actor, "carol", "bob", 2);
         let bob = QueueKey::new("bob", 1);
@@ -1248,11 +1243,7 @@ mod tests {
     fn a_fence_on_a_fenced_queue_counts_from_the_first_fences_start() {
         let dir = tempfile::tempdir().unwrap();
         let mut actor = actor(dir.path());
-        for (i, handle) in ["alice", "bob"].into_iter().enumerate() {
-            let registered =
-                run(&mut actor, |reply| WriteCmd::Register { handle: handle.into(), public_key: [i as u8; 32], reply });
-            assert!(registered.is_ok());
-        }
+        register(&mut actor, &["alice", "bob"]);
         let bob = QueueKey::new("bob", 1);
         send(&mut actor, "alice", "bob", 2);
         assert_eq!(run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(), 1);
@@ -1287,11 +1278,7 @@ mod tests {
     fn a_fenced_queue_holds_sends_in_order_and_puts_what_came_back_in_its_senders_order() {
         let dir = tempfile::tempdir().unwrap();
         let mut actor = actor(dir.path());
-        for (i, handle) in ["alice", "carol", "bob"].into_iter().enumerate() {
-            let registered =
-                run(&mut actor, |reply| WriteCmd::Register { handle: handle.into(), public_key: [i as u8; 32], reply });
-            assert!(registered.is_ok());
-        }
+        register(&mut actor, &["alice", "carol", "bob"]);
         let bob = QueueKey::new("bob", 1);
         send(&mut actor, "alice", "bob", 2);
         send(&mut actor, "alice", "bob", 3);
