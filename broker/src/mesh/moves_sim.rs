@@ -171,6 +171,10 @@ struct Broker {
     done: [u64; NODES],
     /// The broker that last acknowledged entries of the queue.
     handed: Option<(Node, u64)>,
+    /// The queue's tail when its first fence still up went up, kept in
+    /// the store until the last is lifted (`store::writer::fence`): after
+    /// a restart, the next fence counts from there.
+    fence_start: Option<u64>,
     // Lost in a restart.
     out: Option<Out>,
     reading: Option<u64>,
@@ -185,6 +189,14 @@ struct Broker {
 }
 
 impl Broker {
+    /// The first fence of the queue goes up: it counts from the tail, or
+    /// from the start of the fence that died with the last run.
+    fn put_up_fence(&mut self) -> u64 {
+        let before = self.fence_start.map_or(self.queue.tail, |dead| dead.min(self.queue.tail));
+        self.fence_start = Some(before);
+        before
+    }
+
     fn request_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -358,7 +370,10 @@ impl Sim {
         // A fence on a queue still fenced counts from the first one still
         // up (`store::writer::fence`): what came back during that one is
         // put in order when this one lifts, even if that one is still up.
-        let before = b.fences.iter().map(|f| f.before).min().unwrap_or(b.queue.tail);
+        let before = match b.fences.iter().map(|f| f.before).min() {
+            Some(before) => before,
+            None => b.put_up_fence(),
+        };
         b.fences.push(Fence { session: true, from, asking: None, until: now + HANDOFF_WAIT, before });
         self.send(to, S, Frame::Moved { to, from });
         self.send(to, from, Frame::Moved { to, from });
@@ -402,13 +417,19 @@ impl Sim {
         // bob logs in again: the directory names this broker, so only the
         // broker the store says last took entries is asked.
         let b = &mut self.brokers[x];
+        let before = b.put_up_fence();
         if let Some((holder, _)) = b.handed.filter(|(h, _)| *h != x) {
             let id = b.request_id();
-            let before = b.queue.tail;
             let fence =
                 Fence { session: true, from: holder, asking: Some((id, now)), until: now + HANDOFF_WAIT, before };
             b.fences.push(fence);
             self.send(x, holder, Frame::HandoffRequest(id));
+        } else {
+            // Nothing to wait for: the fence is lifted at once.
+            b.fence_start = None;
+            if b.queue.tail > before {
+                b.queue.reorder();
+            }
         }
     }
 
@@ -640,6 +661,9 @@ impl Sim {
     fn lift_fence(&mut self, x: Node, i: usize) {
         let b = &mut self.brokers[x];
         let fence = b.fences.remove(i);
+        if b.fences.is_empty() {
+            b.fence_start = None;
+        }
         // Only for the session still here, before it delivers: once it has
         // ended, the queue may be shipping elsewhere, and moving entries
         // under seqs already shipped or pushed would lose some and repeat
@@ -833,16 +857,14 @@ fn a_senders_messages_reach_a_moving_device_once_and_in_order_through_any_faults
     assert!(ordered.get() > cases / 2, "order checked in only {} of {cases} runs", ordered.get());
 }
 
-/// Open defect (issue 11), found by a random seed of the test above: bob's
-/// broker A is SIGKILLed while his login's fence is up and an older entry
-/// of alice's (1) has come back from B behind newer ones (2..5) during it.
-/// The fence is in memory only, so it dies with the process before its
-/// reorder, and the next login's fence counts from the restart: bob gets
-/// newer messages of alice's before older ones. A durable record of a fence's start
-/// (so the next login reorders from it) would fix it. Run with
-/// `cargo test -p tern-broker --lib moves_sim -- --ignored`.
+/// Issue 11, found by a random seed of the test above: bob's broker A is
+/// SIGKILLed while his login's fence is up and an older entry of alice's
+/// (1) has come back from B behind newer ones (2..5) during it. The fence
+/// was in memory only, so it died with the process before its reorder, and
+/// the next login's fence counted from the restart: bob got newer messages
+/// of alice's before older ones. The store now keeps a fence's start until
+/// it is lifted, and the next fence after a restart counts from it.
 #[test]
-#[ignore = "open defect: a fence's reorder is lost when its broker restarts"]
 fn a_fence_that_dies_with_its_broker_still_has_what_came_back_put_in_order() {
     use Step::*;
     let d = |wire| Deliver { wire, dup: false };

@@ -18,6 +18,7 @@
 //! | `mesh` | `shipped` + origin id + queue key | highest origin seq accounted for (stored, or settled by a handoff) from that origin's queue (u64 BE) |
 //! | `mesh` | `acctlog` + change number (u64 BE) | the handle whose account record changed (the newest 100,000 changes; sent to each peer whose link comes up) |
 //! | `mesh` | `handed` + queue key | the seq (u64 BE) up to which another broker last stored this queue's entries shipped from here, then that broker's node name |
+//! | `mesh` | `fence` + queue key | the queue's tail (u64 BE) when its fence went up; present while the queue is fenced, and after a crash until its next fence (which reorders from there) |
 
 use std::fmt;
 
@@ -62,6 +63,17 @@ pub(crate) fn account_log_key(n: u64) -> Vec<u8> {
 pub(crate) fn handed_key(queue: &QueueKey) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + queue.as_bytes().len());
     k.extend_from_slice(b"handed");
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// Prefix of the fence records in `mesh`.
+pub(crate) const FENCE_PREFIX: &[u8] = b"fence";
+
+/// Key of the record of `queue`'s fence.
+pub(crate) fn fence_key(queue: &QueueKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(FENCE_PREFIX.len() + queue.as_bytes().len());
+    k.extend_from_slice(FENCE_PREFIX);
     k.extend_from_slice(queue.as_bytes());
     k
 }

@@ -438,6 +438,7 @@ impl WriterActor {
             fail_push_in: std::cell::Cell::new(None),
         };
         actor.load_bounds()?;
+        actor.fences = fence::Fences::load(&actor.db)?;
         actor.account_log.set(last_account_change(&actor.db)?);
         Ok(actor)
     }
@@ -610,6 +611,7 @@ impl WriterActor {
             }
             WriteCmd::Fence { queue, reply } => {
                 let result = self.fence(batch, queue);
+                batch.finish(mark, &result);
                 batch.replies.push(Pending::Seq(reply, result));
             }
             WriteCmd::Unfence { queue, reply } => {
@@ -1267,6 +1269,46 @@ mod tests {
         assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
         // Unfenced, a new fence counts from now.
         assert_eq!(run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(), 2);
+    }
+
+    /// Issue 11: a fence lived only in memory, so a broker killed while a
+    /// queue was fenced lost the reorder of what had come back during it;
+    /// the next login's fence counted from the restart and bob got newer
+    /// messages of alice's before older ones (`mesh::moves_sim`, the
+    /// replay `a_fence_that_dies_with_its_broker_...`). The next fence
+    /// after a restart counts from the dead fence's start; once a fence is
+    /// lifted, its record goes.
+    #[test]
+    fn the_first_fence_after_a_restart_counts_from_the_start_of_the_fence_that_died() {
+        let dir = tempfile::tempdir().unwrap();
+        let bob = QueueKey::new("bob", 1);
+        let fence = |actor: &mut WriterActor| run(actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply });
+        let mut actor = actor(dir.path());
+        register(&mut actor, &["alice", "bob"]);
+        send(&mut actor, "alice", "bob", 2);
+        assert_eq!(fence(&mut actor).unwrap(), 1);
+        // Comes back during the fence; then the broker is killed.
+        let header = ShipHeader { base: 0, handed_up_to: 0 };
+        let entries = vec![(1, Bytes::from(ids_entry(1)))];
+        let shipped = run(&mut actor, |reply| WriteCmd::ApplyShip {
+            origin: [7; 16],
+            queue: bob.clone(),
+            header,
+            entries,
+            reply,
+        });
+        assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
+        drop(actor);
+
+        let mut actor = self::actor(dir.path());
+        assert_eq!(actor.bounds[&bob].tail, 2);
+        assert_eq!(fence(&mut actor).unwrap(), 1, "the start of the fence that died, not the tail now");
+        assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
+        drop(actor);
+
+        // Lifted before the restart: the next fence counts from its tail.
+        let mut actor = self::actor(dir.path());
+        assert_eq!(fence(&mut actor).unwrap(), 2);
     }
 
     /// Issue 11, order across a move: a device comes back to a broker that

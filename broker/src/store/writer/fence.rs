@@ -15,15 +15,23 @@
 //!
 //! Shipments from other brokers are not held here: the mesh defers them
 //! during the handoff (`ShipDefer`), except the previous broker's own.
+//!
+//! A fence's start is also kept in the store (`fence` + queue key in
+//! `mesh`) while it is up. A broker killed with a queue fenced loses the
+//! fence, and with it the reorder of what came back during it; the next
+//! fence of that queue after the restart counts from the record's start,
+//! so its reorder takes in those entries too.
 
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
-use super::{Batch, WriteCmd, WriterActor};
+use rocksdb::{IteratorMode, DB};
+
+use super::{decode_u64, Batch, WriteCmd, WriterActor};
 use crate::store::item::order_of;
-use crate::store::keys::CF_QUEUES;
-use crate::store::{QueueKey, StoreError};
+use crate::store::keys::{fence_key, CF_MESH, CF_QUEUES, FENCE_PREFIX};
+use crate::store::{cf, QueueKey, StoreError};
 
 /// Most entries of a queue [`WriterActor::reorder`] looks at (the newest).
 const REORDER_MAX: u64 = 20_000;
@@ -37,9 +45,32 @@ pub(super) struct Fences {
     fenced: HashMap<QueueKey, (u32, u64)>,
     /// Held sends in arrival order, with the queues each goes into.
     held: VecDeque<(Vec<QueueKey>, WriteCmd)>,
+    /// Starts of fences that were up when the store was last closed (the
+    /// broker was killed during a handoff): the next fence of each such
+    /// queue counts from there.
+    dead: HashMap<QueueKey, u64>,
 }
 
 impl Fences {
+    /// No fence up, and the records of those that died with the last run.
+    pub(super) fn load(db: &DB) -> Result<Self, StoreError> {
+        let mut dead = HashMap::new();
+        for entry in db.iterator_cf(cf(db, CF_MESH)?, IteratorMode::From(FENCE_PREFIX, rocksdb::Direction::Forward)) {
+            let (key, value) = entry?;
+            let Some(queue) = key.strip_prefix(FENCE_PREFIX) else { break };
+            if let Some(queue) = QueueKey::from_bytes(queue) {
+                dead.insert(queue, decode_u64(&value));
+            }
+        }
+        if !dead.is_empty() {
+            tracing::info!(
+                queues = dead.len(),
+                "queues were fenced when the broker stopped; their next fence puts what came back in order"
+            );
+        }
+        Ok(Self { dead, ..Self::default() })
+    }
+
     fn blocks(&self, targets: &[QueueKey]) -> bool {
         targets.iter().any(|q| self.fenced.contains_key(q) || self.held.iter().any(|(t, _)| t.contains(q)))
     }
@@ -67,11 +98,21 @@ impl WriterActor {
     /// tail when the first fence still up went up: what came back during
     /// that one is put in order when this one is lifted (the login that
     /// set the first may be gone by then, and not reorder).
-    pub(super) fn fence(&mut self, batch: &Batch, queue: QueueKey) -> Result<u64, StoreError> {
+    ///
+    /// The first fence of a queue whose fence died with the last run (see
+    /// [`Fences::load`]) counts from that one's start instead. The start
+    /// of the first fence up is recorded in the store until the last one
+    /// is lifted.
+    pub(super) fn fence(&mut self, batch: &mut Batch, queue: QueueKey) -> Result<u64, StoreError> {
+        if let Some((count, since)) = self.fences.fenced.get_mut(&queue) {
+            *count += 1;
+            return Ok(*since);
+        }
         let tail = self.bounds_of(batch, &queue)?.tail;
-        let (count, since) = self.fences.fenced.entry(queue).or_insert((0, tail));
-        *count += 1;
-        Ok(*since)
+        let since = self.fences.dead.remove(&queue).map_or(tail, |dead| dead.min(tail));
+        batch.put(CF_MESH, fence_key(&queue), since.to_be_bytes());
+        self.fences.fenced.insert(queue, (1, since));
+        Ok(since)
     }
 
     /// Lifts one fence of `queue`, and applies the sends held back that no
@@ -81,6 +122,7 @@ impl WriterActor {
             *n -= 1;
             if *n == 0 {
                 self.fences.fenced.remove(queue);
+                batch.delete(CF_MESH, fence_key(queue));
             }
         }
         for (_, cmd) in std::mem::take(&mut self.fences.held) {
