@@ -165,7 +165,7 @@ impl Mesh {
                 // Something came back: put it in its senders' order with
                 // what was here.
                 Ok(b) if current && b.tail > before && b.depth() > 1 => {
-                    store.reorder(queue.clone()).await.map(|_| b.head)
+                    store.reorder(queue.clone()).await.map(|after| after.head)
                 }
                 Ok(b) => Ok(b.head),
                 Err(e) => Err(e),

@@ -551,11 +551,11 @@ impl Store {
         self.call(|reply| WriteCmd::Unfence { queue, reply }).await.map(drop)
     }
 
-    /// Puts each sender's entries of `queue` back in its order (by stamp,
-    /// in the places that sender's entries hold; seqs unchanged), after a
-    /// fence during which older or newer entries came back. Returns how many
-    /// entries moved.
-    pub async fn reorder(&self, queue: QueueKey) -> Result<u64, StoreError> {
+    /// Puts each sender's entries of `queue` in the order of their stamps
+    /// after a fence during which older or newer entries came back. If any
+    /// entry moves, all are appended anew after the tail and the old seqs
+    /// deleted (no seq's value ever changes). Returns the bounds after.
+    pub async fn reorder(&self, queue: QueueKey) -> Result<QueueBounds, StoreError> {
         self.call(|reply| WriteCmd::Reorder { queue, reply }).await
     }
 

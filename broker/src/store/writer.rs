@@ -140,11 +140,11 @@ pub(super) enum WriteCmd {
         queue: QueueKey,
         reply: Reply<u64>,
     },
-    /// Puts each sender's entries of `queue` in stamp order; answers how
-    /// many moved.
+    /// Puts each sender's entries of `queue` in stamp order (appended anew
+    /// if any moves); answers the queue's bounds after.
     Reorder {
         queue: QueueKey,
-        reply: Reply<u64>,
+        reply: Reply<QueueBounds>,
     },
     Stop,
 }
@@ -621,7 +621,7 @@ impl WriterActor {
             WriteCmd::Reorder { queue, reply } => {
                 let result = self.reorder(batch, &queue);
                 batch.finish(mark, &result);
-                batch.replies.push(Pending::Seq(reply, result));
+                batch.replies.push(Pending::Bounds(reply, result));
             }
             WriteCmd::Waiting { reply } => {
                 // This batch's bounds stand over the committed ones.
@@ -1355,8 +1355,8 @@ mod tests {
         assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
         assert_eq!(ids(&actor, &bob), vec![2, 3, 1]);
 
-        let moved = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
-        assert_eq!(moved, 3);
+        let after = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
+        assert_eq!(after, QueueBounds { head: 3, tail: 6 }, "appended anew after the old tail");
         assert_eq!(ids(&actor, &bob), vec![1, 2, 3], "what was here goes behind what came back, older");
         assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
         for mut rx in held {
@@ -1365,7 +1365,7 @@ mod tests {
         assert_eq!(ids(&actor, &bob), vec![1, 2, 3, 4, 5]);
         let b = actor.bounds[&bob];
         let seqs: Vec<u64> = actor.range(&bob, b.head + 1, b.tail).unwrap().iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, vec![1, 2, 3, 4, 5], "the seqs stay as they were");
+        assert_eq!(seqs, vec![4, 5, 6, 7, 8], "no seq's value changed: the old seqs are gone");
     }
 
     /// Issue 11, M1 (the CI chaos run of stop 16): the entries queued here
@@ -1398,12 +1398,12 @@ mod tests {
         assert_eq!(run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(), 3);
         ship(&mut actor, 9, 1, entry(3, "alice", 102));
         ship(&mut actor, 9, 2, entry(51, "carol", 80));
-        let moved = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
+        let after = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
         assert_eq!(ids(&actor, &bob), vec![1, 51, 2, 3, 50], "each sender in stamp order, in its own places");
-        assert_eq!(moved, 2);
+        assert_eq!(after, QueueBounds { head: 5, tail: 10 });
         assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
         let again = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
-        assert_eq!(again, 0, "a queue in order is left alone");
+        assert_eq!(again, after, "a queue in order is left alone");
     }
 
     fn register(actor: &mut WriterActor, handles: &[&str]) {

@@ -30,10 +30,10 @@ use rocksdb::{IteratorMode, DB};
 
 use super::{decode_u64, Batch, WriteCmd, WriterActor};
 use crate::store::item::order_of;
-use crate::store::keys::{fence_key, CF_MESH, CF_QUEUES, FENCE_PREFIX};
-use crate::store::{cf, QueueKey, StoreError};
+use crate::store::keys::{fence_key, CF_MESH, FENCE_PREFIX};
+use crate::store::{cf, QueueBounds, QueueKey, StoreError};
 
-/// Most entries of a queue [`WriterActor::reorder`] looks at (the newest).
+/// Most entries of a queue [`WriterActor::reorder`] puts in order.
 const REORDER_MAX: u64 = 20_000;
 
 /// Fenced queues and the sends they hold back.
@@ -136,24 +136,35 @@ impl WriterActor {
     /// entries already hold: what came back from the device's previous
     /// broker during the fence, and what was queued here before it, end up
     /// in their senders' order, whichever arrived first. Other senders'
-    /// entries, and entries without a stamp, keep their place; seqs and
-    /// bounds do not change. Only the newest [`REORDER_MAX`] entries are
-    /// looked at. Only for a login that is still the device's here, before
-    /// its session pushes (it waits for this): then the session has pushed
-    /// none of them and the queue is not being shipped (the device is here).
-    /// Moving entries under seqs already pushed or shipped would lose some
-    /// and repeat others.
-    /// Returns how many entries moved.
-    pub(super) fn reorder(&mut self, batch: &mut Batch, queue: &QueueKey) -> Result<u64, StoreError> {
+    /// entries, and entries without a stamp, keep their place.
+    ///
+    /// If anything moves, every entry is appended anew after the tail in
+    /// the new order, and the old seqs are deleted (the head moves to the
+    /// old tail): the value under a seq never changes. Another broker may
+    /// hold some of these seqs, shipped to it before the device came back
+    /// (its acknowledgement lost, or not yet in), and skips them by seq
+    /// when they are shipped to it again: a value moved under such a seq
+    /// would be lost there, and another repeated. A queue of more than
+    /// [`REORDER_MAX`] entries is left as it is (and counted).
+    ///
+    /// Only for a login that is still the device's here, before its session
+    /// pushes (it waits for this): then the session has pushed none of them
+    /// and the queue is not being shipped (the device is here).
+    /// Returns the queue's bounds after.
+    pub(super) fn reorder(&mut self, batch: &mut Batch, queue: &QueueKey) -> Result<QueueBounds, StoreError> {
         let b = self.bounds_of(batch, queue)?;
-        let from = b.head.max(b.tail.saturating_sub(REORDER_MAX)) + 1;
-        if from >= b.tail {
-            return Ok(0);
+        if b.depth() < 2 {
+            return Ok(b);
         }
-        let mut entries = self.range(queue, from, b.tail)?;
+        if b.depth() > REORDER_MAX {
+            metrics::counter!("tern_store_reorders_skipped_total").increment(1);
+            tracing::warn!(%queue, depth = b.depth(), max = REORDER_MAX, "a queue too deep to put in its senders' order after a handoff");
+            return Ok(b);
+        }
+        let mut entries = self.range(queue, b.head + 1, b.tail)?;
         // Entries staged in this batch are not in the database yet.
         for (q, seq, value) in &batch.queued {
-            if q == queue && *seq >= from && !entries.iter().any(|(s, _)| s == seq) {
+            if q == queue && *seq > b.head && !entries.iter().any(|(s, _)| s == seq) {
                 entries.push((*seq, value.to_vec().into_boxed_slice()));
             }
         }
@@ -165,27 +176,27 @@ impl WriterActor {
                 senders.entry((kind, handle, device)).or_default().push((i, stamp));
             }
         }
-        let mut moves = Vec::new();
+        // The entry each position takes.
+        let mut order: Vec<usize> = (0..entries.len()).collect();
         for places in senders.values() {
             let mut by_stamp = places.clone();
             by_stamp.sort_by_key(|(_, stamp)| *stamp);
             for ((to, _), (from, _)) in places.iter().zip(by_stamp) {
-                if *to != from {
-                    moves.push((entries[*to].0, Bytes::copy_from_slice(&entries[from].1)));
-                }
+                order[*to] = from;
             }
         }
-        for (seq, value) in &moves {
-            batch.put_bytes(CF_QUEUES, queue.entry(*seq), value.clone());
-            for staged in batch.queued.iter_mut().filter(|(q, s, _)| q == queue && s == seq) {
-                staged.2 = value.clone();
-            }
+        let moved = order.iter().enumerate().filter(|(to, from)| to != *from).count() as u64;
+        if moved == 0 {
+            return Ok(b);
         }
-        let moved = moves.len() as u64;
-        if moved > 0 {
-            metrics::counter!("tern_store_reordered_entries_total").increment(moved);
-            tracing::debug!(%queue, moved, "put a queue back in its senders' order after a handoff");
+        self.delete_up_to(batch, queue, b.tail, false)?;
+        // Nobody is told of the old seqs: they are gone.
+        batch.queued.retain(|(q, seq, _)| !(q == queue && *seq <= b.tail));
+        for from in order {
+            self.push(batch, queue, Bytes::copy_from_slice(&entries[from].1))?;
         }
-        Ok(moved)
+        metrics::counter!("tern_store_reordered_entries_total").increment(moved);
+        tracing::debug!(%queue, moved, "put a queue back in its senders' order after a handoff");
+        self.bounds_of(batch, queue)
     }
 }
