@@ -11,13 +11,16 @@
 #
 #   bash benches/events/run.sh [--rates 1000,2000,10000] [--users 100]
 #        [--secs 10] [--durability synced|written|none] [--out DIR] [--no-build]
+#        [--broker PATH]
 #
 # Writes OUT/events.json and OUT/events.md (a table per rate), OUT defaulting
-# to target/events. Needs perf with tracepoint access (Debian: linux-perf;
-# root, or kernel.perf_event_paranoid <= -1).
+# to target/events. --broker measures another tern-broker binary (for an
+# A/B: run old and new alternately, each with its own --out). Needs perf
+# with tracepoint access (Debian: linux-perf; root, or
+# kernel.perf_event_paranoid <= -1).
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 RATES=1000,2000,10000 USERS=100 SECS=10 DURABILITY=synced BUILD=1
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT="$ROOT/target/events"
@@ -29,6 +32,7 @@ while [ $# -gt 0 ]; do
     --durability) DURABILITY=${2:?}; shift ;;
     --out) OUT=${2:?}; shift ;;
     --no-build) BUILD=0 ;;
+    --broker) BROKER_BIN=${2:?}; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "events: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -46,7 +50,7 @@ perf stat -e "$EVENTS" -- true 2>/dev/null >/dev/null ||
 if [ "$BUILD" = 1 ]; then
   "$ROOT/scripts/release.sh" build -p tern-broker -p tern-loadgen
 fi
-BROKER="$ROOT/target/release/tern-broker" LOADGEN="$ROOT/target/release/tern-loadgen"
+BROKER="${BROKER_BIN:-$ROOT/target/release/tern-broker}" LOADGEN="$ROOT/target/release/tern-loadgen"
 mkdir -p "$OUT"
 
 # WORK (removed on exit), free_port, stop_broker (BROKER_PID).

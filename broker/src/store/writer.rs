@@ -12,6 +12,13 @@
 //! (a two-stage group commit: one sync covers every batch written before it
 //! started).
 //!
+//! At chat rates most batches find nothing else waiting to be written and
+//! nothing on the sync thread: then the writer syncs the batch itself and
+//! answers it. The hop through the sync thread and back costs two thread
+//! wake-ups per batch, and pays only while there is a next batch to write
+//! during the sync (docs/bench/tuning.md). Batches that need no sync are
+//! answered by the writer at once.
+//!
 //! Not every batch needs a sync ([`SyncNeed`]). Sends and accounts are synced
 //! at once. Entries stored for another broker wait up to [`SYNC_SOON`] for a
 //! sync some other batch needs (only that broker's deletion of its copy waits
@@ -35,7 +42,7 @@
 //! that needs a sync fails with it: the WAL is no longer known to be durable.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -252,12 +259,43 @@ impl Written {
 /// The second stage of group commit: syncs the WAL for every batch written
 /// before the sync started, then answers them in the order written. A batch
 /// that needs no sync (or whose write failed) is answered at once.
+///
+/// The writer hands it only batches that wait for a sync while it goes on
+/// writing: with nothing else to write, and nothing here, the writer syncs
+/// a batch itself (see [`WriterActor::commit`]).
 struct Syncer {
     db: Arc<DB>,
     rx: std::sync::mpsc::Receiver<Written>,
     /// Set when a sync failed: nothing later is acknowledged as durable.
     /// Shared with the store, which reports it (`Store::failure`).
     failed: Arc<OnceLock<StoreError>>,
+    /// Batches handed here and not answered yet.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The sync thread, as the writer sees it.
+struct SyncStage {
+    tx: std::sync::mpsc::Sender<Written>,
+    thread: std::thread::JoinHandle<()>,
+    /// Batches handed to it and not answered yet.
+    in_flight: Arc<AtomicUsize>,
+    failed: Arc<OnceLock<StoreError>>,
+}
+
+/// Syncs the WAL, unless a sync failed before; records the failure.
+fn sync_wal(db: &DB, failed: &OnceLock<StoreError>) {
+    if failed.get().is_some() {
+        return;
+    }
+    let started = Instant::now();
+    let result = db.flush_wal(true);
+    metrics::histogram!("tern_store_sync_seconds").record(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        let e = StoreError::from(e);
+        tracing::error!(error = %e, "WAL sync failed; the broker acknowledges nothing more until it restarts");
+        metrics::counter!("tern_store_write_errors_total").increment(1);
+        let _ = failed.set(e);
+    }
 }
 
 impl Syncer {
@@ -283,8 +321,8 @@ impl Syncer {
             };
             for written in first.into_iter().chain(self.rx.try_iter()) {
                 match written.sync {
-                    _ if written.failure.is_some() => written.answer(None),
-                    SyncNeed::None => written.answer(None),
+                    _ if written.failure.is_some() => self.answer(written),
+                    SyncNeed::None => self.answer(written),
                     SyncNeed::Soon => {
                         due.get_or_insert_with(|| Instant::now() + SYNC_SOON);
                         pending.push(written);
@@ -306,26 +344,16 @@ impl Syncer {
     /// and answers the pending batches.
     fn flush(&mut self, pending: &mut Vec<Written>) {
         if pending.iter().any(|w| w.wrote) {
-            self.sync();
+            sync_wal(&self.db, &self.failed);
         }
         for written in pending.drain(..) {
-            written.answer(self.failed.get());
+            self.answer(written);
         }
     }
 
-    fn sync(&mut self) {
-        if self.failed.get().is_some() {
-            return;
-        }
-        let started = Instant::now();
-        let result = self.db.flush_wal(true);
-        metrics::histogram!("tern_store_sync_seconds").record(started.elapsed().as_secs_f64());
-        if let Err(e) = result {
-            let e = StoreError::from(e);
-            tracing::error!(error = %e, "WAL sync failed; the broker acknowledges nothing more until it restarts");
-            metrics::counter!("tern_store_write_errors_total").increment(1);
-            let _ = self.failed.set(e);
-        }
+    fn answer(&self, written: Written) {
+        written.answer(self.failed.get());
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -343,7 +371,7 @@ pub(super) struct WriterActor {
     db: Arc<DB>,
     /// Where written batches wait for their sync (`None` under
     /// `Durability::Written`: answered at once).
-    syncer: Option<(std::sync::mpsc::Sender<Written>, std::thread::JoinHandle<()>)>,
+    syncer: Option<SyncStage>,
     rx: mpsc::Receiver<WriteCmd>,
     accounts: moka::sync::Cache<String, Arc<Account>>,
     listener: Arc<dyn QueueListener>,
@@ -411,12 +439,13 @@ impl WriterActor {
         let Shared { accounts, disk_low, sync_failed, clock } = shared;
         let syncer = if config.durability == Durability::Synced {
             let (tx, rx) = std::sync::mpsc::channel();
-            let syncer = Syncer { db: db.clone(), rx, failed: sync_failed };
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            let syncer = Syncer { db: db.clone(), rx, failed: sync_failed.clone(), in_flight: in_flight.clone() };
             let thread = std::thread::Builder::new()
                 .name("tern-store-sync".into())
                 .spawn(move || syncer.run())
                 .map_err(|e| StoreError::Db(format!("cannot start the WAL sync thread: {e}")))?;
-            Some((tx, thread))
+            Some(SyncStage { tx, thread, in_flight, failed: sync_failed })
         } else {
             None
         };
@@ -491,7 +520,7 @@ impl WriterActor {
             }
         }
         // The sync thread answers what it holds, then ends.
-        if let Some((tx, thread)) = self.syncer.take() {
+        if let Some(SyncStage { tx, thread, .. }) = self.syncer.take() {
             drop(tx);
             let _ = thread.join();
         }
@@ -499,7 +528,8 @@ impl WriterActor {
     }
 
     /// Writes the batch (WAL, no sync), publishes its bounds, accounts and
-    /// entries, and hands its answers to the sync thread.
+    /// entries, and answers it: at once if it needs no sync, else after a
+    /// sync made here or by the sync thread.
     fn commit(&mut self, batch: Batch) {
         let started = Instant::now();
         let wrote = !batch.is_empty();
@@ -536,13 +566,27 @@ impl WriterActor {
             }
         }
         let written = Written { replies, sync, wrote, failure };
-        match &self.syncer {
-            Some((tx, _)) => {
-                if let Err(std::sync::mpsc::SendError(lost)) = tx.send(written) {
-                    lost.answer(Some(&StoreError::Closed));
-                }
+        let Some(stage) = &self.syncer else { return written.answer(None) };
+        if written.sync == SyncNeed::None || written.failure.is_some() {
+            // Nothing to wait for: answered here, a thread hop sooner.
+            written.answer(None);
+        } else if written.sync == SyncNeed::Now && stage.in_flight.load(Ordering::Acquire) == 0 && self.rx.is_empty() {
+            // Nothing else to write meanwhile, and nothing written before
+            // waits for a sync: synced here. At chat rates that is most
+            // batches, and each saves waking the sync thread and its wake
+            // of the session; under load the sync thread syncs while this
+            // one writes the next batch.
+            metrics::counter!("tern_store_syncs_inline_total").increment(1);
+            if written.wrote {
+                sync_wal(&self.db, &stage.failed);
             }
-            None => written.answer(None),
+            written.answer(stage.failed.get());
+        } else {
+            stage.in_flight.fetch_add(1, Ordering::AcqRel);
+            if let Err(std::sync::mpsc::SendError(lost)) = stage.tx.send(written) {
+                stage.in_flight.fetch_sub(1, Ordering::AcqRel);
+                lost.answer(Some(&StoreError::Closed));
+            }
         }
     }
 
