@@ -25,6 +25,7 @@ fn send_frame(body_len: usize) -> pb::ClientFrame {
             message_id: Bytes::from_static(&[7; 16]),
             to: "bob".into(),
             body: Bytes::from(vec![0xa5; body_len]),
+            no_receipt: false,
         })),
     }
 }
@@ -41,6 +42,7 @@ fn deliver_frame(body_len: usize) -> pb::ServerFrame {
                 to: "bob".into(),
                 sent_at_ms: 1_790_000_000_000,
                 body: Bytes::from(vec![0xa5; body_len]),
+                no_receipt: false,
             })),
         })),
     }

@@ -11,17 +11,19 @@
 #
 #   bash benches/events/run.sh [--rates 1000,2000,10000] [--users 100]
 #        [--secs 10] [--durability synced|written|none] [--out DIR] [--no-build]
-#        [--broker PATH]
+#        [--broker PATH] [--no-receipts]
 #
 # Writes OUT/events.json and OUT/events.md (a table per rate), OUT defaulting
 # to target/events. --broker measures another tern-broker binary (for an
-# A/B: run old and new alternately, each with its own --out). Needs perf
-# with tracepoint access (Debian: linux-perf; root, or
-# kernel.perf_event_paranoid <= -1).
+# A/B: run old and new alternately, each with its own --out).
+# --no-receipts has the loadgen send every message asking for no delivered
+# receipt (`Send.no_receipt`). Needs perf with tracepoint access (Debian:
+# linux-perf; root, or kernel.perf_event_paranoid <= -1).
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 RATES=1000,2000,10000 USERS=100 SECS=10 DURABILITY=synced BUILD=1
+LOADGEN_ARGS=()
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT="$ROOT/target/events"
 while [ $# -gt 0 ]; do
@@ -33,6 +35,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=${2:?}; shift ;;
     --no-build) BUILD=0 ;;
     --broker) BROKER_BIN=${2:?}; shift ;;
+    --no-receipts) LOADGEN_ARGS+=(--no-receipts) ;;
     -h|--help) usage; exit 0 ;;
     *) echo "events: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -69,7 +72,7 @@ one() {
   sleep 0.5
   # The loadgen registers and connects, warms up 2 s, then measures SECS.
   "$LOADGEN" chat --target "tern://127.0.0.1:$port" --ca "$data/tls/cert.pem" --users "$USERS" \
-    --rate "$rate" --duration "$SECS" --warmup 2 --broker-pid "$BROKER_PID" --json "$WORK/$rate.json" --quiet &
+    --rate "$rate" --duration "$SECS" --warmup 2 --broker-pid "$BROKER_PID" --json "$WORK/$rate.json" --quiet "${LOADGEN_ARGS[@]}" &
   local lg=$!
   # Attach once the users are connected and warm: the window is the middle
   # SECS-2 seconds of the measured run.

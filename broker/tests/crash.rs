@@ -69,6 +69,7 @@ async fn acknowledged_messages_survive_sigkill() {
                     message_id: Bytes::copy_from_slice(&mid(next)),
                     to: "bob".into(),
                     body: Bytes::from(format!("msg {next}")),
+                    no_receipt: false,
                 }))
                 .await;
             in_flight.insert(id, next);

@@ -43,7 +43,12 @@ async fn stream_to(
         while in_flight.len() < 64 {
             let body = Bytes::from(format!("msg {next}"));
             let id = alice
-                .request(C::Send(pb::Send { message_id: Bytes::copy_from_slice(&mid(*next)), to: to.into(), body }))
+                .request(C::Send(pb::Send {
+                    message_id: Bytes::copy_from_slice(&mid(*next)),
+                    to: to.into(),
+                    body,
+                    no_receipt: false,
+                }))
                 .await;
             in_flight.insert(id, *next);
             *next += 1;
@@ -639,7 +644,12 @@ async fn a_device_whose_sends_wait_for_its_frozen_previous_broker_is_still_serve
     let body = Bytes::from_static(b"after the move");
     let mut sends = Vec::new();
     for n in 1..=2 {
-        let send = pb::Send { message_id: Bytes::copy_from_slice(&mid(n)), to: "bob".into(), body: body.clone() };
+        let send = pb::Send {
+            message_id: Bytes::copy_from_slice(&mid(n)),
+            to: "bob".into(),
+            body: body.clone(),
+            no_receipt: false,
+        };
         sends.push(alice.request(C::Send(send)).await);
     }
     let ping = alice.request(C::Ping(pb::Ping { nonce: 7 })).await;

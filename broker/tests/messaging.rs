@@ -49,6 +49,34 @@ async fn online_send_is_pushed_in_order_and_acked_with_receipts() {
     broker.shutdown().await;
 }
 
+/// Issue 12: a sender may ask for no delivered receipt (`Send.no_receipt`,
+/// for read receipts and control messages): its message is delivered and
+/// acknowledged like any other, and the sender hears nothing of it. The
+/// message after it, asking for one, gets its receipt, so the first one's
+/// is not merely late.
+#[tokio::test]
+async fn a_send_asking_for_no_receipt_gets_none_and_the_next_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path()).await;
+    let (mut alice, _) = user(&broker, "alice").await;
+    let (mut bob, _) = user(&broker, "bob").await;
+    assert!(matches!(alice.send_msg_with("bob", mid(1), b"read 7", true).await, S::SendAck(_)));
+    assert!(matches!(alice.send_msg("bob", mid(2), b"hello").await, S::SendAck(_)));
+    let quiet = bob.deliver().await.expect("the first message");
+    assert_eq!(message_of(&quiet).message_id.as_ref(), mid(1));
+    assert!(message_of(&quiet).no_receipt, "the recipient sees the sender asked for none");
+    let loud = bob.deliver().await.expect("the second message");
+    assert!(!message_of(&loud).no_receipt);
+    bob.ack(loud.seq).await;
+    match alice.deliver().await.expect("a receipt").item {
+        Some(pb::deliver::Item::Receipt(r)) => assert_eq!(r.message_id.as_ref(), mid(2), "only the second's"),
+        other => panic!("expected a receipt, got {other:?}"),
+    }
+    let more = alice.maybe_next(Duration::from_millis(300)).await;
+    assert!(more.is_none(), "nothing else for alice: {more:?}");
+    broker.shutdown().await;
+}
+
 #[tokio::test]
 async fn offline_messages_are_delivered_on_login_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -195,6 +223,7 @@ async fn unknown_recipient_and_bad_arguments_are_typed_errors() {
             message_id: vec![1, 2].into(),
             to: "alice".into(),
             body: "x".into(),
+            no_receipt: false,
         }))
         .await;
     assert_eq!(error_code(&alice.answer(id).await), Some(ErrorCode::InvalidArgument));
@@ -299,6 +328,7 @@ async fn pipelined_sends_keep_their_order_when_the_writer_is_saturated() {
                 message_id: bytes::Bytes::copy_from_slice(&mid(s as u64 * 1_000_000 + n)),
                 to: "bob".into(),
                 body: bytes::Bytes::from(format!("{s}:{n}")),
+                no_receipt: false,
             };
             let frame = pb::ClientFrame { request_id: 1000 + n, kind: Some(pb::client_frame::Kind::Send(send)) };
             bytes.extend(tern_protocol::codec::encode_to_vec(&frame, 1 << 20).unwrap());

@@ -45,6 +45,7 @@ fn message(n: u8) -> Bytes {
             to: "bob".into(),
             sent_at_ms: 1,
             body: Bytes::from(vec![n]),
+            no_receipt: false,
         }),
     }
     .encode()
@@ -218,7 +219,7 @@ async fn a_new_entry_is_handed_on_before_its_sender_is_answered() {
     store.register("bob", [2; 32]).await.unwrap();
 
     let sent = store
-        .submit_enqueue(QueueKey::new("alice", 1), [7; 16], "bob".into(), Bytes::from_static(b"hi"))
+        .submit_enqueue(QueueKey::new("alice", 1), [7; 16], "bob".into(), Bytes::from_static(b"hi"), true)
         .await
         .unwrap();
     let seq = tokio::task::spawn_blocking(move || called.recv_timeout(Duration::from_secs(10))).await.unwrap();

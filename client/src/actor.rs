@@ -31,14 +31,14 @@ use tokio::sync::{mpsc, oneshot};
 use crate::backoff::Backoff;
 use crate::conn::{Auth, Conn};
 use crate::dedup::{Dedup, ItemKey, Verdict};
-use crate::{ClientConfig, ClientError, Identity, Incoming, SendError, SendReceipt};
+use crate::{ClientConfig, ClientError, Identity, Incoming, SendError, SendOptions, SendReceipt};
 
 /// Where a send's outcome goes.
 pub(crate) type SendReply = oneshot::Sender<Result<SendReceipt, SendError>>;
 
 /// A request from a [`Client`](crate::Client) handle to the actor.
 pub(crate) enum Cmd {
-    Send { id: MessageId, to: String, body: Bytes, reply: SendReply },
+    Send { id: MessageId, to: String, body: Bytes, options: SendOptions, reply: SendReply },
     Ack(u64),
     Call(C, oneshot::Sender<Result<S, SendError>>),
     Close(oneshot::Sender<()>),
@@ -59,6 +59,7 @@ impl std::fmt::Debug for Cmd {
 struct PendingSend {
     to: String,
     body: Bytes,
+    options: SendOptions,
     reply: SendReply,
     /// Position in the order of first sending; resends keep it.
     order: u64,
@@ -206,7 +207,7 @@ impl Actor {
 
     async fn command(&mut self, cmd: Cmd) -> Step {
         match cmd {
-            Cmd::Send { id, to, body, reply } => match self.enqueue(id, to, body, reply) {
+            Cmd::Send { id, to, body, options, reply } => match self.enqueue(id, to, body, options, reply) {
                 Some(id) => self.transmit(id).await,
                 None => Step::Continue,
             },
@@ -238,7 +239,14 @@ impl Actor {
     /// Records a new send; returns its id if it should be written now. A
     /// send whose id is already pending takes over the earlier caller's
     /// place (that caller gave up waiting) and is not written again.
-    fn enqueue(&mut self, id: MessageId, to: String, body: Bytes, reply: SendReply) -> Option<MessageId> {
+    fn enqueue(
+        &mut self,
+        id: MessageId,
+        to: String,
+        body: Bytes,
+        options: SendOptions,
+        reply: SendReply,
+    ) -> Option<MessageId> {
         if body.len() > self.max_body_len {
             let _ = reply.send(Err(SendError::TooLarge { len: body.len(), max: self.max_body_len }));
             return None;
@@ -255,7 +263,7 @@ impl Actor {
         }
         let order = self.next_order;
         self.next_order += 1;
-        self.pending.insert(id, PendingSend { to, body, reply, order });
+        self.pending.insert(id, PendingSend { to, body, options, reply, order });
         Some(id)
     }
 
@@ -263,8 +271,12 @@ impl Actor {
     async fn transmit(&mut self, id: MessageId) -> Step {
         let Some(conn) = self.conn.as_mut() else { return Step::Continue };
         let Some(p) = self.pending.get(&id) else { return Step::Continue };
-        let kind =
-            C::Send(pb::Send { message_id: Bytes::copy_from_slice(&id.0), to: p.to.clone(), body: p.body.clone() });
+        let kind = C::Send(pb::Send {
+            message_id: Bytes::copy_from_slice(&id.0),
+            to: p.to.clone(),
+            body: p.body.clone(),
+            no_receipt: !p.options.receipt,
+        });
         match conn.request(kind).await {
             Ok(request_id) => {
                 self.in_flight.insert(request_id, id);
@@ -393,9 +405,9 @@ impl Actor {
                     self.closed = Some(done);
                     return false;
                 }
-                Some(Cmd::Send { id, to, body, reply }) => {
+                Some(Cmd::Send { id, to, body, options, reply }) => {
                     // Written after the login, with every other pending send.
-                    self.enqueue(id, to, body, reply);
+                    self.enqueue(id, to, body, options, reply);
                 }
                 Some(Cmd::Ack(seq)) => {
                     // Retires what the application processed. Nothing is sent:

@@ -79,6 +79,24 @@ impl Incoming {
     }
 }
 
+/// How a message is sent ([`Client::enqueue_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOptions {
+    /// Ask for a delivered receipt ([`Incoming::Receipt`]) from each device
+    /// that acknowledges the message (default). Off for messages whose
+    /// delivery the application does not show (read receipts, control
+    /// messages): each then costs the broker a store write and the sender a
+    /// delivery and an ack less. A receipt saying the message can never be
+    /// delivered still comes.
+    pub receipt: bool,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self { receipt: true }
+    }
+}
+
 /// A send's durable acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendReceipt {
@@ -245,9 +263,20 @@ impl Client {
     /// returns a future of its durable ack. Waiting for the ack is then up to
     /// the caller, so one task can keep many sends in flight in order.
     pub async fn enqueue(&self, id: MessageId, to: &str, body: impl Into<Bytes>) -> Result<PendingAck, SendError> {
+        self.enqueue_with(id, to, body, SendOptions::default()).await
+    }
+
+    /// [`Client::enqueue`] with [`SendOptions`].
+    pub async fn enqueue_with(
+        &self,
+        id: MessageId,
+        to: &str,
+        body: impl Into<Bytes>,
+        options: SendOptions,
+    ) -> Result<PendingAck, SendError> {
         validate_handle(to).map_err(|e| SendError::Invalid(format!("recipient: {e}")))?;
         let (reply, rx) = oneshot::channel();
-        let cmd = Cmd::Send { id, to: to.to_owned(), body: body.into(), reply };
+        let cmd = Cmd::Send { id, to: to.to_owned(), body: body.into(), options, reply };
         self.cmd.send(cmd).await.map_err(|_| SendError::Closed("client stopped".into()))?;
         let timeout = self.request_timeout;
         Ok(PendingAck(Box::pin(async move {

@@ -35,7 +35,7 @@ mod identity;
 mod tls;
 
 pub use backoff::Backoff;
-pub use client::{Client, Incoming, PendingAck, SendReceipt};
+pub use client::{Client, Incoming, PendingAck, SendOptions, SendReceipt};
 pub use config::ClientConfig;
 pub use error::{ClientError, SendError};
 pub use identity::{approval_from_token, approval_to_token, generate_key, Identity};

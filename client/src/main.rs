@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use tern_client::{Client, ClientConfig, Incoming};
+use tern_client::{Client, ClientConfig, Incoming, MessageId, SendOptions};
 
 use profile::Profile;
 
@@ -60,6 +60,11 @@ enum Command {
         /// Print a JSON object instead of the bare id.
         #[arg(long)]
         json: bool,
+        /// Ask for no delivered receipt: the recipient's devices acknowledge
+        /// it without telling this device (a receipt saying it can never be
+        /// delivered still comes).
+        #[arg(long)]
+        no_receipt: bool,
     },
     /// Receive messages, printing one line each, and acknowledge them.
     Recv {
@@ -189,10 +194,18 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             client.close().await;
             println!("registered {} (device {})", identity.handle, identity.device_id);
         }
-        Command::Send { user, text, json } => {
+        Command::Send { user, text, json, no_receipt } => {
             let client = connect(&args, &profile).await?;
-            let receipt =
-                client.send(user, text.clone().into_bytes()).await.with_context(|| format!("send to {user}"))?;
+            let options = SendOptions { receipt: !*no_receipt };
+            let mut id = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
+            let id = MessageId(id);
+            let pending = client.enqueue_with(id, user, text.clone().into_bytes(), options).await;
+            let receipt = match pending {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            }
+            .with_context(|| format!("send to {user}"))?;
             client.close().await;
             if *json {
                 let out = serde_json::json!({

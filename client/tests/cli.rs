@@ -112,7 +112,12 @@ fn two_profiles_exchange_messages_through_the_broker_binary() {
     let out = ok(waiting.wait_with_output().unwrap());
     assert_eq!(out.trim(), "alice: pushed");
 
-    // Alice gets delivered receipts for all three.
+    // One more asking for no receipt: delivered, and not receipted.
+    ok(tern(&b, &alice, &["send", "--no-receipt", "bob", "quiet"]));
+    let out = ok(tern(&b, &bob, &["recv", "--count", "1", "--timeout", "20"]));
+    assert_eq!(out.trim(), "alice: quiet");
+
+    // Alice gets delivered receipts for the three others.
     let out = ok(tern(&b, &alice, &["recv", "--timeout", "3", "--receipts", "--json"]));
     let receipts: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(receipts.len(), 3, "{out}");

@@ -151,6 +151,11 @@ pub(crate) struct Common {
     /// across the mesh at every reconnect.
     #[arg(long, requires = "failover")]
     pub(crate) move_on_reconnect: bool,
+    /// tern:// only: send every message with no delivered receipt asked
+    /// (`Send.no_receipt`), so each costs the broker a store write and the
+    /// sender a delivery and an ack less. NATS and MQTT send no receipts.
+    #[arg(long)]
+    pub(crate) no_receipts: bool,
     /// Seconds a connection may be silent before it counts as broken (QUIC
     /// idle timeout; keep-alives go at a third of it).
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]

@@ -74,6 +74,7 @@ impl Run {
             idle_timeout: secs("idle-timeout", c.idle_timeout)?,
             failover: c.failover,
             move_on_reconnect: c.move_on_reconnect,
+            receipts: !c.no_receipts,
         };
         let adapter = adapter::open(&targets, &opts, users).await?;
         let broker_pids = if c.broker_pid.is_empty() { find_brokers(&targets, c.quiet) } else { dedup(&c.broker_pid) };

@@ -44,8 +44,9 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
         (text(), any::<u32>(), bytes_up_to(40), bytes_up_to(70)).prop_map(|(handle, device_id, nonce, signature)| {
             client_frame::Kind::Login(pb::Login { handle, device_id, nonce, signature })
         }),
-        (bytes_up_to(20), text(), bytes_up_to(2048))
-            .prop_map(|(message_id, to, body)| client_frame::Kind::Send(pb::Send { message_id, to, body })),
+        (bytes_up_to(20), text(), bytes_up_to(2048), any::<bool>()).prop_map(|(message_id, to, body, no_receipt)| {
+            client_frame::Kind::Send(pb::Send { message_id, to, body, no_receipt })
+        }),
         any::<u64>().prop_map(|up_to_seq| client_frame::Kind::Ack(pb::Ack { up_to_seq })),
         any::<u64>().prop_map(|nonce| client_frame::Kind::Ping(pb::Ping { nonce })),
         (text(), bytes_up_to(40), bytes_up_to(40), bytes_up_to(70), proptest::option::of(approval())).prop_map(
@@ -58,14 +59,15 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
 }
 
 fn message() -> impl Strategy<Value = pb::Message> {
-    (bytes_up_to(20), text(), any::<u32>(), text(), any::<u64>(), bytes_up_to(2048)).prop_map(
-        |(message_id, from, from_device, to, sent_at_ms, body)| pb::Message {
+    (bytes_up_to(20), text(), any::<u32>(), text(), any::<u64>(), bytes_up_to(2048), any::<bool>()).prop_map(
+        |(message_id, from, from_device, to, sent_at_ms, body, no_receipt)| pb::Message {
             message_id,
             from,
             from_device,
             to,
             sent_at_ms,
             body,
+            no_receipt,
         },
     )
 }

@@ -166,6 +166,7 @@ mod tests {
                 to: "bob".into(),
                 sent_at_ms: 42,
                 body: vec![9; 300].into(),
+                no_receipt: false,
             }),
             pb::deliver::Item::Receipt(pb::Receipt {
                 message_id: vec![4; 16].into(),

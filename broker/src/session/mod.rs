@@ -529,7 +529,7 @@ impl Session {
             () = self.ctx.cancel.cancelled() => {
                 return Err(End::Fatal(ErrorCode::ShuttingDown, "the broker is shutting down; reconnect".into()));
             }
-            submitted = self.ctx.store.submit_enqueue(sender, id.0, req.to, req.body) => submitted,
+            submitted = self.ctx.store.submit_enqueue(sender, id.0, req.to, req.body, !req.no_receipt) => submitted,
         };
         match outcome {
             Ok(outcome) => self.pending.push(Box::pin(async move { (request_id, id, started, outcome.await) })),

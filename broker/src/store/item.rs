@@ -145,6 +145,7 @@ mod tests {
                 to: "bob".into(),
                 sent_at_ms: 5,
                 body: "hi".into(),
+                no_receipt: true,
             }),
             pb::deliver::Item::Receipt(pb::Receipt {
                 message_id: vec![2; 16].into(),

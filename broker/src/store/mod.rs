@@ -401,7 +401,8 @@ impl Store {
     }
 
     /// Queues a message from `sender` for every device of `to` and the
-    /// sender's other devices, idempotently by `(sender, message_id)`.
+    /// sender's other devices, idempotently by `(sender, message_id)`, with
+    /// a delivered receipt for the sender when a device acknowledges it.
     /// Resolves once the batch holding it is durable.
     pub async fn enqueue(
         &self,
@@ -410,7 +411,7 @@ impl Store {
         to: String,
         body: Bytes,
     ) -> Result<Enqueued, StoreError> {
-        self.submit_enqueue(sender, message_id, to, body).await?.await
+        self.submit_enqueue(sender, message_id, to, body, true).await?.await
     }
 
     /// The first half of [`Store::enqueue`]: resolves once the send is queued
@@ -428,8 +429,9 @@ impl Store {
         message_id: [u8; 16],
         to: String,
         body: Bytes,
+        receipt: bool,
     ) -> Result<WriteOutcome<Enqueued>, StoreError> {
-        self.submit(|reply| WriteCmd::Enqueue { sender, message_id, to, body, reply }).await
+        self.submit(|reply| WriteCmd::Enqueue { sender, message_id, to, body, receipt, reply }).await
     }
 
     /// Deletes the entries of `queue` up to `up_to` (cumulative) and queues

@@ -91,6 +91,9 @@ pub(super) enum WriteCmd {
         message_id: [u8; 16],
         to: String,
         body: Bytes,
+        /// A delivered receipt is queued for the sender when a device
+        /// acknowledges it (`Send.no_receipt` unset).
+        receipt: bool,
         reply: Reply<Enqueued>,
     },
     Ack {
@@ -608,8 +611,8 @@ impl WriterActor {
                 batch.finish(mark, &result);
                 batch.replies.push(Pending::Device(reply, result));
             }
-            WriteCmd::Enqueue { sender, message_id, to, body, reply } => {
-                let result = self.enqueue(batch, &sender, message_id, &to, body);
+            WriteCmd::Enqueue { sender, message_id, to, body, receipt, reply } => {
+                let result = self.enqueue(batch, &sender, message_id, &to, body, receipt);
                 batch.finish(mark, &result);
                 batch.replies.push(Pending::Enqueued(reply, result));
             }
@@ -817,6 +820,7 @@ impl WriterActor {
         message_id: [u8; 16],
         to: &str,
         body: Bytes,
+        receipt: bool,
     ) -> Result<Enqueued, StoreError> {
         let dedup_key = sender.dedup(&message_id);
         let now = now_ms();
@@ -850,6 +854,7 @@ impl WriterActor {
                 to: to.to_owned(),
                 sent_at_ms: now,
                 body,
+                no_receipt: !receipt,
             }),
         }
         .encode();
@@ -900,7 +905,7 @@ impl WriterActor {
             for (seq, value) in self.range(queue, b.head + 1, up_to)? {
                 batch.delete(CF_QUEUES, queue.entry(seq));
                 if let Ok(StoredItem { item: pb::deliver::Item::Message(m), .. }) = StoredItem::decode(&value) {
-                    if m.from != queue.handle() {
+                    if m.from != queue.handle() && !m.no_receipt {
                         receipts.push((QueueKey::new(&m.from, m.from_device), m.message_id));
                     }
                 }
@@ -1231,7 +1236,14 @@ mod tests {
     fn send(actor: &mut WriterActor, from: &str, to: &str, id: u8) {
         let sender = QueueKey::new(from, 1);
         let body = Bytes::from_static(b"hi");
-        let sent = run(actor, |reply| WriteCmd::Enqueue { sender, message_id: [id; 16], to: to.into(), body, reply });
+        let sent = run(actor, |reply| WriteCmd::Enqueue {
+            sender,
+            message_id: [id; 16],
+            to: to.into(),
+            body,
+            receipt: true,
+            reply,
+        });
         assert!(sent.is_ok(), "{sent:?}");
     }
 
@@ -1378,7 +1390,11 @@ mod tests {
             let sender = QueueKey::new("alice", 1);
             let body = Bytes::from_static(b"hi");
             let mut batch = Batch::default();
-            actor.apply(WriteCmd::Enqueue { sender, message_id: [id; 16], to: "bob".into(), body, reply }, &mut batch);
+            let receipt = true;
+            actor.apply(
+                WriteCmd::Enqueue { sender, message_id: [id; 16], to: "bob".into(), body, receipt, reply },
+                &mut batch,
+            );
             actor.commit(batch);
             held.push(rx);
         }
@@ -1514,6 +1530,7 @@ mod tests {
                 to: "bob".into(),
                 sent_at_ms: 0,
                 body: Bytes::from(vec![7u8; 5000]),
+                no_receipt: false,
             }),
         };
         let entries = vec![(1, Bytes::from(ids_entry(1))), (2, big.encode()), (3, Bytes::from(ids_entry(3)))];
@@ -1576,6 +1593,7 @@ mod tests {
                 to: "bob".into(),
                 sent_at_ms: 0,
                 body: Bytes::from_static(b"hi"),
+                no_receipt: false,
             }),
         };
         item.encode().to_vec()

@@ -215,11 +215,17 @@ impl Raw {
     }
 
     pub async fn send_msg(&mut self, to: &str, message_id: [u8; 16], body: &[u8]) -> S {
+        self.send_msg_with(to, message_id, body, false).await
+    }
+
+    /// [`Raw::send_msg`], asking for no delivered receipt if `no_receipt`.
+    pub async fn send_msg_with(&mut self, to: &str, message_id: [u8; 16], body: &[u8], no_receipt: bool) -> S {
         let id = self
             .request(C::Send(pb::Send {
                 message_id: Bytes::copy_from_slice(&message_id),
                 to: to.into(),
                 body: Bytes::copy_from_slice(body),
+                no_receipt,
             }))
             .await;
         self.answer(id).await

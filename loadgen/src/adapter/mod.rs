@@ -76,6 +76,8 @@ pub(crate) struct Options {
     /// instead of the one the user was at (`ClientConfig::reconnect_to_last`
     /// off).
     pub(crate) move_on_reconnect: bool,
+    /// Tern: ask for a delivered receipt of each message.
+    pub(crate) receipts: bool,
 }
 
 /// A broker the workload runs against.

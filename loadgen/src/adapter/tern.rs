@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::RngCore;
 use tern_client::{
-    Backoff, Client, ClientConfig, ClientError, Identity, Incoming, MessageId, SendError, SharedEndpoint,
+    Backoff, Client, ClientConfig, ClientError, Identity, Incoming, MessageId, SendError, SendOptions, SharedEndpoint,
 };
 use tokio::task::JoinHandle;
 
@@ -44,6 +44,7 @@ pub(crate) struct TernAdapter {
     /// Per target, one config per shared endpoint; each lists only its target.
     configs: Vec<Vec<ClientConfig>>,
     identities: Vec<Mutex<Option<Identity>>>,
+    send: SendOptions,
 }
 
 impl TernAdapter {
@@ -68,6 +69,7 @@ impl TernAdapter {
             run_id: opts.run_id.clone(),
             configs,
             identities: (0..users).map(|_| Mutex::new(None)).collect(),
+            send: SendOptions { receipt: opts.receipts },
         };
         for t in 0..targets.len() {
             adapter.probe(t).await?;
@@ -146,7 +148,7 @@ impl Adapter for TernAdapter {
         let closing = Arc::new(AtomicBool::new(false));
         let relogin = Relogin { config: self.config(user), identity, closing: closing.clone() };
         let reader = tokio::spawn(serve(slot.clone(), user, ledger, relogin));
-        Ok(Box::new(TernConnection { client: slot, run_id: self.run_id.clone(), reader, closing }))
+        Ok(Box::new(TernConnection { client: slot, run_id: self.run_id.clone(), reader, closing, send: self.send }))
     }
 }
 
@@ -265,6 +267,7 @@ struct TernConnection {
     run_id: String,
     reader: JoinHandle<()>,
     closing: Arc<AtomicBool>,
+    send: SendOptions,
 }
 
 impl TernConnection {
@@ -289,8 +292,8 @@ impl Connection for TernConnection {
     async fn submit(&self, to: u32, body: Bytes) -> Result<AckFuture, SendFailure> {
         let mut id = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut id);
-        let pending =
-            self.client().enqueue(MessageId(id), &user_name(&self.run_id, to), body).await.map_err(failure)?;
+        let to = user_name(&self.run_id, to);
+        let pending = self.client().enqueue_with(MessageId(id), &to, body, self.send).await.map_err(failure)?;
         Ok(Box::pin(async move { pending.await.map(|_| ()).map_err(failure) }))
     }
 

@@ -149,6 +149,8 @@ async fn load(
         threads: a.threads,
         failover: true,
         move_on_reconnect: a.moves,
+        // Receipts asked for, as a chat client does.
+        no_receipts: false,
         idle_timeout: a.idle_timeout,
         connect_timeout: a.connect_timeout,
     };
