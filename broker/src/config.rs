@@ -142,6 +142,9 @@ pub struct StoreSection {
     pub max_devices: u32,
     /// Accounts cached in memory.
     pub account_cache_entries: u64,
+    /// What RocksDB may hold in memory, in MiB: two thirds for memtables,
+    /// a third for the block cache.
+    pub memory_mb: u64,
 }
 
 /// `[limits]`: what one connection may do.
@@ -218,6 +221,7 @@ impl Default for StoreSection {
             min_free_disk_mb: 256,
             max_devices: 16,
             account_cache_entries: 100_000,
+            memory_mb: 24,
         }
     }
 }
@@ -290,6 +294,7 @@ impl BrokerConfig {
             format!("{} is outside 1..=1024", s.max_devices)
         })?;
         check(s.account_cache_entries >= 1, "store.account_cache_entries", || "must be at least 1".into())?;
+        check(s.memory_mb >= 3, "store.memory_mb", || "must be at least 3".into())?;
         check((1..=64 << 20).contains(&l.max_body_len), "limits.max_body_len", || {
             format!("{} is outside 1..=67108864", l.max_body_len)
         })?;

@@ -121,6 +121,7 @@ impl Broker {
                 max_batch: config.store.max_batch,
                 max_devices: config.store.max_devices,
                 account_cache_entries: config.store.account_cache_entries,
+                memory_mb: config.store.memory_mb,
             },
             Arc::new(router.clone()),
         )?;

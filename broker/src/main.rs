@@ -80,6 +80,10 @@ struct Args {
     /// Accounts cached in memory.
     #[arg(long, env = "TERN_ACCOUNT_CACHE_ENTRIES")]
     account_cache_entries: Option<u64>,
+    /// MiB RocksDB may hold in memory: two thirds for memtables (flushed
+    /// when they reach it), a third for the block cache.
+    #[arg(long, env = "TERN_STORE_MEMORY_MB")]
+    store_memory_mb: Option<u64>,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -265,7 +269,7 @@ impl Args {
              retention_secs => store.retention_secs, sweep_interval_secs => store.sweep_interval_secs,
              max_queue_len => store.max_queue_len, max_batch => store.max_batch,
              min_free_disk_mb => store.min_free_disk_mb, max_devices => store.max_devices,
-             account_cache_entries => store.account_cache_entries,
+             account_cache_entries => store.account_cache_entries, store_memory_mb => store.memory_mb,
              location_cache_entries => cluster.location_cache_entries,
              location_cache_ttl_secs => cluster.location_cache_ttl_secs, drain_secs => cluster.drain_secs,
              directory_entries => cluster.directory_entries);
@@ -501,6 +505,7 @@ mod tests {
             "--min-free-disk-mb=9",
             "--max-devices=3",
             "--account-cache-entries=11",
+            "--store-memory-mb=21",
             "--max-frame-len=300000",
             "--max-body-len=200000",
             "--udp-buffer-bytes=1048576",
@@ -529,6 +534,7 @@ mod tests {
         .unwrap();
         let (s, l, cl) = (&c.store, &c.limits, &c.cluster);
         assert_eq!((s.max_batch, s.min_free_disk_mb, s.max_devices, s.account_cache_entries), (7, 9, 3, 11));
+        assert_eq!(s.memory_mb, 21);
         assert_eq!((l.max_frame_len, l.max_body_len, l.udp_buffer_bytes), (300_000, 200_000, 1 << 20));
         assert_eq!((l.max_connections, l.max_inflight, l.max_pending_sends), (12, 13, 14));
         assert_eq!((l.handshake_timeout_secs, l.idle_timeout_secs, l.max_login_attempts), (15, 16, 17));

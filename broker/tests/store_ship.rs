@@ -30,6 +30,7 @@ fn open_capped(dir: &std::path::Path, listener: Arc<dyn QueueListener>, max_queu
         max_batch: 64,
         max_devices: 4,
         account_cache_entries: 100,
+        memory_mb: 8,
     };
     Store::open(config, listener).unwrap()
 }

@@ -87,6 +87,7 @@ fn open_store(generation: u64) -> Store {
         max_batch: 64,
         max_devices: 4,
         account_cache_entries: 1024,
+        memory_mb: 8,
     };
     Store::open(config, std::sync::Arc::new(NoListener)).expect("store opens")
 }

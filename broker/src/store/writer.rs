@@ -1210,6 +1210,7 @@ mod tests {
             max_batch: 64,
             max_devices: 4,
             account_cache_entries: 10,
+            memory_mb: 8,
         };
         let db = Arc::new(super::super::open_db(&config).unwrap());
         let (_tx, rx) = mpsc::channel(1);
