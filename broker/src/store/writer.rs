@@ -1307,16 +1307,7 @@ mod tests {
         send(&mut actor, "alice", "bob", 2);
         assert_eq!(run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(), 1);
         // Comes back during the first fence.
-        let header = ShipHeader { base: 0, handed_up_to: 0 };
-        let entries = vec![(1, Bytes::from(ids_entry(1)))];
-        let shipped = run(&mut actor, |reply| WriteCmd::ApplyShip {
-            origin: [7; 16],
-            queue: bob.clone(),
-            header,
-            entries,
-            reply,
-        });
-        assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
+        hand_back(&mut actor, &bob, 1);
         assert_eq!(
             run(&mut actor, |reply| WriteCmd::Fence { queue: bob.clone(), reply }).unwrap(),
             1,
@@ -1345,16 +1336,7 @@ mod tests {
         send(&mut actor, "alice", "bob", 2);
         assert_eq!(fence(&mut actor).unwrap(), 1);
         // Comes back during the fence; then the broker is killed.
-        let header = ShipHeader { base: 0, handed_up_to: 0 };
-        let entries = vec![(1, Bytes::from(ids_entry(1)))];
-        let shipped = run(&mut actor, |reply| WriteCmd::ApplyShip {
-            origin: [7; 16],
-            queue: bob.clone(),
-            header,
-            entries,
-            reply,
-        });
-        assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
+        hand_back(&mut actor, &bob, 1);
         drop(actor);
 
         let mut actor = self::actor(dir.path());
@@ -1404,16 +1386,7 @@ mod tests {
         assert_eq!(ids(&actor, &bob), vec![2, 3]);
 
         // The previous broker hands back the oldest entry (as a shipment).
-        let header = ShipHeader { base: 0, handed_up_to: 0 };
-        let entry = (1, Bytes::from(ids_entry(1)));
-        let shipped = run(&mut actor, |reply| WriteCmd::ApplyShip {
-            origin: [7; 16],
-            queue: bob.clone(),
-            header,
-            entries: vec![entry],
-            reply,
-        });
-        assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
+        hand_back(&mut actor, &bob, 1);
         assert_eq!(ids(&actor, &bob), vec![2, 3, 1]);
 
         let after = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
@@ -1465,6 +1438,16 @@ mod tests {
         assert!(run(&mut actor, |reply| WriteCmd::Unfence { queue: bob.clone(), reply }).is_ok());
         let again = run(&mut actor, |reply| WriteCmd::Reorder { queue: bob.clone(), reply }).unwrap();
         assert_eq!(again, after, "a queue in order is left alone");
+    }
+
+    /// The device's previous broker (origin 7) hands back its first entry,
+    /// message `id`.
+    fn hand_back(actor: &mut WriterActor, queue: &QueueKey, id: u8) {
+        let header = ShipHeader { base: 0, handed_up_to: 0 };
+        let entries = vec![(1, Bytes::from(ids_entry(id)))];
+        let shipped =
+            run(actor, |reply| WriteCmd::ApplyShip { origin: [7; 16], queue: queue.clone(), header, entries, reply });
+        assert!(matches!(shipped, Ok(ShipOutcome::Acked(1))), "{shipped:?}");
     }
 
     fn register(actor: &mut WriterActor, handles: &[&str]) {
