@@ -240,9 +240,19 @@ impl Client {
     /// Sends `body` to every device of `to` with a fresh random id; resolves
     /// once the broker has it on disk.
     pub async fn send(&self, to: &str, body: impl Into<Bytes>) -> Result<SendReceipt, SendError> {
+        self.send_with(to, body, SendOptions::default()).await
+    }
+
+    /// [`Client::send`] with [`SendOptions`].
+    pub async fn send_with(
+        &self,
+        to: &str,
+        body: impl Into<Bytes>,
+        options: SendOptions,
+    ) -> Result<SendReceipt, SendError> {
         let mut id = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut id);
-        self.send_with_id(MessageId(id), to, body).await
+        self.enqueue_with(MessageId(id), to, body, options).await?.await
     }
 
     /// Sends with a chosen id; resolves on the broker's durable ack. Across

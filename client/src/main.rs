@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use tern_client::{Client, ClientConfig, Incoming, MessageId, SendOptions};
+use tern_client::{Client, ClientConfig, Incoming, SendOptions};
 
 use profile::Profile;
 
@@ -197,15 +197,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Send { user, text, json, no_receipt } => {
             let client = connect(&args, &profile).await?;
             let options = SendOptions { receipt: !*no_receipt };
-            let mut id = [0u8; 16];
-            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
-            let id = MessageId(id);
-            let pending = client.enqueue_with(id, user, text.clone().into_bytes(), options).await;
-            let receipt = match pending {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            }
-            .with_context(|| format!("send to {user}"))?;
+            let receipt = client
+                .send_with(user, text.clone().into_bytes(), options)
+                .await
+                .with_context(|| format!("send to {user}"))?;
             client.close().await;
             if *json {
                 let out = serde_json::json!({

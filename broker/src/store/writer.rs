@@ -452,6 +452,7 @@ impl WriterActor {
         } else {
             None
         };
+        let fences = fence::Fences::load(&db)?;
         let mut actor = Self {
             db,
             syncer,
@@ -464,13 +465,12 @@ impl WriterActor {
             bounds: HashMap::new(),
             nonempty: HashSet::new(),
             total_depth: 0,
-            fences: fence::Fences::default(),
+            fences,
             account_log: std::cell::Cell::new(0),
             #[cfg(test)]
             fail_push_in: std::cell::Cell::new(None),
         };
         actor.load_bounds()?;
-        actor.fences = fence::Fences::load(&actor.db)?;
         actor.account_log.set(last_account_change(&actor.db)?);
         Ok(actor)
     }
