@@ -179,6 +179,11 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, ctx: Context) {
             },
         };
         let Some((incoming, slot)) = admit(incoming, &ctx) else { continue };
+        // Boxed, like the session and the rare peer-link path below: a
+        // task's future is as large as its largest state for as long as it
+        // lives, and an idle connection should not pay for the handshake's
+        // (see docs/bench/tuning.md, "Memory per idle connection").
+        let incoming = Box::new(incoming);
         let ctx = ctx.clone();
         ctx.tasks.clone().spawn(async move {
             metrics::gauge!("tern_connections").increment(1.0);
@@ -281,10 +286,10 @@ impl Drop for Handshaking {
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, slot: Slot, ctx: Context) -> anyhow::Result<()> {
+async fn serve_connection(incoming: Box<quinn::Incoming>, slot: Slot, ctx: Context) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(ctx.config.limits.handshake_timeout_secs);
     let handshaking = Handshaking::new(&ctx.handshakes);
-    let conn = tokio::time::timeout(timeout, incoming).await??;
+    let conn = tokio::time::timeout(timeout, *incoming).await??;
     drop(handshaking);
     if crate::mesh::cluster_tls::negotiated_alpn(&conn).as_deref() == Some(tern_protocol::ALPN_PEER) {
         // Peers are few and the mesh needs them: they take no client slot.
@@ -292,7 +297,7 @@ async fn serve_connection(incoming: quinn::Incoming, slot: Slot, ctx: Context) -
         // Offered only when the broker has a cluster identity.
         if let Some(mesh) = &ctx.mesh {
             conn.set_max_concurrent_bi_streams(PEER_BIDI_STREAMS.into());
-            mesh.accept(conn).await;
+            Box::pin(mesh.accept(conn)).await;
         }
         return Ok(());
     }
@@ -301,7 +306,7 @@ async fn serve_connection(incoming: quinn::Incoming, slot: Slot, ctx: Context) -
         () = ctx.cancel.cancelled() => return Ok(()),
         r = tokio::time::timeout(timeout, conn.accept_bi()) => r??,
     };
-    Session::new(ctx, conn, send, recv).run().await;
+    Box::new(Session::new(ctx, conn, send, recv)).run().await;
     Ok(())
 }
 

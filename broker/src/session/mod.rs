@@ -122,7 +122,7 @@ impl Session {
     }
 
     /// Runs the session until the client leaves, a fatal error, or shutdown.
-    pub(crate) async fn run(mut self) {
+    pub(crate) async fn run(mut self: Box<Self>) {
         let end = self.serve().await;
         if let Some(d) = self.device.take() {
             d.attachment.record_pushed(d.delivery.last_pushed());
@@ -178,7 +178,7 @@ impl Session {
                     self.send_done(request_id, id, started, result);
                 }
                 () = sends_ready(&self.device), if sends_wait => {
-                    if let Err(end) = self.take_waiting_sends().await {
+                    if let Err(end) = Box::pin(self.take_waiting_sends()).await {
                         return end;
                     }
                 }
@@ -200,7 +200,10 @@ impl Session {
                     match read {
                         Ok(0) | Err(_) => return End::Closed,
                         Ok(_) => {
-                            if let Err(end) = self.handle_frames().await {
+                            // Boxed: handling a frame (a login, a send)
+                            // needs far more state than waiting does, and
+                            // an idle session should not carry it.
+                            if let Err(end) = Box::pin(self.handle_frames()).await {
                                 return end;
                             }
                         }
