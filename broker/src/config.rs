@@ -154,7 +154,7 @@ pub struct LimitsConfig {
     /// Largest frame accepted, in bytes (length prefix excluded).
     pub max_frame_len: usize,
     /// Kernel receive and send buffer of the UDP socket, in bytes (capped by
-    /// `net.core.rmem_max` / `wmem_max`).
+    /// `net.core.rmem_max` / `wmem_max` unless the broker may go past them).
     pub udp_buffer_bytes: usize,
     /// Largest message body accepted, in bytes.
     pub max_body_len: usize,
@@ -230,7 +230,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_frame_len: tern_protocol::DEFAULT_MAX_FRAME_LEN,
-            udp_buffer_bytes: 4 << 20,
+            udp_buffer_bytes: 32 << 20,
             max_body_len: tern_protocol::DEFAULT_MAX_BODY_LEN,
             max_connections: 200_000,
             max_inflight: 512,

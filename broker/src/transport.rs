@@ -138,10 +138,13 @@ pub(crate) fn transport_config(idle_timeout_secs: u64) -> quinn::TransportConfig
 }
 
 /// Binds the broker's UDP socket with `buffer` bytes of kernel receive and
-/// send buffer. Every client shares this one socket, and the default buffer
-/// (about 200 KiB) overflows under bursts, which QUIC sees as loss: latency
-/// spikes while it recovers. The kernel caps the size at
-/// `net.core.rmem_max` / `wmem_max`; a warning says when it did.
+/// send buffer. Every client shares this one socket, and a buffer that
+/// overflows drops datagrams, which QUIC sees as loss: a lost handshake
+/// packet waits for its probe timeout (1 s, then 2, 4...), so a reconnect
+/// storm that overflowed 8 MiB left clients waiting up to 15 s. The kernel
+/// caps the size at `net.core.rmem_max` / `wmem_max` unless the process may
+/// go past them (CAP_NET_ADMIN, as root), which is then asked for; a warning
+/// says when the size stayed capped.
 pub(crate) fn bind_udp(addr: std::net::SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -156,7 +159,11 @@ pub(crate) fn bind_udp(addr: std::net::SocketAddr, buffer: usize) -> std::io::Re
         tracing::warn!(error = %e, "cannot set the UDP send buffer size");
     }
     // Linux reports twice what it grants (its bookkeeping included).
-    let got = socket.recv_buffer_size().unwrap_or(0) / 2;
+    let granted = |s: &Socket| s.recv_buffer_size().unwrap_or(0) / 2;
+    if granted(&socket) < buffer {
+        force_buffers(&socket, buffer);
+    }
+    let got = granted(&socket);
     if got < buffer / 2 {
         tracing::warn!(
             wanted = buffer,
@@ -167,6 +174,25 @@ pub(crate) fn bind_udp(addr: std::net::SocketAddr, buffer: usize) -> std::io::Re
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
+
+/// Asks for `size` bytes of receive and send buffer past the kernel's
+/// `rmem_max` / `wmem_max` (`SO_RCVBUFFORCE`, `SO_SNDBUFFORCE`). Only a
+/// process with CAP_NET_ADMIN may; for others it changes nothing.
+#[cfg(target_os = "linux")]
+fn force_buffers(socket: &socket2::Socket, size: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    for (option, result) in [
+        ("SO_RCVBUFFORCE", setsockopt(socket, sockopt::RcvBufForce, &size)),
+        ("SO_SNDBUFFORCE", setsockopt(socket, sockopt::SndBufForce, &size)),
+    ] {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, option, "cannot raise the UDP buffer past the kernel's maximum");
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn force_buffers(_socket: &socket2::Socket, _size: usize) {}
 
 /// Accepts connections until cancelled.
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, ctx: Context) {
@@ -313,6 +339,21 @@ async fn serve_connection(incoming: Box<quinn::Incoming>, slot: Slot, ctx: Conte
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reconnect storm overflowed the 8 MiB the kernel's `rmem_max`
+    /// allowed: a process that may go past it must get what it asks for.
+    #[test]
+    fn the_udp_buffer_goes_past_the_kernel_maximum_when_the_process_may() {
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+        let want = max + (1 << 20);
+        let socket = bind_udp("127.0.0.1:0".parse().unwrap(), want).unwrap();
+        let got = socket2::SockRef::from(&socket).recv_buffer_size().unwrap() / 2;
+        if nix::unistd::geteuid().is_root() {
+            assert!(got >= want, "asked for {want} bytes, got {got} (rmem_max {max})");
+        } else {
+            assert!(got <= max, "without CAP_NET_ADMIN the kernel caps it");
+        }
+    }
 
     #[test]
     fn the_reset_key_is_made_once_private_and_kept() {

@@ -113,6 +113,9 @@ pub(crate) struct ConnectionsResult {
 pub(crate) struct StormResult {
     pub(crate) clients: u32,
     pub(crate) window_s: f64,
+    /// Seconds the clients took to drop their connections; the reconnect
+    /// window starts when the last has.
+    pub(crate) drop_s: f64,
     pub(crate) served: u32,
     pub(crate) failed: u32,
     /// From the first drop until the last client was served again.
@@ -353,8 +356,8 @@ impl Report {
         }
         if let Some(s) = &self.storm {
             out += &format!(
-                "storm: {}/{} clients served again ({} failed); all served {:.2} s after the drop (window {:.1} s); reconnect p50 {} ms, p99 {} ms, max {} ms\n",
-                s.served, s.clients, s.failed, s.all_served_s, s.window_s, s.reconnect_ms.p50, s.reconnect_ms.p99, s.reconnect_ms.max
+                "storm: {}/{} clients served again ({} failed); all served {:.2} s after the drop began (drop {:.2} s, then reconnects over {:.1} s); reconnect p50 {} ms, p99 {} ms, max {} ms\n",
+                s.served, s.clients, s.failed, s.all_served_s, s.drop_s, s.window_s, s.reconnect_ms.p50, s.reconnect_ms.p99, s.reconnect_ms.max
             );
         }
         if let Some(c) = &self.chaos {

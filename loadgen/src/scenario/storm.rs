@@ -33,13 +33,18 @@ pub(crate) async fn run(a: StormArgs) -> Result<Report, LoadError> {
     while closing.next().await.is_some() {}
     drop(closing);
     drop(conns);
+    // The reconnects are scheduled from the end of the drop, not its
+    // start: a client that closes gracefully (Tern's waits until the broker
+    // has read its last acks) must not have its closing counted as waiting
+    // to be served again.
+    let window_ns = ledger.now_ns();
 
     let bar = Progress::bar(run.quiet, u64::from(users), "reconnecting");
     let mut tasks: FuturesUnordered<_> = all
         .iter()
         .map(|&u| {
             let (adapter, ledger) = (run.adapter.clone(), ledger.clone());
-            let at_ns = storm_ns + rand::thread_rng().gen_range(0..=(window * 1e9) as u64);
+            let at_ns = window_ns + rand::thread_rng().gen_range(0..=(window * 1e9) as u64);
             async move {
                 tokio::time::sleep_until(ledger.instant(at_ns).into()).await;
                 let conn = adapter.connect(u, ledger.clone()).await.map_err(|e| e.to_string())?;
@@ -73,6 +78,7 @@ pub(crate) async fn run(a: StormArgs) -> Result<Report, LoadError> {
     report.storm = Some(StormResult {
         clients: users,
         window_s: window,
+        drop_s: (window_ns - storm_ns) as f64 / 1e9,
         served: served.len() as u32,
         failed,
         all_served_s: (last_ns - storm_ns) as f64 / 1e9,
