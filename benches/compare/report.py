@@ -304,6 +304,17 @@ def offline_table(off: list[dict], events: list[dict]) -> str:
     return table(header, rows + skipped_rows(events, "offline", len(header)), "llrrrrrrrrl")
 
 
+def all_served(s: dict) -> str:
+    """The storm's headline figure: when the last client was served again,
+    or, when some never were, how many."""
+    if not s:
+        return "-"
+    if s.get("failed"):
+        last = f"; the last of the {s.get('served', 0):,} served after {s['all_served_s']:.2f} s" if s.get("served") else ""
+        return f"**never: {s['failed']:,} not served**{last}"
+    return f"**{num(s.get('all_served_s'), 2)}**"
+
+
 def storm_table(st: list[dict], events: list[dict]) -> str:
     rows = []
     for r in sorted(st, key=order):
@@ -313,7 +324,7 @@ def storm_table(st: list[dict], events: list[dict]) -> str:
         rows.append([
             BROKER_NAMES.get(r["broker"], r["broker"]), TIER_NAMES.get(r["tier"], r["tier"]),
             num(s.get("clients")), num(s.get("window_s"), 0), num(s.get("served")), num(s.get("failed")),
-            f"**{num(s.get('all_served_s'), 2)}**" if s else "-",
+            all_served(s),
             num(w.get("p50")), num(w.get("p99")), num(w.get("max")),
             num(get(rep, "broker", "cpu_s"), 1), mib(get(rep, "broker", "rss_bytes")), exit_cell(r),
         ])
@@ -358,7 +369,8 @@ def draw(ax, series: dict, floor: float = 1e-3) -> None:
     plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if str(f"{v:.3g}")[0] in "25" else ""))
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: (f"{v:,.0f}" if v >= 1 else f"{v:g}") if f"{v:.0e}"[0] in "25" else ""))
 
 
 def plots(chat: list[dict], wide: list[dict], mx: list[dict], out: Path, saturated_below: float,
@@ -618,8 +630,11 @@ def anomalies(all_runs: list[dict], events: list[dict]) -> tuple[list[str], list
                        + (f" ({r['busy_with']})" if r.get("busy_with") else "") + "; its numbers are not trustworthy")
         other = other_cpu(r)
         if other is not None and other > 0.6 * r["wall_s"]:
+            many = (r.get("users") or 0) > 1000
             odd.append(f"- {name}: processes other than this broker and the load generator used about "
-                       f"{other:.1f} CPU-seconds during the {r['wall_s']:.0f} s run; its numbers may be disturbed")
+                       f"{other:.1f} CPU-seconds during the {r['wall_s']:.0f} s run"
+                       + (f" (an upper bound that includes the set-up of its {r['users']:,} users)" if many else "")
+                       + "; its numbers may be disturbed")
         if r.get("exit") not in (0, 1):
             odd.append(f"- {name}: exit {r.get('exit')} ({r.get('exit_meaning')}); see "
                        f"target/compare/logs/{r['broker']}-{r['tier']}-{r.get('name')}.loadgen.log")
@@ -636,7 +651,7 @@ def anomalies(all_runs: list[dict], events: list[dict]) -> tuple[list[str], list
                 odd.append(f"- {name}: {storm['failed']:,} of {storm.get('clients', 0):,} clients were not served "
                            "again")
     for ev in events:
-        who = label(ev.get("broker"), ev.get("tier"))
+        who = label(ev.get("broker"), ev.get("tier")) + (" (wide runs)" if ev.get("phase") == "wide" else "")
         if ev.get("event") == "broker-died":
             odd.append(f"- {who}: the broker exited during `{ev.get('name')}`; a fresh one ran the rest")
         elif ev.get("event") == "restarted":
@@ -852,11 +867,12 @@ def render(meta: dict, events: list[dict], reports: dict, data: Path, out: Path,
                   f"`storm` ({s.get('storm_users', 10000):,} connected clients drop at once and reconnect spread "
                   f"over {s.get('storm_window_s', 5):g} s; a client is served again when the broker answers a "
                   "ping on its new connection: for MQTT a QoS 1 publish and its PUBACK). The tier is each "
-                  "broker's most durable, except ejabberd's: " + next(
-                      (ev.get("reason", "") for ev in events if ev.get("event") == "wide-tier"
-                       and ev.get("broker") == "ejabberd"), "see run.sh") + ".")
-    estimate = (f" The run's own estimate beforehand was at most {s['estimate_s'] // 60} min."
-                if s.get("estimate_s") else "")
+                  "broker's most durable" + next(
+                      (", except ejabberd's: " + ev.get("reason", "") for ev in events
+                       if ev.get("event") == "wide-tier" and ev.get("broker") == "ejabberd"), "") + ".")
+    estimate = (f" The run's own estimate beforehand was about {s['estimate_s'] // 60} min"
+                + (f" ({s['estimate_max_s'] // 60} min if no sweep had stopped early)" if s.get("estimate_max_s") else "")
+                + "." if s.get("estimate_s") else "")
     if meta.get("mode") == "quick":
         md.append("- Time: a `--quick` run: fewer rates, shorter runs and fewer users in the wide runs than the "
                   "full comparison, to check the set-up, not to measure." + estimate)
@@ -943,8 +959,10 @@ def render(meta: dict, events: list[dict], reports: dict, data: Path, out: Path,
         md.append("## storm: every client reconnecting at once")
         md.append("")
         md.append("*all served after*: from the moment every client dropped its connection until the last one was "
-                  "served again; the reconnect wait counts from each client's scheduled reconnect. CPU is the "
-                  "broker's total over the run (a storm delivers no messages).")
+                  "served again (*never* when some clients were not: their reconnect or its first ping failed, "
+                  "within the loadgen's 10 s connect timeout and 30 s ack timeout); the reconnect wait counts from "
+                  "each served client's scheduled reconnect. CPU is the broker's total over the run (a storm "
+                  "delivers no messages).")
         md.append("")
         md.append(storm_table(st, events))
         md.append("")
