@@ -1258,7 +1258,9 @@ main() {
   # The commit measured, taken before this run deletes its old data files
   # (which would otherwise count as uncommitted changes).
   GIT_DESC=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo "+uncommitted changes")
-  rm -f "$DATA"/*.json "$DATA/runs.jsonl" "$DATA"/configs/*
+  # Only this script's own files: data/ also holds other benchmarks' raw
+  # data (events-*.json, mesh/, flood/...).
+  rm -f "$DATA"/{tern,nats,mosquitto,rabbitmq,ejabberd}-*.json "$DATA/meta.json" "$DATA/runs.jsonl" "$DATA"/configs/*
   [ -n "$CHECK" ] || write_meta
 
   for broker in ${BROKERS//,/ }; do
