@@ -719,7 +719,11 @@ fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
     };
 
     let mut queues = Options::default();
-    queues.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Queue values are message bodies, which clients encrypt end to end:
+    // ciphertext does not compress, so compressing each flushed block
+    // would cost CPU for nothing. (Blocks written compressed by older
+    // versions stay readable: LZ4 is still compiled in.)
+    queues.set_compression_type(rocksdb::DBCompressionType::None);
     queues.set_block_based_table_factory(&table(false));
     let mut accounts = Options::default();
     accounts.set_block_based_table_factory(&table(true));
