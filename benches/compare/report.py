@@ -384,6 +384,15 @@ def plots(chat: list[dict], wide: list[dict], mx: list[dict], out: Path, saturat
         return []
     made = []
 
+    def save_sweep(fig, what: str, name: str) -> None:
+        """Titles, lays out and writes one figure of the chat sweep."""
+        fig.suptitle(f"chat scenario: {what} against offered rate "
+                     f"(hollow marker: acked/s below {saturated_below:.0%} of offered)", fontsize=10)
+        fig.tight_layout(rect=(0, 0.14, 1, 1))
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
     def deliver(pct):
         def f(rep):
             d = get(rep, "deliver_latency_us")
@@ -397,12 +406,7 @@ def plots(chat: list[dict], wide: list[dict], mx: list[dict], out: Path, saturat
     axes[0].set_ylabel("latency (ms, log scale)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle("chat scenario: send→deliver latency against offered rate "
-                 f"(hollow marker: acked/s below {saturated_below:.0%} of offered)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(out / "latency.png", dpi=110)
-    plt.close(fig)
-    made.append("latency.png")
+    save_sweep(fig, "send→deliver latency", "latency.png")
 
     def cpu(rep):
         v = get(rep, "broker", "cpu_us_per_msg")
@@ -424,12 +428,7 @@ def plots(chat: list[dict], wide: list[dict], mx: list[dict], out: Path, saturat
         (broker_rank(b) * 10 + TIERS.index(t) for b in BROKERS for t in TIERS if label(b, t) == kv[0]), 99))
     fig.legend([h for _, h in ordered], [lab for lab, _ in ordered], loc="lower center", ncol=4, fontsize=8,
                frameon=False)
-    fig.suptitle("chat scenario: broker CPU time per delivered message against offered rate "
-                 f"(hollow marker: acked/s below {saturated_below:.0%} of offered)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(out / "cpu.png", dpi=110)
-    plt.close(fig)
-    made.append("cpu.png")
+    save_sweep(fig, "broker CPU time per delivered message", "cpu.png")
 
     fig, ax = plt.subplots(figsize=(11, 5.2))
     present = [b for b in BROKERS if any(r["broker"] == b for r in mx)] or BROKERS
