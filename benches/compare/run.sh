@@ -1260,7 +1260,9 @@ main() {
   GIT_DESC=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo "+uncommitted changes")
   # Only this script's own files: data/ also holds other benchmarks' raw
   # data (events-*.json, mesh/, flood/...).
-  rm -f "$DATA"/{tern,nats,mosquitto,rabbitmq,ejabberd}-*.json "$DATA/meta.json" "$DATA/runs.jsonl" "$DATA"/configs/*
+  local b
+  for b in ${ALL_BROKERS//,/ }; do rm -f "$DATA/$b"-*.json; done
+  rm -f "$DATA/meta.json" "$DATA/runs.jsonl" "$DATA"/configs/*
   [ -n "$CHECK" ] || write_meta
 
   for broker in ${BROKERS//,/ }; do

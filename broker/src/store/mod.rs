@@ -719,9 +719,9 @@ fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
     };
 
     let mut queues = Options::default();
-    // Queue values are message bodies, which clients encrypt end to end:
-    // ciphertext does not compress, so compressing each flushed block
-    // would cost CPU for nothing. (Blocks written compressed by older
+    // Queue values are message bodies, opaque to the broker and meant to
+    // be end-to-end ciphertext, which does not compress: compressing each
+    // flushed block would cost CPU for nothing. (Blocks written compressed by older
     // versions stay readable: LZ4 is still compiled in.)
     queues.set_compression_type(rocksdb::DBCompressionType::None);
     queues.set_block_based_table_factory(&table(false));
