@@ -22,7 +22,7 @@
 # so it never replaces the measured results. Logs go to target/mesh/logs.
 # Environment: SETUPS="tern-1 tern-3" runs a subset; TERN_BROKER=PATH runs
 # another broker binary (an A/B comparison of two builds); BROKER_WORKERS=N
-# starts every broker with N tokio worker threads (TOKIO_WORKER_THREADS).
+# starts every broker with N tokio worker threads (TERN_WORKER_THREADS).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -234,7 +234,7 @@ spawn() {
   local log=$1
   shift
   if [ -n "${BROKER_WORKERS:-}" ]; then
-    TOKIO_WORKER_THREADS=$BROKER_WORKERS "$@" >"$log" 2>&1 &
+    TERN_WORKER_THREADS=$BROKER_WORKERS "$@" >"$log" 2>&1 &
   else
     "$@" >"$log" 2>&1 &
   fi

@@ -45,6 +45,10 @@ struct Args {
     /// This broker's node name.
     #[arg(long, env = "TERN_NODE")]
     node: Option<String>,
+    /// Threads running connections (default: one fewer than the CPUs, at
+    /// least one; the store's writer and sync threads use the one left).
+    #[arg(long, env = "TERN_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// PEM certificate chain to present instead of the generated one.
     #[arg(long, env = "TERN_CERT", requires = "key")]
     cert: Option<PathBuf>,
@@ -265,6 +269,9 @@ impl Args {
                 $(if let Some(v) = self.$flag { c.$($field).+ = v; })*
             };
         }
+        if let Some(n) = self.worker_threads {
+            c.worker_threads = Some(n);
+        }
         set!(listen => listen, data_dir => data_dir, node => node, durability => store.durability,
              retention_secs => store.retention_secs, sweep_interval_secs => store.sweep_interval_secs,
              max_queue_len => store.max_queue_len, max_batch => store.max_batch,
@@ -350,20 +357,32 @@ fn init_logging(format: &str, filter: &str) {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let mut args = Args::parse();
     if let Some(command) = args.command.take() {
         return run_command(command);
     }
     init_logging(&args.log_format, &args.log);
-    let config = match args.into_config() {
+    let config = match args.into_config().and_then(|c| c.validate().map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tern-broker: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
+    let workers = config.worker_threads();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tern-broker: cannot start {workers} worker threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+/// Runs the broker until SIGINT or SIGTERM.
+async fn serve(config: BrokerConfig) -> ExitCode {
     let broker = match Broker::spawn(config).await {
         Ok(b) => b,
         Err(e) => {
@@ -530,8 +549,10 @@ mod tests {
             "--location-cache-ttl-secs=19",
             "--drain-secs=20",
             "--directory-entries=23",
+            "--worker-threads=3",
         ])
         .unwrap();
+        assert_eq!((c.worker_threads, c.worker_threads()), (Some(3), 3));
         let (s, l, cl) = (&c.store, &c.limits, &c.cluster);
         assert_eq!((s.max_batch, s.min_free_disk_mb, s.max_devices, s.account_cache_entries), (7, 9, 3, 11));
         assert_eq!(s.memory_mb, 21);

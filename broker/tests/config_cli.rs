@@ -113,3 +113,12 @@ fn limit_store_and_cluster_values_from_flags_and_env_are_checked() {
         assert!(stderr.contains(field), "{name}={value}: {stderr}");
     }
 }
+
+#[test]
+fn zero_worker_threads_exit_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = broker();
+    c.args(["--worker-threads", "0", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path().join("d"));
+    let stderr = refused(&run(c));
+    assert!(stderr.contains("worker_threads"), "{stderr}");
+}
