@@ -284,9 +284,8 @@ impl BrokerConfig {
     /// because a second worker is woken to look for work at nearly every
     /// packet and finds none (docs/bench/tuning.md).
     pub fn worker_threads(&self) -> usize {
-        self.worker_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
-        })
+        self.worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)))
     }
 
     /// Checks every value; the first bad one is reported.
