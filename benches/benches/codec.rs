@@ -26,6 +26,7 @@ fn send_frame(body_len: usize) -> pb::ClientFrame {
             to: "bob".into(),
             body: Bytes::from(vec![0xa5; body_len]),
             no_receipt: false,
+            ..Default::default()
         })),
     }
 }

@@ -47,6 +47,7 @@ pub fn store_config(path: &Path, durability: Durability, account_cache_entries: 
         max_devices: 16,
         account_cache_entries,
         memory_mb: tern_broker::config::StoreSection::default().memory_mb,
+        keys: Default::default(),
     }
 }
 

@@ -42,6 +42,8 @@ pub struct BrokerConfig {
     pub rate: RateSection,
     /// Who may claim a handle.
     pub registration: RegistrationConfig,
+    /// The key service's stock of one-time keys per device.
+    pub keys: KeysConfig,
     /// Mesh membership; a standalone broker when `cluster.dir` is unset.
     pub cluster: ClusterConfig,
 }
@@ -187,6 +189,33 @@ pub struct LimitsConfig {
     pub account_miss_cache_secs: u64,
 }
 
+/// `[keys]`: the one-time keys each device keeps on record for others to
+/// start end-to-end sessions with.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Most unclaimed one-time keys one device may have on record; a
+    /// publish beyond it is refused (`INVALID_ARGUMENT`).
+    pub max_one_time_keys: u32,
+    /// When claims take a device's stock below this, it is told to publish
+    /// more (a `KeyStock` frame), once per crossing.
+    pub low_water: u32,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        let d = crate::store::KeyLimits::default();
+        Self { max_one_time_keys: d.max_one_time_keys, low_water: d.low_water }
+    }
+}
+
+impl KeysConfig {
+    /// The store's view of these settings.
+    pub fn limits(&self) -> crate::store::KeyLimits {
+        crate::store::KeyLimits { max_one_time_keys: self.max_one_time_keys, low_water: self.low_water }
+    }
+}
+
 /// `[registration]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -209,6 +238,7 @@ impl Default for BrokerConfig {
             limits: LimitsConfig::default(),
             rate: RateSection::default(),
             registration: RegistrationConfig::default(),
+            keys: KeysConfig::default(),
             cluster: ClusterConfig::default(),
         }
     }
@@ -223,7 +253,7 @@ impl Default for StoreSection {
             max_queue_len: 100_000,
             max_batch: 1024,
             min_free_disk_mb: 256,
-            max_devices: 16,
+            max_devices: 5,
             account_cache_entries: 100_000,
             memory_mb: 24,
         }
@@ -312,6 +342,10 @@ impl BrokerConfig {
         })?;
         check((1..=1024).contains(&s.max_devices), "store.max_devices", || {
             format!("{} is outside 1..=1024", s.max_devices)
+        })?;
+        within(u64::from(self.keys.max_one_time_keys), 1, 10_000, "keys.max_one_time_keys")?;
+        check(self.keys.low_water <= self.keys.max_one_time_keys, "keys.low_water", || {
+            format!("{} is above keys.max_one_time_keys ({})", self.keys.low_water, self.keys.max_one_time_keys)
         })?;
         check(s.account_cache_entries >= 1, "store.account_cache_entries", || "must be at least 1".into())?;
         check(s.memory_mb >= 3, "store.memory_mb", || "must be at least 3".into())?;

@@ -18,6 +18,7 @@
 mod admin;
 mod clock;
 pub mod config;
+mod keys;
 pub mod mesh;
 mod ratelimit;
 pub mod router;
@@ -122,6 +123,7 @@ impl Broker {
                 max_devices: config.store.max_devices,
                 account_cache_entries: config.store.account_cache_entries,
                 memory_mb: config.store.memory_mb,
+                keys: config.keys.limits(),
             },
             Arc::new(router.clone()),
         )?;

@@ -88,6 +88,12 @@ struct Args {
     /// when they reach it), a third for the block cache.
     #[arg(long, env = "TERN_STORE_MEMORY_MB")]
     store_memory_mb: Option<u64>,
+    /// Most unclaimed one-time keys a device may keep on record.
+    #[arg(long, env = "TERN_MAX_ONE_TIME_KEYS")]
+    max_one_time_keys: Option<u32>,
+    /// A device whose one-time keys fall below this is told to publish more.
+    #[arg(long, env = "TERN_KEY_LOW_WATER")]
+    key_low_water: Option<u32>,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -204,6 +210,9 @@ struct RateArgs {
     /// Account lookups (`ListDevices`) per logged-in device.
     #[arg(long = "rate-lookups-per-device", env = "TERN_RATE_LOOKUPS_PER_DEVICE", value_name = "RATE")]
     lookups_per_device: Option<tern_broker::config::Rate>,
+    /// Key claims (`ClaimKeys`) per logged-in device and target user.
+    #[arg(long = "rate-key-claims", env = "TERN_RATE_KEY_CLAIMS", value_name = "RATE")]
+    key_claims_per_device_and_target: Option<tern_broker::config::Rate>,
 }
 
 /// Checks `--log` / `TERN_LOG` when the command line is parsed, so a typo
@@ -279,7 +288,8 @@ impl Args {
              account_cache_entries => store.account_cache_entries, store_memory_mb => store.memory_mb,
              location_cache_entries => cluster.location_cache_entries,
              location_cache_ttl_secs => cluster.location_cache_ttl_secs, drain_secs => cluster.drain_secs,
-             directory_entries => cluster.directory_entries);
+             directory_entries => cluster.directory_entries, max_one_time_keys => keys.max_one_time_keys,
+             key_low_water => keys.low_water);
         let l = self.limits;
         macro_rules! set_limits {
             ($($field:ident),* $(,)?) => {
@@ -307,7 +317,7 @@ impl Args {
             };
         }
         set_rate!(enabled, max_keys, register_per_ip, login_per_ip, login_failures_per_handle, sends_per_device);
-        set_rate!(lookups_per_device, handshakes_per_ip);
+        set_rate!(lookups_per_device, handshakes_per_ip, key_claims_per_device_and_target);
         if let Some(exempt) = r.exempt {
             c.rate.exempt = exempt
                 .iter()
@@ -545,6 +555,9 @@ mod tests {
             "--rate-login-failures-per-handle=7,3h",
             "--rate-sends-per-device=8,9",
             "--rate-lookups-per-device=10,11ms",
+            "--rate-key-claims=24,25s",
+            "--max-one-time-keys=26",
+            "--key-low-water=27",
             "--location-cache-entries=18",
             "--location-cache-ttl-secs=19",
             "--drain-secs=20",
@@ -569,6 +582,8 @@ mod tests {
         assert_eq!((r.register_per_ip, r.login_per_ip), (rate(5, 60_000), rate(6, 2_000)));
         assert_eq!(r.login_failures_per_handle, rate(7, 3 * 3_600_000));
         assert_eq!((r.sends_per_device, r.lookups_per_device), (rate(8, 9), rate(10, 11)));
+        assert_eq!(r.key_claims_per_device_and_target, rate(24, 25_000));
+        assert_eq!((c.keys.max_one_time_keys, c.keys.low_water), (26, 27));
     }
 
     #[test]

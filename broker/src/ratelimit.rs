@@ -121,6 +121,7 @@ pub(crate) struct RateLimits {
     pub(crate) login_failures: Limiter<String>,
     pub(crate) sends: Limiter<QueueKey>,
     pub(crate) lookups: Limiter<QueueKey>,
+    pub(crate) key_claims: Limiter<(QueueKey, String)>,
 }
 
 impl RateLimits {
@@ -134,6 +135,11 @@ impl RateLimits {
             login_failures: Limiter::new("login_failures_per_handle", c.login_failures_per_handle, c.max_keys),
             sends: Limiter::new("sends_per_device", c.sends_per_device, c.max_keys),
             lookups: Limiter::new("lookups_per_device", c.lookups_per_device, c.max_keys),
+            key_claims: Limiter::new(
+                "key_claims_per_device_and_target",
+                c.key_claims_per_device_and_target,
+                c.max_keys,
+            ),
         }
     }
 

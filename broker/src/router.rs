@@ -10,6 +10,10 @@
 //!
 //! In a mesh, an entry for a device with no session here is announced to the
 //! ship actor (the `remote` hook), which moves it to the device's broker.
+//!
+//! Beside the entries, a session takes notices: frames pushed to the device
+//! as they are (a key-stock warning), never stored, dropped when the device
+//! is not connected here or its notice channel is full ([`Router::notify`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +31,9 @@ const PUSHED_MAX: usize = 65_536;
 
 /// An entry pushed to a session: its seq and stored bytes.
 pub(crate) type Pushed = (u64, Bytes);
+
+/// Notices a session may hold before more are dropped.
+const NOTICES: usize = 16;
 
 /// Cheap, cloneable handle to the local routing table.
 #[derive(Clone, Debug, Default)]
@@ -60,6 +67,9 @@ struct Slot {
     /// The device key the session logged in with.
     key: [u8; 32],
     lost: CancellationToken,
+    unlinked: CancellationToken,
+    /// Encoded server frames for the session to write as they are.
+    notices: mpsc::Sender<Bytes>,
 }
 
 /// Set when an entry could not be handed over; the session then reads the store.
@@ -78,8 +88,12 @@ pub struct Attachment {
     /// Cancelled when the device's account lost a merge (see
     /// [`Router::revoke`]).
     pub(crate) lost: CancellationToken,
+    /// Cancelled when the device is unlinked ([`Router::unlink`]).
+    pub(crate) unlinked: CancellationToken,
     /// Highest seq pushed to this device before this session.
     pub(crate) previously_pushed: u64,
+    /// Notices for the session (see [`Router::notify`]); taken by it.
+    pub(crate) notices: Option<mpsc::Receiver<Bytes>>,
     router: Router,
     queue: QueueKey,
     id: u64,
@@ -127,13 +141,27 @@ impl Router {
         let replaced = CancellationToken::new();
         let lost = CancellationToken::new();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot { id, tx, lag: lag.clone(), replaced: replaced.clone(), key, lost: lost.clone() };
+        let (notices, notices_rx) = mpsc::channel(NOTICES);
+        let unlinked = CancellationToken::new();
+        let slot = Slot {
+            id,
+            tx,
+            lag: lag.clone(),
+            replaced: replaced.clone(),
+            key,
+            lost: lost.clone(),
+            unlinked: unlinked.clone(),
+            notices,
+        };
         let old = self.inner.sessions.lock().ok().and_then(|mut s| s.insert(queue.clone(), slot));
         if let Some(old) = old {
             old.replaced.cancel();
         }
         let previously_pushed = self.inner.pushed.lock().ok().and_then(|p| p.get(&queue).copied()).unwrap_or(0);
-        (Attachment { lag, replaced, lost, previously_pushed, router: self.clone(), queue, id }, rx)
+        let notices = Some(notices_rx);
+        let attachment =
+            Attachment { lag, replaced, lost, unlinked, previously_pushed, notices, router: self.clone(), queue, id };
+        (attachment, rx)
     }
 
     /// Ends the session of `queue`'s device here if it logged in with
@@ -144,6 +172,15 @@ impl Router {
                 if let Some(slot) = sessions.remove(queue) {
                     slot.lost.cancel();
                 }
+            }
+        }
+    }
+
+    /// Ends the session of `queue`'s device here: the device was unlinked.
+    pub(crate) fn unlink(&self, queue: &QueueKey) {
+        if let Ok(mut sessions) = self.inner.sessions.lock() {
+            if let Some(slot) = sessions.remove(queue) {
+                slot.unlinked.cancel();
             }
         }
     }
@@ -170,6 +207,14 @@ impl Router {
                 slot.replaced.cancel();
             }
         }
+    }
+
+    /// Hands `frame` (an encoded server frame) to `queue`'s session here.
+    /// False when the device has none (or its notices are full: a notice
+    /// is ephemeral and the device learns the same again later).
+    pub(crate) fn notify(&self, queue: &QueueKey, frame: Bytes) -> bool {
+        let Ok(sessions) = self.inner.sessions.lock() else { return false };
+        sessions.get(queue).is_some_and(|slot| slot.notices.try_send(frame).is_ok())
     }
 
     /// Devices with a session on this broker.

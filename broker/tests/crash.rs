@@ -70,6 +70,7 @@ async fn acknowledged_messages_survive_sigkill() {
                     to: "bob".into(),
                     body: Bytes::from(format!("msg {next}")),
                     no_receipt: false,
+                    ..Default::default()
                 }))
                 .await;
             in_flight.insert(id, next);

@@ -48,6 +48,7 @@ async fn stream_to(
                     to: to.into(),
                     body,
                     no_receipt: false,
+                    ..Default::default()
                 }))
                 .await;
             in_flight.insert(id, *next);
@@ -649,6 +650,7 @@ async fn a_device_whose_sends_wait_for_its_frozen_previous_broker_is_still_serve
             to: "bob".into(),
             body: body.clone(),
             no_receipt: false,
+            ..Default::default()
         };
         sends.push(alice.request(C::Send(send)).await);
     }

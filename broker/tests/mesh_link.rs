@@ -32,7 +32,7 @@ async fn send_pipelined(raw: &mut Raw, sender: u8, to: &str, range: std::ops::Ra
     for n in range {
         let body = Bytes::from(vec![n as u8; BODY]);
         let id = mid(sender, n);
-        let send = pb::Send { message_id: Bytes::copy_from_slice(&id), to: to.into(), body, no_receipt: false };
+        let send = pb::Send { message_id: Bytes::copy_from_slice(&id), to: to.into(), body, ..Default::default() };
         waiting.insert(raw.request(C::Send(send)).await, n);
     }
     while !waiting.is_empty() {

@@ -224,6 +224,7 @@ async fn unknown_recipient_and_bad_arguments_are_typed_errors() {
             to: "alice".into(),
             body: "x".into(),
             no_receipt: false,
+            ..Default::default()
         }))
         .await;
     assert_eq!(error_code(&alice.answer(id).await), Some(ErrorCode::InvalidArgument));
@@ -329,6 +330,7 @@ async fn pipelined_sends_keep_their_order_when_the_writer_is_saturated() {
                 to: "bob".into(),
                 body: bytes::Bytes::from(format!("{s}:{n}")),
                 no_receipt: false,
+                ..Default::default()
             };
             let frame = pb::ClientFrame { request_id: 1000 + n, kind: Some(pb::client_frame::Kind::Send(send)) };
             bytes.extend(tern_protocol::codec::encode_to_vec(&frame, 1 << 20).unwrap());

@@ -31,6 +31,7 @@ fn open_capped(dir: &std::path::Path, listener: Arc<dyn QueueListener>, max_queu
         max_devices: 4,
         account_cache_entries: 100,
         memory_mb: 8,
+        keys: Default::default(),
     };
     Store::open(config, listener).unwrap()
 }

@@ -26,19 +26,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
 use tern_protocol::{ErrorCode, MessageId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backoff::Backoff;
 use crate::conn::{Auth, Conn};
 use crate::dedup::{Dedup, ItemKey, Verdict};
-use crate::{ClientConfig, ClientError, Identity, Incoming, SendError, SendOptions, SendReceipt};
+use crate::{ClientConfig, ClientError, Identity, Incoming, Outgoing, SendError, SendOptions, SendReceipt};
 
 /// Where a send's outcome goes.
 pub(crate) type SendReply = oneshot::Sender<Result<SendReceipt, SendError>>;
 
 /// A request from a [`Client`](crate::Client) handle to the actor.
 pub(crate) enum Cmd {
-    Send { id: MessageId, to: String, body: Bytes, options: SendOptions, reply: SendReply },
+    Send { id: MessageId, to: String, body: Outgoing, options: SendOptions, reply: SendReply },
     Ack(u64),
     Call(C, oneshot::Sender<Result<S, SendError>>),
     Close(oneshot::Sender<()>),
@@ -58,7 +58,7 @@ impl std::fmt::Debug for Cmd {
 #[derive(Debug)]
 struct PendingSend {
     to: String,
-    body: Bytes,
+    body: Outgoing,
     options: SendOptions,
     reply: SendReply,
     /// Position in the order of first sending; resends keep it.
@@ -92,6 +92,9 @@ pub(crate) struct Actor {
     /// While deliveries are discarded for lack of room: when to look next
     /// whether the application has made room.
     room_check: tokio::time::Instant,
+    /// This device's keys on record at the broker, as last told (at login,
+    /// by a `KeyStock` push, in a `KeysPublished` answer).
+    key_stock: watch::Sender<pb::KeyStock>,
 }
 
 enum Step {
@@ -101,6 +104,11 @@ enum Step {
 }
 
 impl Actor {
+    /// The key stock as the actor learns it.
+    pub(crate) fn key_stock(&self) -> watch::Receiver<pb::KeyStock> {
+        self.key_stock.subscribe()
+    }
+
     pub(crate) fn new(
         config: ClientConfig,
         endpoint: quinn::Endpoint,
@@ -129,6 +137,7 @@ impl Actor {
             next_broker: 0,
             closed: None,
             room_check: tokio::time::Instant::now(),
+            key_stock: watch::Sender::new(login.key_stock.unwrap_or_default()),
         };
         actor.stay_at(&home);
         actor
@@ -243,7 +252,7 @@ impl Actor {
         &mut self,
         id: MessageId,
         to: String,
-        body: Bytes,
+        body: Outgoing,
         options: SendOptions,
         reply: SendReply,
     ) -> Option<MessageId> {
@@ -274,8 +283,12 @@ impl Actor {
         let kind = C::Send(pb::Send {
             message_id: Bytes::copy_from_slice(&id.0),
             to: p.to.clone(),
-            body: p.body.clone(),
+            body: p.body.body.clone(),
             no_receipt: !p.options.receipt,
+            envelopes: p.body.envelopes.clone(),
+            to_devices_version: p.body.to_devices_version,
+            own_devices_version: p.body.own_devices_version,
+            to_device: p.body.to_device,
         });
         match conn.request(kind).await {
             Ok(request_id) => {
@@ -326,6 +339,12 @@ impl Actor {
                     _ => Step::Disconnected(format!("{code:?}: {}", e.message)),
                 }
             }
+            Some(S::Error(e)) if e.code() == ErrorCode::DevicesChanged && self.in_flight.contains_key(&request_id) => {
+                if let Some(id) = self.in_flight.remove(&request_id) {
+                    self.finish_send(id, Err(SendError::DevicesChanged(e.devices)));
+                }
+                Step::Continue
+            }
             Some(S::Error(e)) => {
                 if let Some(reply) = self.calls.remove(&request_id) {
                     let _ = reply.send(Err(SendError::Refused { code: e.code(), message: e.message }));
@@ -336,6 +355,19 @@ impl Actor {
                     } else {
                         self.finish_send(id, Err(SendError::Refused { code: e.code(), message: e.message }));
                     }
+                }
+                Step::Continue
+            }
+            Some(S::KeyStock(stock)) => {
+                self.key_stock.send_replace(stock);
+                Step::Continue
+            }
+            Some(S::KeysPublished(published)) => {
+                if let Some(stock) = &published.stock {
+                    self.key_stock.send_replace(*stock);
+                }
+                if let Some(reply) = self.calls.remove(&request_id) {
+                    let _ = reply.send(Ok(S::KeysPublished(published)));
                 }
                 Step::Continue
             }
@@ -436,6 +468,9 @@ impl Actor {
         self.conn = Some(conn);
         // The new broker's seqs; no ack of the old connection is repeated.
         self.dedup.handle_login(ok.acked_seq);
+        if let Some(stock) = ok.key_stock {
+            self.key_stock.send_replace(stock);
+        }
         // Callers that gave up waiting were told resending is safe; drop theirs.
         self.pending.retain(|_, p| !p.reply.is_closed());
         let mut ids: Vec<(u64, MessageId)> = self.pending.iter().map(|(id, p)| (p.order, *id)).collect();

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use rand::RngCore;
 use tern_protocol::pb::{self, client_frame::Kind as C, server_frame::Kind as S};
 use tern_protocol::{validate_handle, ErrorCode, MessageId};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::actor::{Actor, Cmd};
 use crate::conn::{Auth, Conn};
@@ -97,6 +97,41 @@ impl Default for SendOptions {
     }
 }
 
+/// What a send carries: one body for every device, or one per device (end
+/// to end, see `tern_client::secure`), or one body for one device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The body every device gets (empty with `envelopes`).
+    pub body: Bytes,
+    /// One body per device of the recipient and of the sender's other
+    /// devices (`Send.envelopes`).
+    pub envelopes: Vec<pb::Envelope>,
+    /// The recipient's `DeviceList.version` the envelopes were made for.
+    pub to_devices_version: u64,
+    /// The sender's own `DeviceList.version`.
+    pub own_devices_version: u64,
+    /// Nonzero: `body` goes to this device of the recipient only.
+    pub to_device: u32,
+}
+
+impl Outgoing {
+    /// The largest body it carries (what the broker's limit applies to).
+    pub fn len(&self) -> usize {
+        self.envelopes.iter().map(|e| e.body.len()).chain([self.body.len()]).max().unwrap_or(0)
+    }
+
+    /// True when it carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Bytes> for Outgoing {
+    fn from(body: Bytes) -> Self {
+        Self { body, ..Self::default() }
+    }
+}
+
 /// A send's durable acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendReceipt {
@@ -138,6 +173,7 @@ pub struct Client {
     incoming: Arc<Mutex<mpsc::Receiver<Incoming>>>,
     identity: Arc<Identity>,
     request_timeout: Duration,
+    key_stock: watch::Receiver<pb::KeyStock>,
 }
 
 /// Connects to the configured brokers in order and authenticates on the
@@ -228,8 +264,39 @@ impl Client {
         let (in_tx, in_rx) = mpsc::channel(config.incoming_buffer.max(1));
         let request_timeout = config.request_timeout;
         let actor = Actor::new(config, endpoint, identity.clone(), conn, ok, cmd_rx, in_tx);
+        let key_stock = actor.key_stock();
         tokio::spawn(actor.run());
-        Self { cmd: cmd_tx, incoming: Arc::new(Mutex::new(in_rx)), identity: Arc::new(identity), request_timeout }
+        let (incoming, identity) = (Arc::new(Mutex::new(in_rx)), Arc::new(identity));
+        Self { cmd: cmd_tx, incoming, identity, request_timeout, key_stock }
+    }
+
+    /// This device's keys on record at the broker, as last told: at login,
+    /// when claims take the one-time keys below the low-water mark (then
+    /// [`watch::Receiver::changed`] fires: publish more), and after each
+    /// [`Client::publish_keys`].
+    pub fn key_stock(&self) -> watch::Receiver<pb::KeyStock> {
+        self.key_stock.clone()
+    }
+
+    /// Publishes this device's end-to-end keys (see `tern_client::e2e` for
+    /// making them); returns the stock on record after.
+    pub async fn publish_keys(&self, publish: pb::PublishKeys) -> Result<pb::KeyStock, SendError> {
+        match self.call(C::PublishKeys(publish)).await? {
+            S::KeysPublished(p) => Ok(p.stock.unwrap_or_default()),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Claims one key of each of `devices` of `handle` (empty: every current
+    /// device, this one left out), to start end-to-end sessions with them.
+    /// Each one-time key is handed out once; a device whose one-time keys
+    /// ran out gives its fallback key (`ClaimedKeys.fallback`).
+    pub async fn claim_keys(&self, handle: &str, devices: &[u32]) -> Result<pb::KeysClaimed, SendError> {
+        let req = pb::ClaimKeys { handle: handle.to_owned(), devices: devices.to_vec() };
+        match self.call(C::ClaimKeys(req)).await? {
+            S::KeysClaimed(c) => Ok(c),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
     }
 
     /// Who this client is logged in as.
@@ -284,9 +351,21 @@ impl Client {
         body: impl Into<Bytes>,
         options: SendOptions,
     ) -> Result<PendingAck, SendError> {
+        self.enqueue_outgoing(id, to, Outgoing::from(body.into()), options).await
+    }
+
+    /// [`Client::enqueue_with`] for any [`Outgoing`]: per-device envelopes,
+    /// or a body for one device.
+    pub async fn enqueue_outgoing(
+        &self,
+        id: MessageId,
+        to: &str,
+        body: Outgoing,
+        options: SendOptions,
+    ) -> Result<PendingAck, SendError> {
         validate_handle(to).map_err(|e| SendError::Invalid(format!("recipient: {e}")))?;
         let (reply, rx) = oneshot::channel();
-        let cmd = Cmd::Send { id, to: to.to_owned(), body: body.into(), options, reply };
+        let cmd = Cmd::Send { id, to: to.to_owned(), body, options, reply };
         self.cmd.send(cmd).await.map_err(|_| SendError::Closed("client stopped".into()))?;
         let timeout = self.request_timeout;
         Ok(PendingAck(Box::pin(async move {

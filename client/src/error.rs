@@ -105,6 +105,12 @@ pub enum SendError {
         /// The configured maximum.
         max: usize,
     },
+    /// A per-device send was made for device lists that are not current;
+    /// nothing was stored. Each entry names a user's missing, extra and
+    /// stale devices and its list's current version: claim keys for the
+    /// new ones, encrypt again and resend.
+    #[error("the device lists changed: {0:?}")]
+    DevicesChanged(Vec<tern_protocol::pb::DeviceMismatch>),
     /// The body is larger than the broker accepts (`Challenge.max_body_len`);
     /// nothing was sent.
     #[error("message body of {len} bytes exceeds the broker's maximum of {max}")]

@@ -30,12 +30,13 @@ mod client;
 mod config;
 mod conn;
 mod dedup;
+pub mod e2e;
 mod error;
 mod identity;
 mod tls;
 
 pub use backoff::Backoff;
-pub use client::{Client, Incoming, PendingAck, SendOptions, SendReceipt};
+pub use client::{Client, Incoming, Outgoing, PendingAck, SendOptions, SendReceipt};
 pub use config::ClientConfig;
 pub use error::{ClientError, SendError};
 pub use identity::{approval_from_token, approval_to_token, generate_key, Identity};

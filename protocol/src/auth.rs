@@ -13,7 +13,17 @@
 //!              handle_len:u8  handle  device_id:u32  public_key:[32]
 //! approval   = "tern/1 approve\0"  handle_len:u8  handle  public_key:[32]
 //!              expires_at_ms:u64
+//! identity   = "tern/1 identity-keys\0"  handle_len:u8  handle  device_id:u32
+//!              curve25519:[32]  ed25519:[32]
+//! one_time   = "tern/1 one-time-key\0"  handle_len:u8  handle  device_id:u32
+//!              fallback:u8  key_id:u64  public_key:[32]
 //! ```
+//!
+//! The last two are the key service's statements ([`identity_keys`],
+//! [`one_time_key`]): a device's login key signs its end-to-end identity keys,
+//! and the identity's Ed25519 key signs each one-time and fallback key, so a
+//! device that claims them can check both against the login key the device
+//! list names.
 //!
 //! `device_id` is 0 and `public_key` the new key for `Register` and
 //! `LinkDevice`; for `Login`, `device_id` is the device and `public_key` is 32
@@ -76,6 +86,31 @@ pub fn approval(handle: &str, public_key: &[u8; PUBLIC_KEY_LEN], expires_at_ms: 
     out
 }
 
+/// The bytes a device's login key signs to bind its end-to-end identity
+/// keys (`IdentityKeys`) to `handle` and `device_id`.
+pub fn identity_keys(handle: &str, device_id: u32, curve25519: &[u8; 32], ed25519: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(21 + 1 + handle.len() + 4 + 64);
+    out.extend_from_slice(b"tern/1 identity-keys\0");
+    push_handle(&mut out, handle);
+    out.extend_from_slice(&device_id.to_be_bytes());
+    out.extend_from_slice(curve25519);
+    out.extend_from_slice(ed25519);
+    out
+}
+
+/// The bytes a device's identity Ed25519 key signs for one of its one-time
+/// keys (`fallback` false) or its fallback key (`fallback` true).
+pub fn one_time_key(handle: &str, device_id: u32, fallback: bool, key_id: u64, public_key: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(20 + 1 + handle.len() + 4 + 1 + 8 + 32);
+    out.extend_from_slice(b"tern/1 one-time-key\0");
+    push_handle(&mut out, handle);
+    out.extend_from_slice(&device_id.to_be_bytes());
+    out.push(u8::from(fallback));
+    out.extend_from_slice(&key_id.to_be_bytes());
+    out.extend_from_slice(public_key);
+    out
+}
+
 fn push_handle(out: &mut Vec<u8>, handle: &str) {
     // Handles are validated to at most 64 bytes before anything is signed or
     // verified; a longer one is cut here, and so never matches a valid handle.
@@ -107,6 +142,30 @@ mod tests {
             transcript(Purpose::Login, &[1; 32], &[2; 32], "ab", 1, &[0; 32]),
             transcript(Purpose::Login, &[1; 32], &[2; 32], "a", 1, &[0; 32]),
         );
+    }
+
+    #[test]
+    fn key_statements_differ_by_every_field() {
+        let base = identity_keys("alice", 1, &[1; 32], &[2; 32]);
+        for v in [
+            identity_keys("alicf", 1, &[1; 32], &[2; 32]),
+            identity_keys("alice", 2, &[1; 32], &[2; 32]),
+            identity_keys("alice", 1, &[9; 32], &[2; 32]),
+            identity_keys("alice", 1, &[1; 32], &[9; 32]),
+        ] {
+            assert_ne!(v, base);
+        }
+        let base = one_time_key("alice", 1, false, 7, &[3; 32]);
+        for v in [
+            one_time_key("alicf", 1, false, 7, &[3; 32]),
+            one_time_key("alice", 2, false, 7, &[3; 32]),
+            one_time_key("alice", 1, true, 7, &[3; 32]),
+            one_time_key("alice", 1, false, 8, &[3; 32]),
+            one_time_key("alice", 1, false, 7, &[4; 32]),
+        ] {
+            assert_ne!(v, base);
+        }
+        assert_ne!(base[..20], identity_keys("alice", 1, &[3; 32], &[3; 32])[..20], "the purposes differ");
     }
 
     /// `bytes[0] = start, bytes[1] = start + 1, ...`

@@ -57,6 +57,17 @@ pub const MAX_LISTED_DEVICES: usize = 1024;
 /// wire and 24 in memory.
 pub const MAX_REDIRECT_BROKERS: usize = 1024;
 
+/// Most envelopes one `Send` may carry: one per device of the recipient
+/// and of the sender's other devices, each user at most
+/// [`MAX_LISTED_DEVICES`]. An empty `Envelope` takes 2 bytes on the wire
+/// and about 100 in memory.
+pub const MAX_ENVELOPES: usize = 2 * MAX_LISTED_DEVICES;
+
+/// Most one-time keys one `PublishKeys` may carry (`keys.max_one_time_keys`
+/// is at most 10,000). An empty `OneTimeKey` takes 2 bytes on the wire and
+/// about 72 in memory.
+pub const MAX_PUBLISHED_KEYS: usize = 10_000;
+
 /// Why a frame could not be encoded.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
@@ -117,15 +128,32 @@ pub fn decode_peer_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<cr
     decode_bounded(src, max_len, &[(&[5, 4], "Ship.entries", MAX_SHIP_ENTRIES)])
 }
 
+/// [`decode`] for a [`ClientFrame`](crate::pb::ClientFrame) (what a broker
+/// reads), refusing one whose `Send` carries more than [`MAX_ENVELOPES`]
+/// envelopes or whose `PublishKeys` more than [`MAX_PUBLISHED_KEYS`] keys
+/// before decoding it.
+pub fn decode_client_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<crate::pb::ClientFrame>, DecodeError> {
+    // `ClientFrame.send` is field 5 with `envelopes` 5; `publish_keys` 10
+    // with `one_time_keys` 2 (tern.proto).
+    let bounds: [Bound; 2] =
+        [(&[5, 5], "Send.envelopes", MAX_ENVELOPES), (&[10, 2], "PublishKeys.one_time_keys", MAX_PUBLISHED_KEYS)];
+    decode_bounded(src, max_len, &bounds)
+}
+
 /// [`decode`] for a [`ServerFrame`](crate::pb::ServerFrame) (what a client
 /// reads), refusing one whose `DeviceList` or `Redirect` holds more than
 /// [`MAX_LISTED_DEVICES`] or [`MAX_REDIRECT_BROKERS`] elements before
 /// decoding it, so a frame costs a client about its size in memory.
 pub fn decode_server_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<crate::pb::ServerFrame>, DecodeError> {
     // `ServerFrame.device_list` is field 8 with `devices` 2, `redirect` 9
-    // with `brokers` 1 (tern.proto).
-    let bounds: [Bound; 2] =
-        [(&[8, 2], "DeviceList.devices", MAX_LISTED_DEVICES), (&[9, 1], "Redirect.brokers", MAX_REDIRECT_BROKERS)];
+    // with `brokers` 1, `keys_claimed` 11 with `devices` 2, `error` 6 with
+    // `devices` 4 (tern.proto).
+    let bounds: [Bound; 4] = [
+        (&[8, 2], "DeviceList.devices", MAX_LISTED_DEVICES),
+        (&[9, 1], "Redirect.brokers", MAX_REDIRECT_BROKERS),
+        (&[11, 2], "KeysClaimed.devices", MAX_LISTED_DEVICES),
+        (&[6, 4], "Error.devices", MAX_LISTED_DEVICES),
+    ];
     decode_bounded(src, max_len, &bounds)
 }
 

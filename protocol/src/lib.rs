@@ -38,8 +38,8 @@ pub mod peer {
 }
 
 pub use codec::{
-    decode, decode_peer_frame, decode_server_frame, encode, DecodeError, EncodeError, MAX_LISTED_DEVICES,
-    MAX_REDIRECT_BROKERS, MAX_SHIP_ENTRIES,
+    decode, decode_client_frame, decode_peer_frame, decode_server_frame, encode, DecodeError, EncodeError,
+    MAX_ENVELOPES, MAX_LISTED_DEVICES, MAX_PUBLISHED_KEYS, MAX_REDIRECT_BROKERS, MAX_SHIP_ENTRIES,
 };
 pub use handle::{validate_handle, HandleError};
 pub use message_id::{MessageId, MessageIdError};
@@ -98,6 +98,7 @@ impl pb::ServerFrame {
                 code: code as i32,
                 message: message.into(),
                 retry_after_ms: 0,
+                devices: Vec::new(),
             })),
         }
     }

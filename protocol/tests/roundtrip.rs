@@ -32,6 +32,76 @@ fn approval() -> impl Strategy<Value = pb::DeviceApproval> {
     })
 }
 
+fn identity_keys() -> impl Strategy<Value = pb::IdentityKeys> {
+    (bytes_up_to(40), bytes_up_to(40), bytes_up_to(70)).prop_map(|(curve25519, ed25519, signature)| pb::IdentityKeys {
+        curve25519,
+        ed25519,
+        signature,
+    })
+}
+
+fn one_time_key() -> impl Strategy<Value = pb::OneTimeKey> {
+    (any::<u64>(), bytes_up_to(40), bytes_up_to(70)).prop_map(|(key_id, public_key, signature)| pb::OneTimeKey {
+        key_id,
+        public_key,
+        signature,
+    })
+}
+
+fn key_stock() -> impl Strategy<Value = pb::KeyStock> {
+    (any::<u32>(), any::<u32>(), any::<u32>(), any::<bool>(), any::<bool>()).prop_map(
+        |(one_time_keys, max_one_time_keys, low_water, identity, fallback_key)| pb::KeyStock {
+            one_time_keys,
+            max_one_time_keys,
+            low_water,
+            identity,
+            fallback_key,
+        },
+    )
+}
+
+fn envelope() -> impl Strategy<Value = pb::Envelope> {
+    (text(), any::<u32>(), bytes_up_to(40), bytes_up_to(512))
+        .prop_map(|(handle, device, identity_key, body)| pb::Envelope { handle, device, identity_key, body })
+}
+
+fn send() -> impl Strategy<Value = pb::Send> {
+    (
+        (bytes_up_to(20), text(), bytes_up_to(2048), any::<bool>()),
+        (proptest::collection::vec(envelope(), 0..4), any::<u64>(), any::<u64>(), any::<u32>()),
+    )
+        .prop_map(
+            |((message_id, to, body, no_receipt), (envelopes, to_devices_version, own_devices_version, to_device))| {
+                pb::Send {
+                    message_id,
+                    to,
+                    body,
+                    no_receipt,
+                    envelopes,
+                    to_devices_version,
+                    own_devices_version,
+                    to_device,
+                }
+            },
+        )
+}
+
+fn key_requests() -> impl Strategy<Value = client_frame::Kind> {
+    prop_oneof![
+        (
+            proptest::option::of(identity_keys()),
+            proptest::collection::vec(one_time_key(), 0..4),
+            proptest::option::of(one_time_key())
+        )
+            .prop_map(|(identity, one_time_keys, fallback_key)| {
+                client_frame::Kind::PublishKeys(pb::PublishKeys { identity, one_time_keys, fallback_key })
+            }),
+        (text(), proptest::collection::vec(any::<u32>(), 0..6))
+            .prop_map(|(handle, devices)| client_frame::Kind::ClaimKeys(pb::ClaimKeys { handle, devices })),
+        any::<u32>().prop_map(|device_id| client_frame::Kind::UnlinkDevice(pb::UnlinkDevice { device_id })),
+    ]
+}
+
 fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
     prop_oneof![
         (any::<u32>(), ".{0,40}")
@@ -44,9 +114,7 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
         (text(), any::<u32>(), bytes_up_to(40), bytes_up_to(70)).prop_map(|(handle, device_id, nonce, signature)| {
             client_frame::Kind::Login(pb::Login { handle, device_id, nonce, signature })
         }),
-        (bytes_up_to(20), text(), bytes_up_to(2048), any::<bool>()).prop_map(|(message_id, to, body, no_receipt)| {
-            client_frame::Kind::Send(pb::Send { message_id, to, body, no_receipt })
-        }),
+        send().prop_map(client_frame::Kind::Send),
         any::<u64>().prop_map(|up_to_seq| client_frame::Kind::Ack(pb::Ack { up_to_seq })),
         any::<u64>().prop_map(|nonce| client_frame::Kind::Ping(pb::Ping { nonce })),
         (text(), bytes_up_to(40), bytes_up_to(40), bytes_up_to(70), proptest::option::of(approval())).prop_map(
@@ -55,6 +123,54 @@ fn client_kind() -> impl Strategy<Value = client_frame::Kind> {
             }
         ),
         text().prop_map(|handle| client_frame::Kind::ListDevices(pb::ListDevices { handle })),
+        key_requests(),
+    ]
+}
+
+fn mismatch() -> impl Strategy<Value = pb::DeviceMismatch> {
+    (
+        text(),
+        any::<u64>(),
+        proptest::collection::vec(any::<u32>(), 0..3),
+        proptest::collection::vec(any::<u32>(), 0..3),
+        proptest::collection::vec(any::<u32>(), 0..3),
+    )
+        .prop_map(|(handle, version, missing, extra, stale)| pb::DeviceMismatch {
+            handle,
+            version,
+            missing,
+            extra,
+            stale,
+        })
+}
+
+fn claimed() -> impl Strategy<Value = pb::ClaimedKeys> {
+    (
+        any::<u32>(),
+        bytes_up_to(40),
+        proptest::option::of(identity_keys()),
+        proptest::option::of(one_time_key()),
+        any::<bool>(),
+    )
+        .prop_map(|(device_id, device_key, identity, one_time_key, fallback)| pb::ClaimedKeys {
+            device_id,
+            device_key,
+            identity,
+            one_time_key,
+            fallback,
+        })
+}
+
+fn key_answers() -> impl Strategy<Value = server_frame::Kind> {
+    prop_oneof![
+        proptest::option::of(key_stock())
+            .prop_map(|stock| server_frame::Kind::KeysPublished(pb::KeysPublished { stock })),
+        (text(), proptest::collection::vec(claimed(), 0..3), proptest::collection::vec(any::<u32>(), 0..3)).prop_map(
+            |(handle, devices, without_keys)| {
+                server_frame::Kind::KeysClaimed(pb::KeysClaimed { handle, devices, without_keys })
+            }
+        ),
+        key_stock().prop_map(server_frame::Kind::KeyStock),
     ]
 }
 
@@ -79,9 +195,11 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
                 server_frame::Kind::Challenge(pb::Challenge { nonce, version, broker_id, max_frame_len, max_body_len })
             }
         ),
-        (text(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(handle, device_id, acked_seq, pending)| {
-            server_frame::Kind::LoginOk(pb::LoginOk { handle, device_id, acked_seq, pending })
-        }),
+        (text(), any::<u32>(), any::<u64>(), any::<u64>(), proptest::option::of(key_stock())).prop_map(
+            |(handle, device_id, acked_seq, pending, key_stock)| {
+                server_frame::Kind::LoginOk(pb::LoginOk { handle, device_id, acked_seq, pending, key_stock })
+            }
+        ),
         (bytes_up_to(20), any::<bool>(), any::<u64>(), any::<u32>()).prop_map(
             |(message_id, duplicate, accepted_at_ms, recipients)| {
                 server_frame::Kind::SendAck(pb::SendAck { message_id, duplicate, accepted_at_ms, recipients })
@@ -105,27 +223,35 @@ fn server_kind() -> impl Strategy<Value = server_frame::Kind> {
                 })
             }
         ),
-        (0i32..60, ".{0,80}", any::<u32>()).prop_map(|(code, message, retry_after_ms)| {
-            server_frame::Kind::Error(pb::Error { code, message, retry_after_ms })
-        }),
+        (0i32..60, ".{0,80}", any::<u32>(), proptest::collection::vec(mismatch(), 0..3)).prop_map(
+            |(code, message, retry_after_ms, devices)| {
+                server_frame::Kind::Error(pb::Error { code, message, retry_after_ms, devices })
+            }
+        ),
         any::<u64>().prop_map(|nonce| server_frame::Kind::Pong(pb::Pong { nonce })),
-        (text(), proptest::collection::vec((any::<u32>(), bytes_up_to(40), any::<u64>()), 0..4)).prop_map(
-            |(handle, devices)| {
+        (
+            text(),
+            proptest::collection::vec((any::<u32>(), bytes_up_to(40), any::<u64>(), bytes_up_to(40)), 0..4),
+            any::<u64>()
+        )
+            .prop_map(|(handle, devices, version)| {
                 server_frame::Kind::DeviceList(pb::DeviceList {
                     handle,
                     devices: devices
                         .into_iter()
-                        .map(|(device_id, public_key, added_at_ms)| pb::DeviceInfo {
+                        .map(|(device_id, public_key, added_at_ms, identity_key)| pb::DeviceInfo {
                             device_id,
                             public_key,
                             added_at_ms,
+                            identity_key,
                         })
                         .collect(),
+                    version,
                 })
-            }
-        ),
+            }),
         (proptest::collection::vec(".{0,30}", 0..3), ".{0,30}")
             .prop_map(|(brokers, reason)| server_frame::Kind::Redirect(pb::Redirect { brokers, reason })),
+        key_answers(),
     ]
 }
 
@@ -139,6 +265,18 @@ fn request_kind() -> impl Strategy<Value = request::Kind> {
         bytes_up_to(512).prop_map(|account| request::Kind::AccountPut(peer::AccountPut { account })),
         (text(), any::<u32>())
             .prop_map(|(handle, device)| request::Kind::SenderFlush(peer::SenderFlush { handle, device })),
+        (text(), any::<u32>(), bytes_up_to(512)).prop_map(|(handle, device, publish)| request::Kind::KeysPublish(
+            peer::KeysPublish { handle, device, publish }
+        )),
+        (text(), proptest::collection::vec(any::<u32>(), 0..4), text(), any::<u32>()).prop_map(
+            |(handle, devices, requester, requester_device)| {
+                request::Kind::KeysClaim(peer::KeysClaim { handle, devices, requester, requester_device })
+            }
+        ),
+        (text(), any::<u32>(), bytes_up_to(512))
+            .prop_map(|(handle, device, record)| request::Kind::KeysPut(peer::KeysPut { handle, device, record })),
+        (text(), any::<u32>(), any::<u32>())
+            .prop_map(|(handle, device, by)| request::Kind::AccountUnlink(peer::AccountUnlink { handle, device, by })),
     ]
 }
 
@@ -151,6 +289,7 @@ fn reply_kind() -> impl Strategy<Value = reply::Kind> {
         (any::<u32>(), any::<bool>(), any::<u64>()).prop_map(|(queues, complete, clock)| {
             reply::Kind::SenderFlushed(peer::SenderFlushed { queues, complete, clock })
         }),
+        bytes_up_to(512).prop_map(|answer| reply::Kind::Keys(peer::KeysReply { answer })),
     ]
 }
 
@@ -207,6 +346,8 @@ fn peer_kind() -> impl Strategy<Value = peer_frame::Kind> {
         (text(), any::<u32>(), any::<u64>()).prop_map(|(handle, device, request_id)| {
             peer_frame::Kind::HandoffRequest(peer::HandoffRequest { handle, device, request_id })
         }),
+        (text(), any::<u32>(), bytes_up_to(256))
+            .prop_map(|(handle, device, frame)| peer_frame::Kind::Notice(peer::Notice { handle, device, frame })),
     ]
 }
 
@@ -420,6 +561,7 @@ fn a_server_frame_listing_too_many_devices_or_brokers_is_refused_before_decoding
         kind: Some(pb::server_frame::Kind::DeviceList(pb::DeviceList {
             handle: "bob".into(),
             devices: vec![pb::DeviceInfo::default(); n],
+            version: 0,
         })),
     };
     let redirect = |n: usize| pb::ServerFrame {
@@ -459,5 +601,35 @@ proptest! {
             // the pre-scan may count more, never fewer.
             prop_assert!(counted >= decoded, "counted {} decoded {}", counted, decoded);
         }
+    }
+}
+
+/// A `Send` of empty envelopes or a `PublishKeys` of empty keys cost the
+/// broker about 50 and 36 times their wire size; more than the bound are
+/// refused before decoding.
+#[test]
+fn a_client_frame_with_too_many_envelopes_or_keys_is_refused_before_decoding() {
+    let max = tern_protocol::DEFAULT_MAX_FRAME_LEN;
+    let send = |n: usize| pb::ClientFrame {
+        request_id: 1,
+        kind: Some(client_frame::Kind::Send(pb::Send {
+            envelopes: vec![pb::Envelope::default(); n],
+            ..Default::default()
+        })),
+    };
+    let publish = |n: usize| pb::ClientFrame {
+        request_id: 2,
+        kind: Some(client_frame::Kind::PublishKeys(pb::PublishKeys {
+            one_time_keys: vec![pb::OneTimeKey::default(); n],
+            ..Default::default()
+        })),
+    };
+    let limits = [(send(tern_protocol::MAX_ENVELOPES), send(tern_protocol::MAX_ENVELOPES + 1))];
+    let keys = [(publish(tern_protocol::MAX_PUBLISHED_KEYS), publish(tern_protocol::MAX_PUBLISHED_KEYS + 1))];
+    for (ok, over) in limits.into_iter().chain(keys) {
+        let mut buf = BytesMut::from(&codec::encode_to_vec(&ok, max).unwrap()[..]);
+        assert_eq!(codec::decode_client_frame(&mut buf, max).unwrap(), Some(ok));
+        let mut buf = BytesMut::from(&codec::encode_to_vec(&over, max).unwrap()[..]);
+        assert!(matches!(codec::decode_client_frame(&mut buf, max), Err(DecodeError::TooManyEntries { .. })));
     }
 }

@@ -44,6 +44,10 @@ pub struct RateSection {
     pub sends_per_device: Rate,
     /// Account lookups (`ListDevices`) per logged-in device.
     pub lookups_per_device: Rate,
+    /// Key claims (`ClaimKeys`) per logged-in device and target user: each
+    /// takes a one-time key of every device of the target, so draining a
+    /// user's stock, or walking the handle space, is slow.
+    pub key_claims_per_device_and_target: Rate,
 }
 
 /// A token bucket: `burst` requests at once, then one more every `refill_ms`.
@@ -185,6 +189,7 @@ impl Default for RateSection {
             login_failures_per_handle: Rate::new(10, 6_000),
             sends_per_device: Rate::new(1_000, 10),
             lookups_per_device: Rate::new(100, 1_000),
+            key_claims_per_device_and_target: Rate::new(10, 60_000),
         }
     }
 }
@@ -199,6 +204,7 @@ impl RateSection {
             (self.login_failures_per_handle, "rate.login_failures_per_handle"),
             (self.sends_per_device, "rate.sends_per_device"),
             (self.lookups_per_device, "rate.lookups_per_device"),
+            (self.key_claims_per_device_and_target, "rate.key_claims_per_device_and_target"),
         ];
         for (rate, field) in rates {
             within(u64::from(rate.burst), 1, 1_000_000, field)?;

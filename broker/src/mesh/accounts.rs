@@ -55,7 +55,7 @@ fn from_failure(code: ErrorCode, message: String, handle: &str) -> StoreError {
 }
 
 impl Mesh {
-    fn account_primary(&self, handle: &str) -> String {
+    pub(super) fn account_primary(&self, handle: &str) -> String {
         self.owner_of(&account_key(handle))
     }
 
@@ -98,6 +98,48 @@ impl Mesh {
         }
     }
 
+    /// Unlinks `device` of `handle` (asked by its device `by`) at the
+    /// handle's primary, which copies the record to every live member:
+    /// each ends the device's session there and drops its queue.
+    pub(crate) async fn unlink(&self, handle: &str, device: u32, by: u32) -> Result<Account, StoreError> {
+        let primary = self.account_primary(handle);
+        if primary == self.node() {
+            return self.unlink_as_primary(handle, device, by).await;
+        }
+        let link = self.link(&primary).ok_or_else(|| unavailable(format!("no link to broker {primary}")))?;
+        let unlink = pp::AccountUnlink { handle: handle.to_owned(), device, by };
+        match link.request(request::Kind::AccountUnlink(unlink), REQUEST_TIMEOUT).await {
+            Ok(reply::Kind::Account(a)) => {
+                let account = Account::from_json(&a.account)
+                    .map_err(|e| StoreError::Corrupt(format!("account from {primary}: {e}")))?;
+                self.inner.store.put_account(account).await
+            }
+            Ok(_) => Err(unavailable(format!("broker {primary} answered something else"))),
+            Err(super::PeerError::Failure { code: ErrorCode::PermissionDenied, message, .. }) => {
+                Err(StoreError::Denied(message))
+            }
+            Err(super::PeerError::Failure { code, message, .. }) => Err(from_failure(code, message, handle)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn unlink_as_primary(&self, handle: &str, device: u32, by: u32) -> Result<Account, StoreError> {
+        let account = self.inner.store.unlink(handle, device, by).await?;
+        self.inner.router.unlink(&QueueKey::new(handle, device));
+        self.replicate(&account).await;
+        Ok(account)
+    }
+
+    pub(super) async fn serve_account_unlink(&self, u: pp::AccountUnlink) -> reply::Kind {
+        if tern_protocol::validate_handle(&u.handle).is_err() {
+            return reply::Kind::Failure(failure(ErrorCode::InvalidHandle, "invalid handle"));
+        }
+        match self.unlink_as_primary(&u.handle, u.device, u.by).await {
+            Ok(account) => reply::Kind::Account(pp::AccountReply { account: account.to_json().into(), device: 0 }),
+            Err(e) => reply::Kind::Failure(failure(store_code(&e), e.to_string())),
+        }
+    }
+
     /// As primary: checks the other members for an existing claim, writes,
     /// and copies the record to every live member before answering.
     async fn write_as_primary(
@@ -124,7 +166,7 @@ impl Mesh {
     }
 
     /// Copies `account` to every live member (waiting for each, briefly).
-    async fn replicate(&self, account: &Account) {
+    pub(crate) async fn replicate(&self, account: &Account) {
         let json = bytes::Bytes::from(account.to_json());
         let links: Vec<_> = self.members().keys().filter_map(|m| self.link(m)).collect();
         let puts = links.iter().map(|link| {
@@ -267,6 +309,10 @@ impl Mesh {
                 // so they learn it at their next login.
                 for lost in now.lost.iter().filter(|l| before.as_ref().is_none_or(|b| !b.lost.contains(l))) {
                     self.inner.router.revoke(&QueueKey::new(&now.handle, lost.id), &lost.public_key);
+                }
+                // Devices just unlinked: end their sessions here.
+                for id in now.removed.iter().filter(|id| before.as_ref().is_none_or(|b| !b.removed.contains(id))) {
+                    self.inner.router.unlink(&QueueKey::new(&now.handle, *id));
                 }
                 reply::Kind::Account(pp::AccountReply::default())
             }

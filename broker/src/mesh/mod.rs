@@ -25,6 +25,7 @@ mod accounts;
 pub mod cluster_tls;
 mod directory;
 mod flush;
+mod keys;
 mod link;
 mod location;
 mod membership;
@@ -398,6 +399,7 @@ impl Mesh {
                     link.reply(req.id, answer);
                 });
             }
+            Some(P::Notice(n)) => self.on_notice(n),
             Some(P::Reply(r)) => from.on_reply(r),
             Some(P::Hello(_)) => tracing::debug!(peer = %from.peer.name, "second hello ignored"),
             None => metrics::counter!("tern_mesh_frames_ignored_total").increment(1),
@@ -464,7 +466,11 @@ impl Mesh {
             request::Kind::AccountGet(g) => self.serve_account_get(&g.handle),
             request::Kind::AccountWrite(w) => self.serve_account_write(w).await,
             request::Kind::AccountPut(p) => self.serve_account_put(&p.account).await,
+            request::Kind::AccountUnlink(u) => self.serve_account_unlink(u).await,
             request::Kind::SenderFlush(f) => self.serve_sender_flush(f, asker).await,
+            kind @ (request::Kind::KeysPublish(_) | request::Kind::KeysClaim(_) | request::Kind::KeysPut(_)) => {
+                self.serve_keys(kind).await
+            }
         }
     }
 

@@ -155,6 +155,9 @@ pub(crate) fn store_refusal(e: &StoreError) -> Failed {
         StoreError::Db(_) | StoreError::Corrupt(_) => ErrorCode::StorageError,
         StoreError::Closed => ErrorCode::ShuttingDown,
         StoreError::Unavailable(_) => ErrorCode::MeshUnavailable,
+        StoreError::Invalid(_) => ErrorCode::InvalidArgument,
+        StoreError::Denied(_) => ErrorCode::PermissionDenied,
+        StoreError::DevicesChanged(_) => ErrorCode::DevicesChanged,
     };
     (code, e.to_string())
 }

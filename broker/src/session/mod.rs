@@ -24,6 +24,7 @@
 
 mod auth;
 mod delivery;
+mod keys;
 mod lookup;
 
 pub(crate) use lookup::AccountLookups;
@@ -84,6 +85,8 @@ pub(crate) struct Session {
     source: Option<IpAddr>,
     device: Option<LoggedIn>,
     inbox: Option<tokio::sync::mpsc::Receiver<crate::router::Pushed>>,
+    /// Frames the router hands over to be written as they are (notices).
+    notices: Option<tokio::sync::mpsc::Receiver<Bytes>>,
     /// Set while the device's queue waits for its previous broker to hand
     /// back what it held (`Mesh::hold_for_handback`): nothing is pushed
     /// until it resolves to the queue's head.
@@ -114,6 +117,7 @@ impl Session {
             source,
             device: None,
             inbox: None,
+            notices: None,
             held: None,
             pending: FuturesUnordered::new(),
             waiting_sends: VecDeque::new(),
@@ -167,6 +171,9 @@ impl Session {
                 () = replaced(&self.device) => {
                     return End::Fatal(ErrorCode::PermissionDenied, "this device logged in on another connection".into());
                 }
+                () = unlinked(&self.device) => {
+                    return End::Fatal(ErrorCode::UnknownDevice, "this device was unlinked from its user".into());
+                }
                 () = lost(&self.device) => {
                     let text = "this device's account lost to another claim made while the mesh was partitioned; register again";
                     return End::Fatal(ErrorCode::HandleLost, text.into());
@@ -191,6 +198,7 @@ impl Session {
                         d.delivery.on_handed(seq, &value, &mut self.out);
                     }
                 }
+                Some(frame) = notice(&mut self.notices) => self.out.extend_from_slice(&frame),
                 () = lagged(&self.device) => {
                     if let Some(d) = &mut self.device {
                         d.delivery.mark_lagged();
@@ -292,7 +300,7 @@ impl Session {
 
     fn refuse(&mut self, request_id: u64, refusal: Refusal) {
         let retry_after_ms = refusal.retry_after.map_or(0, ratelimit::retry_after_ms);
-        let error = pb::Error { code: refusal.code as i32, message: refusal.text, retry_after_ms };
+        let error = pb::Error { code: refusal.code as i32, message: refusal.text, retry_after_ms, devices: Vec::new() };
         self.write(request_id, S::Error(error));
     }
 
@@ -323,7 +331,7 @@ impl Session {
         loop {
             // Read again for each frame: a login raises it.
             let max = self.max_frame_len();
-            let frame = match codec::decode::<pb::ClientFrame>(&mut self.inbuf, max) {
+            let frame = match codec::decode_client_frame(&mut self.inbuf, max) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
                 Err(DecodeError::TooLarge { len, max }) => {
@@ -394,6 +402,18 @@ impl Session {
                 self.list_devices(id, &req.handle).await;
                 Ok(())
             }
+            Some(C::PublishKeys(req)) => {
+                self.publish_keys(id, req).await;
+                Ok(())
+            }
+            Some(C::ClaimKeys(req)) => {
+                self.claim_keys(id, req).await;
+                Ok(())
+            }
+            Some(C::UnlinkDevice(req)) => {
+                self.unlink_device(id, req.device_id).await;
+                Ok(())
+            }
         }
     }
 
@@ -452,7 +472,9 @@ impl Session {
             Ok(account) => account.and_then(|a| a.device(device).map(|d| d.public_key)).unwrap_or_default(),
             Err(e) => return Err(End::Fatal(auth::store_refusal(&e).0, e.to_string())),
         };
-        let (attachment, inbox) = self.ctx.router.attach_as(queue.clone(), key, self.ctx.config.limits.max_inflight);
+        let (mut attachment, inbox) =
+            self.ctx.router.attach_as(queue.clone(), key, self.ctx.config.limits.max_inflight);
+        self.notices = attachment.notices.take();
         let bounds = match self.ctx.store.bounds(queue.clone()).await {
             Ok(b) => b,
             Err(e) => return Err(End::Fatal(auth::store_refusal(&e).0, e.to_string())),
@@ -470,10 +492,11 @@ impl Session {
             }
             None => (None, None),
         };
+        let key_stock = Some(crate::keys::stock_at_login(&self.ctx.store, &queue));
         let delivery = Delivery::new(queue, bounds.head, window, attachment.previously_pushed);
         self.device = Some(LoggedIn { delivery, attachment, epoch, sends_ready });
         self.inbox = Some(inbox);
-        let ok = pb::LoginOk { handle, device_id: device, acked_seq: bounds.head, pending: bounds.depth() };
+        let ok = pb::LoginOk { handle, device_id: device, acked_seq: bounds.head, pending: bounds.depth(), key_stock };
         self.write(request_id, S::LoginOk(ok));
         Ok(())
     }
@@ -493,7 +516,7 @@ impl Session {
     /// Validates a `Send` and queues it for the store before the next frame
     /// is read, so one device's sends get their seqs in the order it sent
     /// them; the durable outcome is awaited with the other pending sends.
-    async fn start_send(&mut self, request_id: u64, req: pb::Send) -> Result<(), End> {
+    async fn start_send(&mut self, request_id: u64, mut req: pb::Send) -> Result<(), End> {
         let Some(d) = &self.device else { return Ok(()) };
         if let Err(limited) = self.limit(&self.ctx.rate.sends, || d.delivery.queue.clone()) {
             metrics::counter!("tern_sends_total", "result" => ErrorCode::RateLimited.as_str_name()).increment(1);
@@ -512,9 +535,15 @@ impl Session {
             self.write_error(request_id, ErrorCode::InvalidHandle, &format!("recipient: {e}"));
             return Ok(());
         }
-        if req.body.len() > limits.max_body_len {
-            let text = format!("body of {} bytes exceeds the maximum of {}", req.body.len(), limits.max_body_len);
+        let longest = req.envelopes.iter().map(|e| e.body.len()).chain([req.body.len()]).max().unwrap_or(0);
+        if longest > limits.max_body_len {
+            let text = format!("body of {longest} bytes exceeds the maximum of {}", limits.max_body_len);
             self.write_error(request_id, ErrorCode::PayloadTooLarge, &text);
+            return Ok(());
+        }
+        if !req.envelopes.is_empty() && (!req.body.is_empty() || req.to_device != 0) {
+            let text = "a send has a body (for every device, or for `to_device`) or envelopes, not both";
+            self.write_error(request_id, ErrorCode::InvalidArgument, text);
             return Ok(());
         }
         let sender = d.delivery.queue.clone();
@@ -527,12 +556,13 @@ impl Session {
                 return Ok(());
             }
         }
+        let body = send_body(&mut req);
         let outcome = tokio::select! {
             biased;
             () = self.ctx.cancel.cancelled() => {
                 return Err(End::Fatal(ErrorCode::ShuttingDown, "the broker is shutting down; reconnect".into()));
             }
-            submitted = self.ctx.store.submit_enqueue(sender, id.0, req.to, req.body, !req.no_receipt) => submitted,
+            submitted = self.ctx.store.submit_enqueue(sender, id.0, req.to, body, !req.no_receipt) => submitted,
         };
         match outcome {
             Ok(outcome) => self.pending.push(Box::pin(async move { (request_id, id, started, outcome.await) })),
@@ -555,6 +585,12 @@ impl Session {
                 };
                 self.write(request_id, S::SendAck(ack));
             }
+            Err(StoreError::DevicesChanged(devices)) => {
+                let code = ErrorCode::DevicesChanged;
+                metrics::counter!("tern_sends_total", "result" => code.as_str_name()).increment(1);
+                let message = StoreError::DevicesChanged(devices.clone()).to_string();
+                self.write(request_id, S::Error(pb::Error { code: code as i32, message, retry_after_ms: 0, devices }));
+            }
             Err(e) => {
                 let refusal = auth::store_refusal(&e);
                 metrics::counter!("tern_sends_total", "result" => refusal.0.as_str_name()).increment(1);
@@ -576,6 +612,27 @@ impl Session {
         metrics::counter!("tern_acks_total").increment(1);
         if let Err(e) = self.ctx.store.ack_detached(d.delivery.queue.clone(), up_to).await {
             tracing::warn!(queue = %d.delivery.queue, up_to, error = %e, "ack not stored; the entries will be delivered again");
+        }
+    }
+
+    /// Unlinks a device of this device's user (at the handle's primary in
+    /// a mesh), then answers with the list after.
+    async fn unlink_device(&mut self, request_id: u64, device: u32) {
+        let Some(d) = &self.device else { return };
+        let me = d.delivery.queue.clone();
+        let result = match &self.ctx.mesh {
+            Some(mesh) => mesh.unlink(me.handle(), device, me.device()).await,
+            None => self.ctx.store.unlink(me.handle(), device, me.device()).await,
+        };
+        match result {
+            Ok(_) => {
+                metrics::counter!("tern_devices_unlinked_total").increment(1);
+                tracing::info!(handle = %me.handle(), device, by = me.device(), "device unlinked");
+                self.ctx.router.unlink(&QueueKey::new(me.handle(), device));
+                let handle = me.handle().to_owned();
+                self.list_devices(request_id, &handle).await;
+            }
+            Err(e) => self.refuse(request_id, auth::store_refusal(&e).into()),
         }
     }
 
@@ -602,13 +659,31 @@ impl Session {
                         device_id: d.id,
                         public_key: Bytes::copy_from_slice(&d.public_key),
                         added_at_ms: d.added_at_ms,
+                        identity_key: d.identity_key.map(|k| Bytes::copy_from_slice(&k)).unwrap_or_default(),
                     })
                     .collect();
-                self.write(request_id, S::DeviceList(pb::DeviceList { handle: handle.to_owned(), devices }));
+                let version = account.devices_version();
+                let list = pb::DeviceList { handle: handle.to_owned(), devices, version };
+                self.write(request_id, S::DeviceList(list));
             }
             Ok(None) => self.write_error(request_id, ErrorCode::UnknownRecipient, &format!("no user {handle:?}")),
             Err(e) => self.refuse(request_id, auth::store_refusal(&e).into()),
         }
+    }
+}
+
+/// What a `Send` puts in each queue: its body, or its envelopes.
+fn send_body(req: &mut pb::Send) -> crate::store::SendBody {
+    if req.to_device != 0 {
+        return crate::store::SendBody::ToDevice { device: req.to_device, body: std::mem::take(&mut req.body) };
+    }
+    if req.envelopes.is_empty() {
+        return std::mem::take(&mut req.body).into();
+    }
+    crate::store::SendBody::PerDevice {
+        envelopes: std::mem::take(&mut req.envelopes),
+        to_version: req.to_devices_version,
+        own_version: req.own_devices_version,
     }
 }
 
@@ -650,6 +725,11 @@ pub(crate) fn store_error_code(e: &StoreError) -> ErrorCode {
     auth::store_refusal(e).0
 }
 
+/// The error code and text a store failure is reported with.
+pub(crate) fn store_refusal(e: &StoreError) -> (ErrorCode, String) {
+    auth::store_refusal(e)
+}
+
 /// Makes room for the next read: enough for the frame being received (as its
 /// prefix announces, within the maximum), never more than 64 KiB at a time;
 /// 1 KiB between frames (most chat frames are smaller), so an idle
@@ -668,6 +748,13 @@ fn reserve(buf: &mut BytesMut, max_frame: usize) -> &mut BytesMut {
 async fn replaced(device: &Option<LoggedIn>) {
     match device {
         Some(d) => d.attachment.replaced.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn unlinked(device: &Option<LoggedIn>) {
+    match device {
+        Some(d) => d.attachment.unlinked.cancelled().await,
         None => std::future::pending().await,
     }
 }
@@ -697,6 +784,13 @@ async fn handed_back(held: &mut Option<tokio::sync::oneshot::Receiver<Option<u64
 
 async fn handed(inbox: &mut Option<tokio::sync::mpsc::Receiver<crate::router::Pushed>>) -> Option<(u64, Bytes)> {
     match inbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn notice(notices: &mut Option<tokio::sync::mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+    match notices {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }

@@ -23,6 +23,25 @@ pub struct Device {
     pub public_key: [u8; 32],
     /// When the device was added, ms since the Unix epoch.
     pub added_at_ms: u64,
+    /// The Curve25519 identity key of the device's end-to-end account, once
+    /// it published one (the key service's record has the rest).
+    #[serde(default, with = "hex_opt", skip_serializing_if = "Option::is_none")]
+    pub identity_key: Option<[u8; 32]>,
+    /// When `identity_key` was set, ms since the Unix epoch: of two copies
+    /// that differ in it, the later wins a merge.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub identity_at_ms: u64,
+}
+
+impl Device {
+    /// A device with no end-to-end identity yet.
+    pub fn new(id: u32, public_key: [u8; 32], added_at_ms: u64) -> Self {
+        Self { id, public_key, added_at_ms, identity_key: None, identity_at_ms: 0 }
+    }
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A user and their devices.
@@ -46,6 +65,10 @@ pub struct Account {
     /// number, went to another), at most [`LOST_MAX`], by id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost: Vec<Device>,
+    /// Numbers of devices unlinked, in order: never current again, whatever
+    /// copy they meet in a merge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<u32>,
 }
 
 /// Most lost devices an account remembers (the newest are kept).
@@ -61,16 +84,51 @@ impl Account {
         Self {
             handle: handle.to_owned(),
             created_at_ms: now_ms,
-            devices: vec![Device { id: 1, public_key, added_at_ms: now_ms }],
+            devices: vec![Device::new(1, public_key, now_ms)],
             next_device_id: 2,
             claim: rand::random(),
             lost: Vec::new(),
+            removed: Vec::new(),
         }
+    }
+
+    /// Unlinks device `id`: it is no longer current, and its number is
+    /// never given again (numbers only grow). False if it is not current.
+    pub fn unlink(&mut self, id: u32) -> bool {
+        let Some(at) = self.devices.iter().position(|d| d.id == id) else { return false };
+        self.devices.remove(at);
+        if !self.removed.contains(&id) {
+            self.removed.push(id);
+            self.removed.sort_unstable();
+        }
+        true
+    }
+
+    /// The primary device: the lowest-numbered current one, which may
+    /// unlink the others (any device may unlink itself).
+    pub fn primary(&self) -> Option<u32> {
+        self.devices.iter().map(|d| d.id).min()
     }
 
     /// The device with number `id`.
     pub fn device(&self, id: u32) -> Option<&Device> {
         self.devices.iter().find(|d| d.id == id)
+    }
+
+    /// The device list's version: a digest of every device's number, login
+    /// key and identity key, so it changes whenever one is added, removed
+    /// or gets new identity keys, and is the same at every broker.
+    pub fn devices_version(&self) -> u64 {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for d in &self.devices {
+            ctx.update(&d.id.to_be_bytes());
+            ctx.update(&d.public_key);
+            ctx.update(&d.identity_key.unwrap_or([0; 32]));
+        }
+        let digest = ctx.finish();
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&digest.as_ref()[..8]);
+        u64::from_be_bytes(v)
     }
 
     /// Devices numbered `id` that lost a merge.
@@ -120,7 +178,13 @@ impl Account {
             for d in &loser.devices {
                 match devices.iter_mut().find(|k| k.id == d.id) {
                     None => devices.push(d.clone()),
-                    Some(k) if k.public_key == d.public_key => {}
+                    Some(k) if k.public_key == d.public_key => {
+                        // The same device: the identity set later wins.
+                        if (d.identity_at_ms, d.identity_key) > (k.identity_at_ms, k.identity_key) {
+                            k.identity_key = d.identity_key;
+                            k.identity_at_ms = d.identity_at_ms;
+                        }
+                    }
                     Some(k) => {
                         if (d.added_at_ms, d.public_key) < (k.added_at_ms, k.public_key) {
                             lost.push(std::mem::replace(k, d.clone()));
@@ -133,6 +197,13 @@ impl Account {
         } else {
             lost.extend(loser.devices.iter().cloned());
         }
+        let mut removed: Vec<u32> = winner.removed.clone();
+        if same_claim {
+            removed.extend(&loser.removed);
+        }
+        removed.sort_unstable();
+        removed.dedup();
+        devices.retain(|d| !removed.contains(&d.id));
         devices.sort_by_key(|d| d.id);
         // A device that is current is not also lost; each lost one once.
         lost.retain(|l| !devices.iter().any(|d| d.id == l.id && d.public_key == l.public_key));
@@ -148,6 +219,7 @@ impl Account {
             next_device_id,
             claim: winner.claim(),
             lost,
+            removed,
         }
     }
 
@@ -158,6 +230,24 @@ impl Account {
 
     pub(crate) fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+/// An optional 32-byte key as a hex string.
+mod hex_opt {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_str(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+        let bytes = hex::decode(text).map_err(D::Error::custom)?;
+        bytes.try_into().map(Some).map_err(|_| D::Error::custom("expected 32 bytes"))
     }
 }
 
@@ -196,12 +286,45 @@ mod tests {
     fn with_device(mut a: Account, key: u8, at: u64) -> Account {
         let id = a.next_device_id;
         a.next_device_id += 1;
-        a.devices.push(Device { id, public_key: [key; 32], added_at_ms: at });
+        a.devices.push(Device::new(id, [key; 32], at));
         a
     }
 
     fn keys(devices: &[Device]) -> Vec<(u32, u8)> {
         devices.iter().map(|d| (d.id, d.public_key[0])).collect()
+    }
+
+    #[test]
+    fn the_device_list_version_follows_devices_and_identities_and_merges_to_the_later_identity() {
+        let a = Account::new("fay", [1; 32], 100);
+        let b = with_device(a.clone(), 2, 200);
+        assert_ne!(a.devices_version(), b.devices_version(), "a device added");
+        let mut c = b.clone();
+        c.devices[1].identity_key = Some([9; 32]);
+        c.devices[1].identity_at_ms = 300;
+        assert_ne!(b.devices_version(), c.devices_version(), "an identity published");
+        assert_eq!(Account::from_json(&c.to_json()).unwrap(), c, "and kept");
+        let mut d = b.clone();
+        d.devices[1].identity_key = Some([8; 32]);
+        d.devices[1].identity_at_ms = 400;
+        assert_eq!(c.merge(&d), d.merge(&c), "either order");
+        assert_eq!(c.merge(&d).devices[1].identity_key, Some([8; 32]), "the later identity");
+        assert_eq!(c.merge(&b).devices[1].identity_key, Some([9; 32]), "over none");
+        assert_eq!(a.devices_version(), Account::from_json(&a.to_json()).unwrap().devices_version());
+    }
+
+    #[test]
+    fn an_unlinked_device_stays_unlinked_whatever_copy_it_meets() {
+        let base = with_device(with_device(Account::new("gus", [1; 32], 100), 2, 200), 3, 300);
+        let mut unlinked = base.clone();
+        assert!(unlinked.unlink(2));
+        assert!(!unlinked.unlink(2), "once");
+        assert_eq!(keys(&unlinked.devices), vec![(1, 1), (3, 3)]);
+        assert_eq!(unlinked.merge(&base), base.merge(&unlinked), "either order");
+        assert_eq!(keys(&unlinked.merge(&base).devices), vec![(1, 1), (3, 3)], "the old copy does not bring it back");
+        assert_eq!(unlinked.merge(&base).next_device_id, 4, "and its number is not given again");
+        assert_eq!(Account::from_json(&unlinked.to_json()).unwrap(), unlinked);
+        assert_eq!(unlinked.primary(), Some(1));
     }
 
     /// Issue 11, 2.7: copies of a handle claimed on both sides of a

@@ -11,6 +11,7 @@
 //! | `queues` | queue key + seq (u64 BE) | [`StoredItem`](super::item::StoredItem) |
 //! | `meta` | queue key | head: highest seq deleted (u64 BE) |
 //! | `dedup` | sender queue key + message id | accepted_at_ms (u64 BE), recipients (u32 BE) |
+//! | `keys` | queue key | the device's [`KeyRecord`](super::prekeys::KeyRecord) (protobuf): identity keys, unclaimed one-time keys, fallback key |
 //! | `mesh` | `id` | this store's random 16-byte id (names it as the origin of shipped entries; made anew after an unclean stop across a reboot) |
 //! | `mesh` | `boot` | boot id of the machine the store was last opened on |
 //! | `mesh` | `incarnation` | the gossip incarnation of the last start (u64 BE): the next start takes one above it |
@@ -28,6 +29,7 @@ pub(crate) const CF_QUEUES: &str = "queues";
 pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_DEDUP: &str = "dedup";
 pub(crate) const CF_MESH: &str = "mesh";
+pub(crate) const CF_KEYS: &str = "keys";
 
 /// Key of the store id in `mesh`.
 pub(crate) const STORE_ID_KEY: &[u8] = b"id";

@@ -13,8 +13,10 @@
 //! front are never scanned.
 
 mod accounts;
+mod envelopes;
 mod item;
 mod keys;
+pub mod prekeys;
 mod writer;
 
 use std::path::PathBuf;
@@ -27,10 +29,15 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOpti
 use tokio::sync::{mpsc, oneshot};
 
 pub use accounts::{Account, Device};
+pub use envelopes::SendBody;
 pub(crate) use item::{enqueued_at, split_item, KIND_RECEIPT};
 pub use item::{CorruptItem, StoredItem};
 pub use keys::QueueKey;
-use keys::{BOOT_KEY, CF_ACCOUNTS, CF_DEDUP, CF_MESH, CF_META, CF_QUEUES, CLOSED_KEY, INCARNATION_KEY, STORE_ID_KEY};
+use keys::{
+    BOOT_KEY, CF_ACCOUNTS, CF_DEDUP, CF_KEYS, CF_MESH, CF_META, CF_QUEUES, CLOSED_KEY, INCARNATION_KEY, STORE_ID_KEY,
+};
+pub use prekeys::{Claimed, KeyLimits, KeyRecord};
+pub(crate) use writer::{KeyDone, KeyOp};
 use writer::{WriteCmd, WriterActor};
 
 use crate::clock::Hlc;
@@ -61,6 +68,8 @@ pub struct StoreConfig {
     pub account_cache_entries: u64,
     /// What RocksDB may hold in memory, in MiB: see [`memory_budget`].
     pub memory_mb: u64,
+    /// The key service's one-time key stock per device.
+    pub keys: KeyLimits,
 }
 
 /// RocksDB's memory, split from `memory_mb`: two thirds for the memtables
@@ -109,6 +118,25 @@ pub enum StoreError {
     /// be reached. Nothing was stored.
     #[error("{0}")]
     Unavailable(String),
+    /// The request was refused as invalid (a key publish over the stock's
+    /// maximum, say). Nothing was stored.
+    #[error("{0}")]
+    Invalid(String),
+    /// The device may not do this (unlink another device, not being the
+    /// primary). Nothing was stored.
+    #[error("{0}")]
+    Denied(String),
+    /// A per-device send was made for device lists that are not current:
+    /// how each differs. Nothing was stored.
+    #[error("the device lists changed: {}", describe_mismatches(.0))]
+    DevicesChanged(Vec<tern_protocol::pb::DeviceMismatch>),
+}
+
+fn describe_mismatches(m: &[tern_protocol::pb::DeviceMismatch]) -> String {
+    let one = |m: &tern_protocol::pb::DeviceMismatch| {
+        format!("{:?}: missing {:?}, extra {:?}, stale {:?}", m.handle, m.missing, m.extra, m.stale)
+    };
+    m.iter().map(one).collect::<Vec<_>>().join("; ")
 }
 
 impl From<rocksdb::Error> for StoreError {
@@ -373,6 +401,23 @@ impl Store {
         Ok(out)
     }
 
+    /// Runs a key service request (publish, claim, copy, remove) in the
+    /// writer; durable when it returns.
+    pub(crate) async fn keys(&self, op: KeyOp) -> Result<KeyDone, StoreError> {
+        self.call(|reply| WriteCmd::Keys { op, reply }).await
+    }
+
+    /// The key record of `queue`'s device as last written.
+    pub fn key_record(&self, queue: &QueueKey) -> Result<Option<KeyRecord>, StoreError> {
+        let db = &self.inner.db;
+        match db.get_pinned_cf(cf(db, CF_KEYS)?, queue.as_bytes())? {
+            Some(bytes) => KeyRecord::decode_stored(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("key record of {queue}: {e}"))),
+            None => Ok(None),
+        }
+    }
+
     /// Every queue holding entries, with its bounds.
     pub async fn waiting(&self) -> Result<Vec<(QueueKey, QueueBounds)>, StoreError> {
         self.call(|reply| WriteCmd::Waiting { reply }).await
@@ -414,6 +459,13 @@ impl Store {
         self.call(|reply| WriteCmd::AddDevice { handle, public_key, reply }).await
     }
 
+    /// Unlinks `device` of `handle`, asked by its device `by` (itself or the
+    /// primary); drops its queue and keys. Returns the account after.
+    pub async fn unlink(&self, handle: &str, device: u32, by: u32) -> Result<Account, StoreError> {
+        let handle = handle.to_owned();
+        self.call(|reply| WriteCmd::Unlink { handle, device, by, reply }).await
+    }
+
     /// Queues a message from `sender` for every device of `to` and the
     /// sender's other devices, idempotently by `(sender, message_id)`, with
     /// a delivered receipt for the sender when a device acknowledges it.
@@ -423,7 +475,7 @@ impl Store {
         sender: QueueKey,
         message_id: [u8; 16],
         to: String,
-        body: Bytes,
+        body: impl Into<SendBody>,
     ) -> Result<Enqueued, StoreError> {
         self.submit_enqueue(sender, message_id, to, body, true).await?.await
     }
@@ -442,9 +494,10 @@ impl Store {
         sender: QueueKey,
         message_id: [u8; 16],
         to: String,
-        body: Bytes,
+        body: impl Into<SendBody>,
         receipt: bool,
     ) -> Result<WriteOutcome<Enqueued>, StoreError> {
+        let body = body.into();
         self.submit(|reply| WriteCmd::Enqueue { sender, message_id, to, body, receipt, reply }).await
     }
 
@@ -747,6 +800,7 @@ fn open_db(config: &StoreConfig) -> Result<DB, StoreError> {
         ColumnFamilyDescriptor::new(CF_META, plain()),
         ColumnFamilyDescriptor::new(CF_DEDUP, dedup),
         ColumnFamilyDescriptor::new(CF_MESH, plain()),
+        ColumnFamilyDescriptor::new(CF_KEYS, plain()),
     ];
     Ok(DB::open_cf_descriptors(&opts, &config.path, cfs)?)
 }
@@ -769,6 +823,7 @@ mod tests {
             max_batch: 8,
             max_devices: 2,
             account_cache_entries: 10,
+            keys: Default::default(),
             memory_mb: 16,
         }
     }

@@ -56,16 +56,19 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys::{
     account_log_key, decode_handed, encode_handed, handed_key, shipped_key, ACCOUNT_LOG_PREFIX, CF_ACCOUNTS, CF_DEDUP,
-    CF_MESH, CF_META, CF_QUEUES,
+    CF_KEYS, CF_MESH, CF_META, CF_QUEUES,
 };
 use super::{
-    cf, now_ms, Account, Device, Enqueued, Expired, QueueBounds, QueueKey, QueueListener, ShipHeader, ShipOutcome,
-    StoreConfig, StoreError, StoredItem,
+    cf, envelopes, now_ms, Account, Device, Enqueued, Expired, QueueBounds, QueueKey, QueueListener, SendBody,
+    ShipHeader, ShipOutcome, StoreConfig, StoreError, StoredItem,
 };
 use tern_protocol::shipping::{admit, Admit};
 
 mod batch;
 mod fence;
+mod prekeys;
+
+pub(crate) use prekeys::{KeyDone, KeyOp};
 
 use batch::Batch;
 
@@ -86,11 +89,19 @@ pub(super) enum WriteCmd {
         public_key: [u8; 32],
         reply: Reply<u32>,
     },
+    /// Unlinks `device` of `handle` at the request of device `by` (itself,
+    /// or the primary): its queue and keys are dropped with it.
+    Unlink {
+        handle: String,
+        device: u32,
+        by: u32,
+        reply: Reply<Account>,
+    },
     Enqueue {
         sender: QueueKey,
         message_id: [u8; 16],
         to: String,
-        body: Bytes,
+        body: SendBody,
         /// A delivered receipt is queued for the sender when a device
         /// acknowledges it (`Send.no_receipt` unset).
         receipt: bool,
@@ -156,6 +167,11 @@ pub(super) enum WriteCmd {
         queue: QueueKey,
         reply: Reply<QueueBounds>,
     },
+    /// The key service: publish, claim, copy or drop device keys.
+    Keys {
+        op: KeyOp,
+        reply: Reply<KeyDone>,
+    },
     Stop,
 }
 
@@ -169,6 +185,7 @@ enum Pending {
     Seq(Reply<u64>, Result<u64, StoreError>),
     Ship(Reply<ShipOutcome>, Result<ShipOutcome, StoreError>),
     Waiting(Reply<Vec<(QueueKey, QueueBounds)>>, Result<Vec<(QueueKey, QueueBounds)>, StoreError>),
+    Keys(Reply<KeyDone>, Box<Result<KeyDone, StoreError>>),
 }
 
 impl Pending {
@@ -191,6 +208,7 @@ impl Pending {
             Self::Seq(r, v) => answer!(r, v),
             Self::Ship(r, v) => answer!(r, v),
             Self::Waiting(r, v) => answer!(r, v),
+            Self::Keys(r, v) => answer!(r, *v),
         }
     }
 }
@@ -222,8 +240,10 @@ impl WriteCmd {
         match self {
             Self::Register { .. }
             | Self::AddDevice { .. }
+            | Self::Unlink { .. }
             | Self::Enqueue { .. }
             | Self::PutAccount { .. }
+            | Self::Keys { .. }
             | Self::Reorder { .. } => SyncNeed::Now,
             Self::ApplyShip { .. } => SyncNeed::Soon,
             Self::Ack { .. }
@@ -611,6 +631,11 @@ impl WriterActor {
                 batch.finish(mark, &result);
                 batch.replies.push(Pending::Device(reply, result));
             }
+            WriteCmd::Unlink { handle, device, by, reply } => {
+                let result = self.unlink(batch, &handle, device, by);
+                batch.finish(mark, &result);
+                batch.replies.push(Pending::Account(reply, result));
+            }
             WriteCmd::Enqueue { sender, message_id, to, body, receipt, reply } => {
                 let result = self.enqueue(batch, &sender, message_id, &to, body, receipt);
                 batch.finish(mark, &result);
@@ -683,6 +708,11 @@ impl WriterActor {
                     .map(|(q, b)| (q.clone(), *b))
                     .collect();
                 batch.replies.push(Pending::Waiting(reply, Ok(list)));
+            }
+            WriteCmd::Keys { op, reply } => {
+                let result = self.apply_keys(batch, op);
+                batch.finish(mark, &result);
+                batch.replies.push(Pending::Keys(reply, Box::new(result)));
             }
             WriteCmd::Stop => return true,
         }
@@ -771,10 +801,37 @@ impl WriterActor {
         }
         let id = account.next_device_id;
         account.next_device_id += 1;
-        account.devices.push(Device { id, public_key, added_at_ms: now_ms() });
+        account.devices.push(Device::new(id, public_key, now_ms()));
         self.put_account(batch, account)?;
         self.create_queue(batch, QueueKey::new(handle, id))?;
         Ok(id)
+    }
+
+    fn unlink(&mut self, batch: &mut Batch, handle: &str, device: u32, by: u32) -> Result<Account, StoreError> {
+        let current = self.account(batch, handle)?.ok_or_else(|| StoreError::UnknownUser(handle.to_owned()))?;
+        if current.device(device).is_none() {
+            return Err(StoreError::UnknownDevice(format!("{handle:?} has no device {device}")));
+        }
+        if by != device && Some(by) != current.primary() {
+            let primary = current.primary().unwrap_or(0);
+            return Err(StoreError::Denied(format!(
+                "only the primary device ({primary}) may unlink another device; a device may unlink itself"
+            )));
+        }
+        let mut account = Account::clone(&current);
+        account.unlink(device);
+        self.drop_device(batch, &QueueKey::new(handle, device))?;
+        self.put_account(batch, account.clone())?;
+        Ok(account)
+    }
+
+    /// Drops what an unlinked device had: its queue's entries and its keys.
+    fn drop_device(&mut self, batch: &mut Batch, queue: &QueueKey) -> Result<(), StoreError> {
+        let tail = self.bounds_of(batch, queue)?.tail;
+        self.delete_up_to(batch, queue, tail, false)?;
+        batch.delete(CF_KEYS, queue.as_bytes().to_vec());
+        batch.set_keys(queue.clone(), None);
+        Ok(())
     }
 
     fn bounds_of(&self, batch: &Batch, queue: &QueueKey) -> Result<QueueBounds, StoreError> {
@@ -819,7 +876,7 @@ impl WriterActor {
         sender: &QueueKey,
         message_id: [u8; 16],
         to: &str,
-        body: Bytes,
+        body: SendBody,
         receipt: bool,
     ) -> Result<Enqueued, StoreError> {
         let dedup_key = sender.dedup(&message_id);
@@ -837,29 +894,59 @@ impl WriterActor {
         if self.disk_low.load(Ordering::Relaxed) {
             return Err(StoreError::Full("free disk space is below the configured minimum".into()));
         }
-        let targets = self.targets(batch, sender, to)?;
+        let mut targets = self.targets(batch, sender, to)?;
+        let mut per_device = match &body {
+            SendBody::Same(_) => None,
+            SendBody::ToDevice { device, .. } => {
+                let queue = QueueKey::new(to, *device);
+                if !targets.contains(&queue) || to == sender.handle() && *device == sender.device() {
+                    return Err(StoreError::UnknownDevice(format!("{to:?} has no device {device} to send to")));
+                }
+                targets = vec![queue];
+                None
+            }
+            SendBody::PerDevice { envelopes, to_version, own_version } => {
+                let recipient = self.account(batch, to)?.ok_or_else(|| StoreError::UnknownUser(to.to_owned()))?;
+                let own = self.account(batch, sender.handle())?;
+                let bodies =
+                    envelopes::bodies(sender, &recipient, own.as_deref(), envelopes, *to_version, *own_version)?;
+                Some(bodies)
+            }
+        };
         // Check every queue before writing any: all or nothing.
         for q in &targets {
             if self.bounds_of(batch, q)?.depth() >= self.config.max_queue_len {
                 return Err(StoreError::QueueFull(q.to_string(), self.config.max_queue_len));
             }
         }
-        let item = StoredItem {
-            enqueued_at_ms: now,
-            stamp: self.clock.next(),
-            item: pb::deliver::Item::Message(pb::Message {
-                message_id: Bytes::copy_from_slice(&message_id),
-                from: sender.handle().to_owned(),
-                from_device: sender.device(),
-                to: to.to_owned(),
-                sent_at_ms: now,
-                body,
-                no_receipt: !receipt,
-            }),
-        }
-        .encode();
+        let stamp = self.clock.next();
+        let message = |body: Bytes| {
+            StoredItem {
+                enqueued_at_ms: now,
+                stamp,
+                item: pb::deliver::Item::Message(pb::Message {
+                    message_id: Bytes::copy_from_slice(&message_id),
+                    from: sender.handle().to_owned(),
+                    from_device: sender.device(),
+                    to: to.to_owned(),
+                    sent_at_ms: now,
+                    body,
+                    no_receipt: !receipt,
+                }),
+            }
+            .encode()
+        };
+        let same = match body {
+            SendBody::Same(body) | SendBody::ToDevice { body, .. } => Some(message(body)),
+            SendBody::PerDevice { .. } => None,
+        };
         for q in &targets {
-            self.push(batch, q, item.clone())?;
+            let item = match (&same, &mut per_device) {
+                (Some(item), _) => item.clone(),
+                (None, Some(bodies)) => message(bodies.remove(q).unwrap_or_default()),
+                (None, None) => Bytes::new(),
+            };
+            self.push(batch, q, item)?;
         }
         let recipients = targets.len() as u32;
         batch.put(CF_DEDUP, dedup_key.clone(), dedup_value(now, recipients));
@@ -1109,6 +1196,13 @@ impl WriterActor {
         for d in merged.devices.iter().filter(|d| !had(d.id)) {
             self.create_queue(batch, QueueKey::new(&merged.handle, d.id))?;
         }
+        let unlinked: Vec<u32> = current
+            .as_ref()
+            .map(|c| c.devices.iter().map(|d| d.id).filter(|id| merged.device(*id).is_none()).collect())
+            .unwrap_or_default();
+        for id in unlinked.into_iter().filter(|id| merged.removed.contains(id)) {
+            self.drop_device(batch, &QueueKey::new(&merged.handle, id))?;
+        }
         self.put_account(batch, merged.clone())?;
         Ok(merged)
     }
@@ -1211,6 +1305,7 @@ mod tests {
             max_devices: 4,
             account_cache_entries: 10,
             memory_mb: 8,
+            keys: Default::default(),
         };
         let db = Arc::new(super::super::open_db(&config).unwrap());
         let (_tx, rx) = mpsc::channel(1);
@@ -1241,7 +1336,7 @@ mod tests {
             sender,
             message_id: [id; 16],
             to: to.into(),
-            body,
+            body: body.into(),
             receipt: true,
             reply,
         });
@@ -1375,7 +1470,7 @@ mod tests {
             let mut batch = Batch::default();
             let receipt = true;
             actor.apply(
-                WriteCmd::Enqueue { sender, message_id: [id; 16], to: "bob".into(), body, receipt, reply },
+                WriteCmd::Enqueue { sender, message_id: [id; 16], to: "bob".into(), body: body.into(), receipt, reply },
                 &mut batch,
             );
             actor.commit(batch);

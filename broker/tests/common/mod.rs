@@ -226,6 +226,7 @@ impl Raw {
                 to: to.into(),
                 body: Bytes::copy_from_slice(body),
                 no_receipt,
+                ..Default::default()
             }))
             .await;
         self.answer(id).await

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rocksdb::{WriteBatch, DB};
 
+use super::super::prekeys::KeyRecord;
 use super::super::{cf, Account, QueueBounds, QueueKey, StoreError};
 use super::{Pending, SyncNeed};
 
@@ -39,6 +40,7 @@ enum Undo {
     Account(String, Option<Arc<Account>>),
     Dedup(Vec<u8>, Option<(u64, u32)>),
     Shipped(Vec<u8>, Option<u64>),
+    Keys(QueueKey, Option<Option<Arc<KeyRecord>>>),
 }
 
 /// Where a batch stood before a request.
@@ -59,6 +61,8 @@ pub(super) struct Batch {
     pub(super) dedup: HashMap<Vec<u8>, (u64, u32)>,
     /// Highest origin seq accounted for per shipped-from queue, in this batch.
     pub(super) shipped: HashMap<Vec<u8>, u64>,
+    /// Device key records written in this batch (`None`: removed).
+    pub(super) keys: HashMap<QueueKey, Option<Arc<KeyRecord>>>,
     pub(super) replies: Vec<Pending>,
     pub(super) queued: Vec<(QueueKey, u64, Bytes)>,
     pub(super) requests: usize,
@@ -105,6 +109,11 @@ impl Batch {
         self.undo.push(Undo::Shipped(key, old));
     }
 
+    pub(super) fn set_keys(&mut self, queue: QueueKey, record: Option<Arc<KeyRecord>>) {
+        let old = self.keys.insert(queue.clone(), record);
+        self.undo.push(Undo::Keys(queue, old));
+    }
+
     /// Where the batch stands now: what a request that fails goes back to.
     pub(super) fn mark(&self) -> Mark {
         Mark { ops: self.ops.len(), undo: self.undo.len(), queued: self.queued.len() }
@@ -125,6 +134,7 @@ impl Batch {
                 Some(Undo::Account(k, old)) => restore(&mut self.accounts, k, old),
                 Some(Undo::Dedup(k, old)) => restore(&mut self.dedup, k, old),
                 Some(Undo::Shipped(k, old)) => restore(&mut self.shipped, k, old),
+                Some(Undo::Keys(k, old)) => restore(&mut self.keys, k, old),
                 None => break,
             }
         }
