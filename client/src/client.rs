@@ -414,6 +414,15 @@ impl Client {
         }
     }
 
+    /// Unlinks device `device` of this user (this device itself, or any
+    /// other when this is the primary device); returns the list after.
+    pub async fn unlink(&self, device: u32) -> Result<pb::DeviceList, SendError> {
+        match self.call(C::UnlinkDevice(pb::UnlinkDevice { device_id: device })).await? {
+            S::DeviceList(list) => Ok(list),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     /// A round trip to the broker; returns how long it took.
     pub async fn ping(&self) -> Result<Duration, SendError> {
         let started = tokio::time::Instant::now();

@@ -33,6 +33,7 @@ mod dedup;
 pub mod e2e;
 mod error;
 mod identity;
+pub mod secure;
 mod tls;
 
 pub use backoff::Backoff;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use tern_client::{Client, ClientConfig, Incoming, SendOptions};
+use tern_client::secure::{Persistence, Secure, SecureIncoming};
+use tern_client::{Client, ClientConfig, Incoming};
 
 use profile::Profile;
 
@@ -51,7 +52,9 @@ enum Command {
         #[arg(long, env = "TERN_REGISTRATION_TOKEN")]
         token: Option<String>,
     },
-    /// Send a text message; exits 0 once the broker has it on disk, printing its id.
+    /// Send a text message, encrypted end to end for every device of USER
+    /// and your other devices; exits 0 once the broker has it on disk,
+    /// printing its id.
     Send {
         /// Recipient handle.
         user: String,
@@ -66,7 +69,8 @@ enum Command {
         #[arg(long)]
         no_receipt: bool,
     },
-    /// Receive messages, printing one line each, and acknowledge them.
+    /// Receive messages, decrypt them, print one line each, and
+    /// acknowledge them.
     Recv {
         /// Exit 0 once this many lines were printed: messages, and with
         /// --receipts delivery receipts too (default: run until --timeout or Ctrl-C).
@@ -78,14 +82,20 @@ enum Command {
         #[arg(long, value_name = "SECS|inf", value_parser = parse_timeout)]
         timeout: Option<Duration>,
         /// One JSON object per line: id, from, from_device, to, seq, sent_at_ms,
-        /// text; receipts (with --receipts) have receipt, handle, device, seq,
-        /// delivered_at_ms.
+        /// text; receipts (with --receipts) have receipt, state
+        /// ("delivered" or "read"), handle, device, seq, and delivered_at_ms
+        /// or read_at_ms; a message that could not be decrypted has id,
+        /// from, from_device, seq and error.
         #[arg(long)]
         json: bool,
-        /// Also print delivery receipts for messages this device sent (they
-        /// count towards --count).
+        /// Also print delivered and read receipts for messages this user
+        /// sent (they count towards --count).
         #[arg(long)]
         receipts: bool,
+        /// Tell each sender (end to end) that its messages were read, once
+        /// printed.
+        #[arg(long)]
+        mark_read: bool,
     },
     /// List a user's devices (default: your own), with the time each was
     /// added (RFC 3339, UTC).
@@ -115,6 +125,13 @@ enum Command {
         user: String,
         /// Token printed by `tern approve` on an existing device.
         token: String,
+    },
+    /// Unlink one of your devices: at once its connection is closed, its
+    /// queue and keys dropped, and it can never log in again. A device may
+    /// unlink itself; the primary (lowest-numbered) device any other.
+    Unlink {
+        /// The device number (see `tern devices`).
+        device: u32,
     },
 }
 
@@ -191,17 +208,21 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot register {user}"))?;
             profile.save(&identity)?;
-            client.close().await;
+            // Publish this device's end-to-end keys, so others can write to it.
+            let secure = Secure::open(client, profile.dir(), Persistence::Shared).await?;
+            secure.close().await;
             println!("registered {} (device {})", identity.handle, identity.device_id);
         }
         Command::Send { user, text, json, no_receipt } => {
-            let client = connect(&args, &profile).await?;
-            let options = SendOptions { receipt: !*no_receipt };
-            let receipt = client
-                .send_with(user, text.clone().into_bytes(), options)
-                .await
-                .with_context(|| format!("send to {user}"))?;
-            client.close().await;
+            let secure = connect_secure(&args, &profile).await?;
+            let payload = tern_protocol::pb::E2ePayload {
+                kind: Some(tern_protocol::pb::e2e_payload::Kind::Text(text.clone())),
+                replaces: Default::default(),
+            };
+            let options = tern_client::SendOptions { receipt: !*no_receipt };
+            let sent = secure.send_payload(user, &payload, random_id(), options).await;
+            secure.close().await;
+            let receipt = sent.with_context(|| format!("send to {user}"))?;
             if *json {
                 let out = serde_json::json!({
                     "id": receipt.message_id.to_string(),
@@ -215,9 +236,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("{}", receipt.message_id);
             }
         }
-        Command::Recv { count, timeout, json, receipts } => {
+        Command::Recv { count, timeout, json, receipts, mark_read } => {
+            let secure = connect_secure(&args, &profile).await?;
+            let how = Printing { json: *json, receipts: *receipts, mark_read: *mark_read };
+            return recv(&secure, *count, *timeout, how).await;
+        }
+        Command::Unlink { device } => {
             let client = connect(&args, &profile).await?;
-            return recv(&client, *count, *timeout, *json, *receipts).await;
+            let list = client.unlink(*device).await.with_context(|| format!("unlink device {device}"))?;
+            client.close().await;
+            let left: Vec<String> = list.devices.iter().map(|d| d.device_id.to_string()).collect();
+            println!("unlinked {}/{device}; devices now: {}", list.handle, left.join(", "));
         }
         Command::Devices { user, json } => {
             let client = connect(&args, &profile).await?;
@@ -229,6 +258,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if *json {
                     let line = serde_json::json!({
                         "handle": handle, "device_id": d.device_id, "public_key": key, "added_at_ms": d.added_at_ms,
+                        "identity_key": hex::encode(&d.identity_key), "list_version": list.version,
                     });
                     println!("{line}");
                 } else {
@@ -266,7 +296,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot link this device to {user}"))?;
             profile.save(&identity)?;
-            client.close().await;
+            let secure = Secure::open(client, profile.dir(), Persistence::Shared).await?;
+            secure.close().await;
             println!("linked as {} (device {})", identity.handle, identity.device_id);
         }
     }
@@ -278,12 +309,28 @@ async fn connect(args: &Args, profile: &Profile) -> anyhow::Result<Client> {
     Client::connect(config(args)?, identity).await.context("cannot log in")
 }
 
-async fn recv(
-    client: &Client,
-    count: Option<u64>,
-    timeout: Option<Duration>,
+async fn connect_secure(args: &Args, profile: &Profile) -> anyhow::Result<Secure> {
+    let client = connect(args, profile).await?;
+    Secure::open(client, profile.dir(), Persistence::Shared).await.context("cannot open the end-to-end state")
+}
+
+fn random_id() -> tern_client::MessageId {
+    tern_client::MessageId(rand::random())
+}
+
+/// What `tern recv` prints.
+#[derive(Debug, Clone, Copy)]
+struct Printing {
     json: bool,
     receipts: bool,
+    mark_read: bool,
+}
+
+async fn recv(
+    secure: &Secure,
+    count: Option<u64>,
+    timeout: Option<Duration>,
+    how: Printing,
 ) -> anyhow::Result<ExitCode> {
     // No deadline for `inf` (or anything too far off to represent).
     let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
@@ -292,8 +339,8 @@ async fn recv(
     while count.is_none_or(|n| got < n) {
         let next = async {
             match deadline {
-                Some(d) => tokio::time::timeout_at(d, client.recv()).await.ok(),
-                None => Some(client.recv().await),
+                Some(d) => tokio::time::timeout_at(d, secure.recv()).await.ok(),
+                None => Some(secure.recv().await),
             }
         };
         let item = tokio::select! {
@@ -301,9 +348,9 @@ async fn recv(
             _ = tokio::signal::ctrl_c() => break,
         };
         let Some(item) = item else {
-            client.close().await;
+            secure.close().await;
             if let Some(n) = count {
-                let what = if receipts { "messages and receipts" } else { "messages" };
+                let what = if how.receipts { "messages and receipts" } else { "messages" };
                 let secs = timeout.unwrap_or_default().as_secs_f64();
                 eprintln!("tern: timed out after {secs:.1} s with {got} of {n} {what}");
                 return Ok(ExitCode::from(3));
@@ -311,43 +358,73 @@ async fn recv(
             return Ok(ExitCode::SUCCESS);
         };
         let Some(item) = item else { bail!("the client stopped (login refused or replaced by another connection)") };
-        match &item {
-            Incoming::Message { seq, id, from, from_device, to, sent_at_ms, body } => {
-                let text = String::from_utf8_lossy(body);
-                if json {
-                    let line = serde_json::json!({
-                        "id": id.to_string(), "from": from, "from_device": from_device, "to": to,
-                        "seq": seq, "sent_at_ms": sent_at_ms, "text": text,
-                    });
-                    writeln!(stdout, "{line}")?;
-                } else {
-                    writeln!(stdout, "{from}: {text}")?;
-                }
-                got += 1;
-            }
-            Incoming::Receipt { message_id, handle, device, delivered_at_ms, seq, failed } => {
-                if receipts {
-                    if json {
-                        let line = serde_json::json!({
-                            "receipt": message_id.to_string(), "handle": handle, "device": device,
-                            "seq": seq, "delivered_at_ms": delivered_at_ms,
-                            "error": failed.map(|code| code.as_str_name()),
-                        });
-                        writeln!(stdout, "{line}")?;
-                    } else if let Some(code) = failed {
-                        writeln!(stdout, "not delivered {message_id} to {handle}/{device}: {}", code.as_str_name())?;
-                    } else {
-                        writeln!(stdout, "delivered {message_id} to {handle}/{device}")?;
-                    }
-                    got += 1;
-                }
+        if let Some(line) = render(&item, how) {
+            writeln!(stdout, "{line}")?;
+            stdout.flush()?;
+            got += 1;
+        }
+        if let (true, SecureIncoming::Message { from, id, .. }) = (how.mark_read, &item) {
+            if let Err(e) = secure.send_read(from, &[*id]).await {
+                eprintln!("tern: cannot tell {from} that {id} was read: {e}");
             }
         }
-        stdout.flush()?;
-        client.ack(item.seq()).await;
+        secure.ack(item.seq()).await;
     }
-    client.close().await;
+    secure.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The line `tern recv` prints for an item, if any.
+fn render(item: &SecureIncoming, how: Printing) -> Option<String> {
+    let json = how.json;
+    match item {
+        SecureIncoming::Message { seq, id, from, from_device, to, sent_at_ms, text } => Some(if json {
+            serde_json::json!({
+                "id": id.to_string(), "from": from, "from_device": from_device, "to": to,
+                "seq": seq, "sent_at_ms": sent_at_ms, "text": text,
+            })
+            .to_string()
+        } else {
+            format!("{from}: {text}")
+        }),
+        SecureIncoming::Failed { seq, id, from, from_device, error } => Some(if json {
+            serde_json::json!({
+                "id": id.to_string(), "from": from, "from_device": from_device, "seq": seq, "error": error,
+            })
+            .to_string()
+        } else {
+            format!("{from}/{from_device}: message {id} could not be decrypted ({error}); asked to send it again")
+        }),
+        SecureIncoming::Read { seq, from, from_device, message_ids, read_at_ms } if how.receipts => {
+            let ids: Vec<String> = message_ids.iter().map(ToString::to_string).collect();
+            Some(if json {
+                serde_json::json!({
+                    "receipt": ids.first(), "receipts": ids, "state": "read", "handle": from,
+                    "device": from_device, "seq": seq, "read_at_ms": read_at_ms,
+                })
+                .to_string()
+            } else {
+                format!("read {} by {from}/{from_device}", ids.join(", "))
+            })
+        }
+        SecureIncoming::Receipt(Incoming::Receipt { message_id, handle, device, delivered_at_ms, seq, failed })
+            if how.receipts =>
+        {
+            Some(if json {
+                serde_json::json!({
+                    "receipt": message_id.to_string(), "state": "delivered", "handle": handle, "device": device,
+                    "seq": seq, "delivered_at_ms": delivered_at_ms,
+                    "error": failed.map(|code| code.as_str_name()),
+                })
+                .to_string()
+            } else if let Some(code) = failed {
+                format!("not delivered {message_id} to {handle}/{device}: {}", code.as_str_name())
+            } else {
+                format!("delivered {message_id} to {handle}/{device}")
+            })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

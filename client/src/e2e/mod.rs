@@ -33,7 +33,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
 use vodozemac::olm::{Account, Session};
@@ -44,6 +44,9 @@ pub use recovery::recovery_request;
 
 use recovery::SentLog;
 use store::StateFiles;
+
+/// Messages remembered as decrypted (by sender device and id), newest last.
+const MAX_RECEIVED: usize = 4096;
 
 /// Most sessions kept per peer device, newest first.
 const MAX_SESSIONS_PER_PEER: usize = 5;
@@ -69,6 +72,10 @@ pub struct E2e {
     identity_published: bool,
     peers: BTreeMap<PeerId, Peer>,
     sent: SentLog,
+    /// Messages decrypted, as (sender, device, message id hex): one that
+    /// comes again (its ack was lost in a crash) cannot be decrypted again
+    /// (its message key is used up) and is recognised here.
+    received: VecDeque<(String, u32, String)>,
 }
 
 impl std::fmt::Debug for E2e {
@@ -107,7 +114,14 @@ impl E2e {
         // "nothing seen yet" and ignore it, so key 0 is made and never used.
         account.generate_one_time_keys(1);
         account.mark_keys_as_published();
-        Self { files, account, identity_published: false, peers: BTreeMap::new(), sent: SentLog::default() }
+        Self {
+            files,
+            account,
+            identity_published: false,
+            peers: BTreeMap::new(),
+            sent: SentLog::default(),
+            received: VecDeque::new(),
+        }
     }
 
     /// Writes the whole state to `e2e.state`, atomically.
@@ -124,6 +138,22 @@ impl E2e {
     /// This account's Ed25519 key (signs its one-time keys).
     pub fn ed25519_key(&self) -> [u8; 32] {
         *self.account.ed25519_key().as_bytes()
+    }
+
+    /// Records that message `id` from `handle`/`device` was decrypted (and
+    /// handed to the application): save before acknowledging it.
+    pub fn record_received(&mut self, handle: &str, device: u32, id: &[u8; 16]) {
+        if self.received.len() >= MAX_RECEIVED {
+            self.received.pop_front();
+        }
+        self.received.push_back((handle.to_owned(), device, hex::encode(id)));
+    }
+
+    /// True when message `id` from `handle`/`device` was decrypted before
+    /// (among the last 4,096): a redelivery, to drop.
+    pub fn was_received(&self, handle: &str, device: u32, id: &[u8; 16]) -> bool {
+        let id = hex::encode(id);
+        self.received.iter().rev().any(|(h, d, i)| h == handle && *d == device && *i == id)
     }
 
     /// The identity keys last verified for a peer device, if any.

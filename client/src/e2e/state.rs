@@ -23,6 +23,8 @@ pub(super) struct Saved {
     identity_published: bool,
     peers: Vec<SavedPeer>,
     sent: SentLog,
+    #[serde(default)]
+    received: std::collections::VecDeque<(String, u32, String)>,
 }
 
 /// One peer device.
@@ -54,6 +56,7 @@ impl Saved {
             identity_published: e2e.identity_published,
             peers,
             sent: e2e.sent.clone(),
+            received: e2e.received.clone(),
         }
     }
 
@@ -87,6 +90,7 @@ impl Saved {
             identity_published: self.identity_published,
             peers,
             sent: self.sent,
+            received: self.received,
         }
     }
 }
