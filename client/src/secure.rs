@@ -405,6 +405,7 @@ impl Secure {
                 read_at_ms: read.read_at_ms,
             },
             Some(P::Recovery(r)) => {
+                tracing::debug!(%from, from_device, "asked to send a message again");
                 self.send_again(&from, from_device, &r.message_id).await;
                 SecureIncoming::Handled { seq }
             }
@@ -473,6 +474,7 @@ impl Secure {
         });
         match sealed {
             Ok(Some(body)) => {
+                tracing::debug!(%to, device, %new_id, "sending a message again");
                 if let Err(e) = self.send_to_device(to, device, new_id, body).await {
                     tracing::warn!(%to, device, error = %e, "cannot send a message again");
                 }
