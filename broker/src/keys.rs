@@ -133,7 +133,7 @@ impl KeyService<'_> {
             return;
         }
         let bytes = bytes.freeze();
-        if self.router.notify(queue, bytes.clone()) {
+        if self.router.notify(queue, crate::router::Notice::Frame(bytes.clone())) {
             return;
         }
         if let Some(mesh) = self.mesh {

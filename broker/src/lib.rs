@@ -20,6 +20,7 @@ mod clock;
 pub mod config;
 mod keys;
 pub mod mesh;
+mod presence;
 mod ratelimit;
 pub mod router;
 mod session;
@@ -82,6 +83,8 @@ pub(crate) struct Context {
     pub(crate) lookups: Arc<session::AccountLookups>,
     /// Set when the broker is a mesh member (`--cluster`).
     pub(crate) mesh: Option<mesh::Mesh>,
+    /// Who is online, who watches whom (ephemeral).
+    pub(crate) presence: presence::Presence,
 }
 
 /// A running broker.
@@ -146,6 +149,7 @@ impl Broker {
         let cancel = CancellationToken::new();
         let mesh_cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let presence = presence::Presence::default();
         let mesh = match &cluster {
             Some(identity) => {
                 let advertise = config.cluster.advertise.unwrap_or(local_addr);
@@ -164,6 +168,7 @@ impl Broker {
                     tasks: tasks.clone(),
                     store: store.clone(),
                     router: router.clone(),
+                    presence: presence.clone(),
                     cache_entries: config.cluster.location_cache_entries,
                     cache_ttl: Duration::from_secs(config.cluster.location_cache_ttl_secs),
                     directory_entries: config.cluster.directory_entries,
@@ -186,6 +191,7 @@ impl Broker {
                 config.rate.max_keys,
             )),
             mesh,
+            presence,
         };
         let admin = match config.admin {
             Some(addr) => Some(

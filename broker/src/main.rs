@@ -556,8 +556,8 @@ mod tests {
             "--rate-sends-per-device=8,9",
             "--rate-lookups-per-device=10,11ms",
             "--rate-key-claims=24,25s",
-            "--max-one-time-keys=26",
-            "--key-low-water=27",
+            "--max-one-time-keys=27",
+            "--key-low-water=26",
             "--location-cache-entries=18",
             "--location-cache-ttl-secs=19",
             "--drain-secs=20",
@@ -583,7 +583,7 @@ mod tests {
         assert_eq!(r.login_failures_per_handle, rate(7, 3 * 3_600_000));
         assert_eq!((r.sends_per_device, r.lookups_per_device), (rate(8, 9), rate(10, 11)));
         assert_eq!(r.key_claims_per_device_and_target, rate(24, 25_000));
-        assert_eq!((c.keys.max_one_time_keys, c.keys.low_water), (26, 27));
+        assert_eq!((c.keys.max_one_time_keys, c.keys.low_water), (27, 26));
     }
 
     #[test]

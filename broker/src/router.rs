@@ -33,7 +33,16 @@ const PUSHED_MAX: usize = 65_536;
 pub(crate) type Pushed = (u64, Bytes);
 
 /// Notices a session may hold before more are dropped.
-const NOTICES: usize = 16;
+const NOTICES: usize = 64;
+
+/// What a session is handed to pass on as it is.
+#[derive(Debug, Clone)]
+pub(crate) enum Notice {
+    /// An encoded server frame, written to the session stream.
+    Frame(Bytes),
+    /// An encoded `Datagram`, sent as a QUIC datagram.
+    Datagram(Bytes),
+}
 
 /// Cheap, cloneable handle to the local routing table.
 #[derive(Clone, Debug, Default)]
@@ -68,8 +77,8 @@ struct Slot {
     key: [u8; 32],
     lost: CancellationToken,
     unlinked: CancellationToken,
-    /// Encoded server frames for the session to write as they are.
-    notices: mpsc::Sender<Bytes>,
+    /// Frames and datagrams for the session to send as they are.
+    notices: mpsc::Sender<Notice>,
 }
 
 /// Set when an entry could not be handed over; the session then reads the store.
@@ -93,7 +102,7 @@ pub struct Attachment {
     /// Highest seq pushed to this device before this session.
     pub(crate) previously_pushed: u64,
     /// Notices for the session (see [`Router::notify`]); taken by it.
-    pub(crate) notices: Option<mpsc::Receiver<Bytes>>,
+    pub(crate) notices: Option<mpsc::Receiver<Notice>>,
     router: Router,
     queue: QueueKey,
     id: u64,
@@ -209,12 +218,12 @@ impl Router {
         }
     }
 
-    /// Hands `frame` (an encoded server frame) to `queue`'s session here.
-    /// False when the device has none (or its notices are full: a notice
-    /// is ephemeral and the device learns the same again later).
-    pub(crate) fn notify(&self, queue: &QueueKey, frame: Bytes) -> bool {
+    /// Hands `notice` to `queue`'s session here. False when the device has
+    /// none (or its notices are full: a notice is ephemeral, and the device
+    /// learns the same again later).
+    pub(crate) fn notify(&self, queue: &QueueKey, notice: Notice) -> bool {
         let Ok(sessions) = self.inner.sessions.lock() else { return false };
-        sessions.get(queue).is_some_and(|slot| slot.notices.try_send(frame).is_ok())
+        sessions.get(queue).is_some_and(|slot| slot.notices.try_send(notice).is_ok())
     }
 
     /// Devices with a session on this broker.

@@ -113,9 +113,10 @@ const CLIENT_BIDI_STREAMS: u32 = 1;
 /// dialer's `peer_transport` allows the other way.
 const PEER_BIDI_STREAMS: u32 = 4;
 /// Bytes of QUIC datagrams kept per connection until read. Clients send
-/// none the broker reads yet; peer links read their gossip datagrams
-/// (at most about 1,200 bytes each) as they come, so this holds dozens.
-/// (quinn's default, 1.25 MB, would let every connection pin that much.)
+/// typing notices (tens of bytes, read by the session as they come); peer
+/// links read their gossip datagrams (at most about 1,200 bytes each) as
+/// they come, so this holds dozens. (quinn's default, 1.25 MB, would let
+/// every connection pin that much.)
 const DATAGRAM_RECEIVE_BUFFER: usize = 64 << 10;
 
 /// Transport parameters tuned for many mostly idle chat connections.

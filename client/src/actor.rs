@@ -38,9 +38,17 @@ pub(crate) type SendReply = oneshot::Sender<Result<SendReceipt, SendError>>;
 
 /// A request from a [`Client`](crate::Client) handle to the actor.
 pub(crate) enum Cmd {
-    Send { id: MessageId, to: String, body: Outgoing, options: SendOptions, reply: SendReply },
+    Send {
+        id: MessageId,
+        to: String,
+        body: Outgoing,
+        options: SendOptions,
+        reply: SendReply,
+    },
     Ack(u64),
     Call(C, oneshot::Sender<Result<S, SendError>>),
+    /// An encoded `Datagram` to send (ephemeral: dropped when offline).
+    Datagram(Bytes),
     Close(oneshot::Sender<()>),
 }
 
@@ -50,6 +58,7 @@ impl std::fmt::Debug for Cmd {
             Self::Send { id, to, body, .. } => write!(f, "Send({id} to {to}, {} bytes)", body.len()),
             Self::Ack(seq) => write!(f, "Ack({seq})"),
             Self::Call(kind, _) => write!(f, "Call({kind:?})"),
+            Self::Datagram(d) => write!(f, "Datagram({} bytes)", d.len()),
             Self::Close(_) => f.write_str("Close"),
         }
     }
@@ -95,6 +104,10 @@ pub(crate) struct Actor {
     /// This device's keys on record at the broker, as last told (at login,
     /// by a `KeyStock` push, in a `KeysPublished` answer).
     key_stock: watch::Sender<pb::KeyStock>,
+    /// Datagrams from the broker (typing, presence), for the application.
+    ephemeral: mpsc::Sender<pb::Datagram>,
+    /// Their receiving end, until the client takes it.
+    ephemeral_rx: Option<mpsc::Receiver<pb::Datagram>>,
 }
 
 enum Step {
@@ -104,6 +117,11 @@ enum Step {
 }
 
 impl Actor {
+    /// The datagrams from the broker (taken once).
+    pub(crate) fn take_ephemeral(&mut self) -> Option<mpsc::Receiver<pb::Datagram>> {
+        self.ephemeral_rx.take()
+    }
+
     /// The key stock as the actor learns it.
     pub(crate) fn key_stock(&self) -> watch::Receiver<pb::KeyStock> {
         self.key_stock.subscribe()
@@ -119,6 +137,7 @@ impl Actor {
         incoming: mpsc::Sender<Incoming>,
     ) -> Self {
         let home = conn.addr.clone();
+        let (ephemeral_tx, ephemeral_rx) = mpsc::channel(256);
         let mut actor = Self {
             backoff: Backoff::new(config.backoff_min, config.backoff_max),
             dedup: Dedup::new(config.dedup_window, login.acked_seq),
@@ -138,6 +157,8 @@ impl Actor {
             closed: None,
             room_check: tokio::time::Instant::now(),
             key_stock: watch::Sender::new(login.key_stock.unwrap_or_default()),
+            ephemeral: ephemeral_tx,
+            ephemeral_rx: Some(ephemeral_rx),
         };
         actor.stay_at(&home);
         actor
@@ -193,6 +214,14 @@ impl Actor {
                 Some(Err(reason)) => Step::Disconnected(reason),
                 None => Step::Disconnected("reader stopped".into()),
             },
+            datagram = conn.conn.read_datagram() => {
+                // A lost connection shows on the stream too.
+                if let Ok(Ok(d)) = datagram.map(<pb::Datagram as prost::Message>::decode) {
+                    // Ephemeral: dropped when the application does not keep up.
+                    let _ = self.ephemeral.try_send(d);
+                }
+                Step::Continue
+            }
             () = tokio::time::sleep_until(self.room_check), if holding => {
                 // Discarded deliveries come back with a fresh login, once
                 // the application has made room for them.
@@ -237,6 +266,12 @@ impl Actor {
                     }
                     Err(e) => Step::Disconnected(e.to_string()),
                 }
+            }
+            Cmd::Datagram(d) => {
+                if let Some(conn) = self.conn.as_ref() {
+                    let _ = conn.conn.send_datagram(d);
+                }
+                Step::Continue
             }
             Cmd::Close(done) => {
                 self.closed = Some(done);
@@ -450,6 +485,7 @@ impl Actor {
                 Some(Cmd::Call(_, reply)) => {
                     let _ = reply.send(Err(SendError::Closed("not connected; reconnecting".into())));
                 }
+                Some(Cmd::Datagram(_)) => {}
             }
         }
     }

@@ -174,6 +174,7 @@ pub struct Client {
     identity: Arc<Identity>,
     request_timeout: Duration,
     key_stock: watch::Receiver<pb::KeyStock>,
+    ephemeral: Arc<Mutex<mpsc::Receiver<pb::Datagram>>>,
 }
 
 /// Connects to the configured brokers in order and authenticates on the
@@ -263,11 +264,12 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (in_tx, in_rx) = mpsc::channel(config.incoming_buffer.max(1));
         let request_timeout = config.request_timeout;
-        let actor = Actor::new(config, endpoint, identity.clone(), conn, ok, cmd_rx, in_tx);
+        let mut actor = Actor::new(config, endpoint, identity.clone(), conn, ok, cmd_rx, in_tx);
         let key_stock = actor.key_stock();
+        let ephemeral = Arc::new(Mutex::new(actor.take_ephemeral().unwrap_or_else(|| mpsc::channel(1).1)));
         tokio::spawn(actor.run());
         let (incoming, identity) = (Arc::new(Mutex::new(in_rx)), Arc::new(identity));
-        Self { cmd: cmd_tx, incoming, identity, request_timeout, key_stock }
+        Self { cmd: cmd_tx, incoming, identity, request_timeout, key_stock, ephemeral }
     }
 
     /// This device's keys on record at the broker, as last told: at login,
@@ -419,6 +421,57 @@ impl Client {
     pub async fn unlink(&self, device: u32) -> Result<pb::DeviceList, SendError> {
         match self.call(C::UnlinkDevice(pb::UnlinkDevice { device_id: device })).await? {
             S::DeviceList(list) => Ok(list),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Changes this user's profile: each `Some` field is set (`""` clears
+    /// it), each `None` kept. Returns the profile after.
+    pub async fn set_profile(&self, update: pb::SetProfile) -> Result<pb::Profile, SendError> {
+        match self.call(C::SetProfile(update)).await? {
+            S::Profile(p) => Ok(p),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// The profile of `handle` (display name, status, picture reference).
+    pub async fn profile(&self, handle: &str) -> Result<pb::Profile, SendError> {
+        match self.call(C::GetProfile(pb::GetProfile { handle: handle.to_owned() })).await? {
+            S::Profile(p) => Ok(p),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Tells `to`'s online devices that this user is typing (or stopped),
+    /// if the two share presence. Ephemeral: a QUIC datagram, dropped when
+    /// not connected or not allowed.
+    pub async fn typing(&self, to: &str, typing: bool) {
+        let t = pb::Typing { to: to.to_owned(), typing, ..Default::default() };
+        let d = prost::Message::encode_to_vec(&pb::Datagram { kind: Some(pb::datagram::Kind::Typing(t)) });
+        let _ = self.cmd.send(Cmd::Datagram(d.into())).await;
+    }
+
+    /// The next typing or presence datagram from the broker; `None` once the
+    /// client has stopped.
+    pub async fn next_ephemeral(&self) -> Option<pb::Datagram> {
+        self.ephemeral.lock().await.recv().await
+    }
+
+    /// Changes who may see this user's presence (see
+    /// [`pb::SetPresence`]); returns the settings after.
+    pub async fn set_presence(&self, update: pb::SetPresence) -> Result<pb::PresenceSettings, SendError> {
+        match self.call(C::SetPresence(update)).await? {
+            S::PresenceSettings(s) => Ok(s),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Watches `handles`' presence on this connection (replacing the last
+    /// watch); returns their states now. Changes then come as datagrams
+    /// ([`Client::next_ephemeral`]). A reconnect ends the watch: watch again.
+    pub async fn watch_presence(&self, handles: &[String]) -> Result<pb::PresenceList, SendError> {
+        match self.call(C::WatchPresence(pb::WatchPresence { handles: handles.to_vec() })).await? {
+            S::PresenceList(l) => Ok(l),
             other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
         }
     }

@@ -96,6 +96,38 @@ enum Command {
         /// printed.
         #[arg(long)]
         mark_read: bool,
+        /// Also show the presence (online, last seen) and typing of the
+        /// users you converse with, as they change (they do not count
+        /// towards --count). With --json: {"presence":USER,"online":..,
+        /// "last_seen_ms":..} and {"typing":USER,"from_device":..,"active":..}.
+        #[arg(long)]
+        presence: bool,
+    },
+    /// Tell USER's online devices that you are typing (or, with --stop,
+    /// that you stopped). Ephemeral: shown only to users you converse with.
+    Typing {
+        /// The handle.
+        user: String,
+        /// You stopped typing.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Show or change who may see your presence (online, last seen,
+    /// typing): users you converse with see it if they allow you too;
+    /// `--visibility nobody` hides yours and shows you nobody's.
+    Presence {
+        /// `conversations` (the users allowed, reciprocally) or `nobody`.
+        #[arg(long, value_parser = ["conversations", "nobody"])]
+        visibility: Option<String>,
+        /// Allow this user (repeatable).
+        #[arg(long)]
+        allow: Vec<String>,
+        /// Stop allowing this user (repeatable).
+        #[arg(long)]
+        disallow: Vec<String>,
+        /// One JSON object: visibility, allowed.
+        #[arg(long)]
+        json: bool,
     },
     /// List a user's devices (default: your own), with the time each was
     /// added (RFC 3339, UTC).
@@ -126,12 +158,41 @@ enum Command {
         /// Token printed by `tern approve` on an existing device.
         token: String,
     },
+    /// Set your profile, or read anyone's.
+    Profile {
+        #[command(subcommand)]
+        action: ProfileAction,
+    },
     /// Unlink one of your devices: at once its connection is closed, its
     /// queue and keys dropped, and it can never log in again. A device may
     /// unlink itself; the primary (lowest-numbered) device any other.
     Unlink {
         /// The device number (see `tern devices`).
         device: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfileAction {
+    /// Change your profile; fields not given are kept ("" clears one).
+    Set {
+        /// Display name (at most 64 characters).
+        #[arg(long)]
+        name: Option<String>,
+        /// Status text (at most 140 characters).
+        #[arg(long)]
+        status: Option<String>,
+        /// Picture: a media reference (at most 256 bytes).
+        #[arg(long)]
+        picture: Option<String>,
+    },
+    /// Show a user's profile.
+    Get {
+        /// The handle.
+        user: String,
+        /// One JSON object: handle, name, status, picture, updated_at_ms.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -236,10 +297,73 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("{}", receipt.message_id);
             }
         }
-        Command::Recv { count, timeout, json, receipts, mark_read } => {
+        Command::Recv { count, timeout, json, receipts, mark_read, presence } => {
             let secure = connect_secure(&args, &profile).await?;
-            let how = Printing { json: *json, receipts: *receipts, mark_read: *mark_read };
+            if *presence {
+                watch_conversations(secure.client(), *json).await?;
+            }
+            let how = Printing { json: *json, receipts: *receipts, mark_read: *mark_read, presence: *presence };
             return recv(&secure, *count, *timeout, how).await;
+        }
+        Command::Typing { user, stop } => {
+            let client = connect(&args, &profile).await?;
+            client.typing(user, !*stop).await;
+            // The round trip carries the datagram out before the close.
+            let _ = client.ping().await;
+            client.close().await;
+        }
+        Command::Presence { visibility, allow, disallow, json } => {
+            let client = connect(&args, &profile).await?;
+            let visibility = visibility.as_deref().map(|v| match v {
+                "nobody" => tern_protocol::pb::PresenceVisibility::Nobody as i32,
+                _ => tern_protocol::pb::PresenceVisibility::Conversations as i32,
+            });
+            let update =
+                tern_protocol::pb::SetPresence { visibility, allow: allow.clone(), disallow: disallow.clone() };
+            let settings = client.set_presence(update).await;
+            client.close().await;
+            let s = settings.context("presence settings")?;
+            let shown = if s.visibility == tern_protocol::pb::PresenceVisibility::Nobody as i32 {
+                "nobody"
+            } else {
+                "conversations"
+            };
+            if *json {
+                println!("{}", serde_json::json!({ "visibility": shown, "allowed": s.allowed }));
+            } else {
+                println!("visibility: {shown}; allowed: {}", s.allowed.join(", "));
+            }
+        }
+        Command::Profile { action } => {
+            let client = connect(&args, &profile).await?;
+            let (shown, json) = match action {
+                ProfileAction::Set { name, status, picture } => {
+                    let update = tern_protocol::pb::SetProfile {
+                        name: name.clone(),
+                        status: status.clone(),
+                        picture: picture.clone(),
+                    };
+                    (client.set_profile(update).await.context("set the profile"), false)
+                }
+                ProfileAction::Get { user, json } => {
+                    (client.profile(user).await.with_context(|| format!("profile of {user}")), *json)
+                }
+            };
+            client.close().await;
+            let p = shown?;
+            if json {
+                let line = serde_json::json!({
+                    "handle": p.handle, "name": p.name, "status": p.status, "picture": p.picture,
+                    "updated_at_ms": p.updated_at_ms,
+                });
+                println!("{line}");
+            } else {
+                let when = if p.updated_at_ms == 0 { "never set".to_owned() } else { rfc3339_ms(p.updated_at_ms) };
+                println!(
+                    "{}  name: {:?}  status: {:?}  picture: {:?}  ({when})",
+                    p.handle, p.name, p.status, p.picture
+                );
+            }
         }
         Command::Unlink { device } => {
             let client = connect(&args, &profile).await?;
@@ -324,6 +448,42 @@ struct Printing {
     json: bool,
     receipts: bool,
     mark_read: bool,
+    presence: bool,
+}
+
+/// Watches the presence of the users this one converses with and prints
+/// their state now.
+async fn watch_conversations(client: &Client, json: bool) -> anyhow::Result<()> {
+    let settings = client.set_presence(Default::default()).await.context("presence settings")?;
+    let list = client.watch_presence(&settings.allowed).await.context("watch presence")?;
+    for state in list.states.iter().filter(|s| s.visible) {
+        println!("{}", render_presence(state, json));
+    }
+    Ok(())
+}
+
+fn render_presence(s: &tern_protocol::pb::PresenceState, json: bool) -> String {
+    if json {
+        return serde_json::json!({ "presence": s.handle, "online": s.online, "last_seen_ms": s.last_seen_ms })
+            .to_string();
+    }
+    match (s.online, s.last_seen_ms) {
+        (true, _) => format!("{} is online", s.handle),
+        (false, 0) => format!("{} is offline", s.handle),
+        (false, at) => format!("{} was last seen {}", s.handle, rfc3339_ms(at)),
+    }
+}
+
+fn render_ephemeral(d: tern_protocol::pb::Datagram, json: bool) -> Option<String> {
+    use tern_protocol::pb::datagram::Kind;
+    match d.kind? {
+        Kind::Presence(s) => Some(render_presence(&s, json)),
+        Kind::Typing(t) if json => {
+            Some(serde_json::json!({ "typing": t.from, "from_device": t.from_device, "active": t.typing }).to_string())
+        }
+        Kind::Typing(t) if t.typing => Some(format!("{}/{} is typing", t.from, t.from_device)),
+        Kind::Typing(t) => Some(format!("{}/{} stopped typing", t.from, t.from_device)),
+    }
 }
 
 async fn recv(
@@ -335,7 +495,18 @@ async fn recv(
     // No deadline for `inf` (or anything too far off to represent).
     let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
     let mut got = 0u64;
-    let mut stdout = std::io::stdout().lock();
+    // Locked per line: presence and typing lines come from another task.
+    let mut stdout = std::io::stdout();
+    if how.presence {
+        let client = secure.client().clone();
+        tokio::spawn(async move {
+            while let Some(d) = client.next_ephemeral().await {
+                if let Some(line) = render_ephemeral(d, how.json) {
+                    println!("{line}");
+                }
+            }
+        });
+    }
     while count.is_none_or(|n| got < n) {
         let next = async {
             match deadline {

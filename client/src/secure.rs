@@ -212,6 +212,8 @@ pub struct Secure {
     client: Client,
     vault: Arc<Mutex<Vault>>,
     lists: Arc<Mutex<HashMap<String, pb::DeviceList>>>,
+    /// The users this user's presence settings allow, as last seen.
+    allowed: Arc<Mutex<Option<std::collections::HashSet<String>>>>,
 }
 
 impl Secure {
@@ -221,7 +223,8 @@ impl Secure {
     pub async fn open(client: Client, dir: &Path, persistence: Persistence) -> Result<Self, SecureError> {
         let state = E2e::open(dir)?;
         let vault = Vault { dir: dir.to_owned(), persistence, state };
-        let secure = Self { client, vault: Arc::new(Mutex::new(vault)), lists: Arc::default() };
+        let secure =
+            Self { client, vault: Arc::new(Mutex::new(vault)), lists: Arc::default(), allowed: Arc::default() };
         secure.publish_keys().await?;
         let watcher = secure.clone();
         let mut stock = secure.client.key_stock();
@@ -261,6 +264,32 @@ impl Secure {
             e.mark_published();
             Ok::<_, SecureError>(())
         })
+    }
+
+    /// Makes `peer` one of the users this user shares presence with (the
+    /// two converse), if it is not yet: presence is shown only when both
+    /// allow each other. Best effort.
+    async fn converse_with(&self, peer: &str) {
+        if peer == self.client.identity().handle {
+            return;
+        }
+        let known = self.allowed.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|a| a.contains(peer));
+        let allowed = match known {
+            Some(true) => return,
+            // Not read yet: an empty change reads the settings.
+            None => self.client.set_presence(pb::SetPresence::default()).await,
+            Some(false) => Ok(pb::PresenceSettings::default()),
+        };
+        let Ok(mut settings) = allowed else { return };
+        if !settings.allowed.iter().any(|a| a == peer) {
+            let update = pb::SetPresence { allow: vec![peer.to_owned()], ..Default::default() };
+            match self.client.set_presence(update).await {
+                Ok(after) => settings = after,
+                Err(e) => return tracing::debug!(%peer, error = %e, "presence not shared"),
+            }
+        }
+        let set = settings.allowed.into_iter().collect();
+        *self.allowed.lock().unwrap_or_else(PoisonError::into_inner) = Some(set);
     }
 
     /// The device list of `handle`, from the cache unless `refresh`.
@@ -333,7 +362,11 @@ impl Secure {
                 Err(SendError::DevicesChanged(changed)) => {
                     tracing::debug!(?changed, "device lists changed; encrypting again");
                 }
-                result => return Ok(result?),
+                result => {
+                    let receipt = result?;
+                    self.converse_with(to).await;
+                    return Ok(receipt);
+                }
             }
         }
         Err(SecureError::DevicesKeptChanging)
@@ -395,6 +428,12 @@ impl Secure {
             }
         };
         let app_id = MessageId::from_slice(&payload.replaces).unwrap_or(id);
+        if matches!(payload.kind, Some(P::Text(_))) {
+            // In the background: an await here, cancelled with `recv`, would
+            // lose a message already recorded as received.
+            let (me, peer) = (self.clone(), from.clone());
+            tokio::spawn(async move { me.converse_with(&peer).await });
+        }
         Some(match payload.kind {
             Some(P::Text(text)) => SecureIncoming::Message { seq, id: app_id, from, from_device, to, sent_at_ms, text },
             Some(P::Read(read)) => SecureIncoming::Read {
@@ -406,7 +445,8 @@ impl Secure {
             },
             Some(P::Recovery(r)) => {
                 tracing::debug!(%from, from_device, "asked to send a message again");
-                self.send_again(&from, from_device, &r.message_id).await;
+                let me = self.clone();
+                tokio::spawn(async move { me.send_again(&from, from_device, &r.message_id).await });
                 SecureIncoming::Handled { seq }
             }
             None => failed("an empty payload".into()),
@@ -428,11 +468,13 @@ impl Secure {
         }
         let key = key.ok_or_else(|| format!("{from}/{device} is not in its user's device list"))?;
         self.vault(|e| {
-            if e.was_received(from, device, &id.0) {
-                return Ok(None);
+            if let Some(kept) = e.received_before(from, device, &id.0) {
+                // Decrypted before and not acknowledged (a crash between):
+                // shown again if kept, else dropped.
+                return Ok(kept);
             }
             let payload = e.decrypt(from, device, &key, body).map_err(DecryptFailed)?;
-            e.record_received(from, device, &id.0);
+            e.record_received(from, device, &id.0, &payload);
             Ok(Some(payload))
         })
         .map_err(|e: OpenError| e.to_string())

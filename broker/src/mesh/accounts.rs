@@ -21,11 +21,39 @@
 
 use std::sync::Arc;
 
+use prost::Message as _;
 use tern_protocol::peer::{self as pp, reply, request};
-use tern_protocol::ErrorCode;
+use tern_protocol::{pb, ErrorCode};
 
 use super::{failure, lock, Mesh, REQUEST_TIMEOUT};
 use crate::store::{Account, QueueKey, StoreError};
+
+/// A change of an account record decided at the handle's primary.
+#[derive(Debug)]
+pub(crate) enum AccountChange {
+    /// Its profile.
+    Profile(pb::SetProfile),
+    /// Who may see its presence.
+    Presence(pb::SetPresence),
+}
+
+impl AccountChange {
+    /// A profile change from another member, checked again here.
+    pub(super) fn profile(update: &[u8]) -> Result<Self, String> {
+        let update = pb::SetProfile::decode(update).map_err(|_| "not a profile change".to_owned())?;
+        crate::session::check_profile(&update)?;
+        Ok(Self::Profile(update))
+    }
+
+    /// A presence settings change from another member.
+    pub(super) fn presence(update: &[u8]) -> Result<Self, String> {
+        let update = pb::SetPresence::decode(update).map_err(|_| "not a presence change".to_owned())?;
+        if update.allow.iter().any(|h| tern_protocol::validate_handle(h).is_err()) {
+            return Err("an allowed user is not a handle".into());
+        }
+        Ok(Self::Presence(update))
+    }
+}
 
 /// Account changes sent to a peer per round of [`Mesh::sync_accounts_with`].
 const SYNC_CHUNK: usize = 64;
@@ -120,6 +148,76 @@ impl Mesh {
             }
             Err(super::PeerError::Failure { code, message, .. }) => Err(from_failure(code, message, handle)),
             Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Changes `handle`'s profile at the handle's primary, which copies the
+    /// record to every live member (their cached copies change with it).
+    pub(crate) async fn set_profile(&self, handle: &str, update: pb::SetProfile) -> Result<Account, StoreError> {
+        self.change_account(handle, AccountChange::Profile(update)).await
+    }
+
+    /// Changes who may see `handle`'s presence, at the handle's primary.
+    pub(crate) async fn set_presence(&self, handle: &str, update: pb::SetPresence) -> Result<Account, StoreError> {
+        self.change_account(handle, AccountChange::Presence(update)).await
+    }
+
+    async fn change_account(&self, handle: &str, change: AccountChange) -> Result<Account, StoreError> {
+        let primary = self.account_primary(handle);
+        if primary == self.node() {
+            return self.change_as_primary(handle, change).await;
+        }
+        let link = self.link(&primary).ok_or_else(|| unavailable(format!("no link to broker {primary}")))?;
+        let handle_owned = handle.to_owned();
+        let kind = match change {
+            AccountChange::Profile(u) => request::Kind::AccountProfile(pp::AccountProfile {
+                handle: handle_owned,
+                update: u.encode_to_vec().into(),
+            }),
+            AccountChange::Presence(u) => request::Kind::AccountPresence(pp::AccountPresence {
+                handle: handle_owned,
+                update: u.encode_to_vec().into(),
+            }),
+        };
+        match link.request(kind, REQUEST_TIMEOUT).await {
+            Ok(reply::Kind::Account(a)) => {
+                let account = Account::from_json(&a.account)
+                    .map_err(|e| StoreError::Corrupt(format!("account from {primary}: {e}")))?;
+                self.inner.store.put_account(account).await
+            }
+            Ok(_) => Err(unavailable(format!("broker {primary} answered something else"))),
+            Err(super::PeerError::Failure { code: ErrorCode::InvalidArgument, message, .. }) => {
+                Err(StoreError::Invalid(message))
+            }
+            Err(super::PeerError::Failure { code, message, .. }) => Err(from_failure(code, message, handle)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn change_as_primary(&self, handle: &str, change: AccountChange) -> Result<Account, StoreError> {
+        let account = match change {
+            AccountChange::Profile(u) => self.inner.store.set_profile(handle, u).await?,
+            AccountChange::Presence(u) => self.inner.store.set_presence(handle, u).await?,
+        };
+        self.replicate(&account).await;
+        Ok(account)
+    }
+
+    pub(super) async fn serve_account_change(
+        &self,
+        handle: &str,
+        change: Result<AccountChange, String>,
+    ) -> reply::Kind {
+        if tern_protocol::validate_handle(handle).is_err() {
+            return reply::Kind::Failure(failure(ErrorCode::InvalidHandle, "invalid handle"));
+        }
+        let change = match change {
+            Ok(c) => c,
+            Err(text) => return reply::Kind::Failure(failure(ErrorCode::InvalidArgument, text)),
+        };
+        match self.change_as_primary(handle, change).await {
+            Ok(account) => reply::Kind::Account(pp::AccountReply { account: account.to_json().into(), device: 0 }),
+            Err(e) => reply::Kind::Failure(failure(store_code(&e), e.to_string())),
         }
     }
 

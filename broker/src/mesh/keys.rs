@@ -129,7 +129,7 @@ impl Mesh {
             metrics::counter!("tern_mesh_frames_ignored_total").increment(1);
             return;
         }
-        self.inner.router.notify(&queue, notice.frame);
+        self.inner.router.notify(&queue, crate::router::Notice::Frame(notice.frame));
     }
 
     pub(super) async fn serve_keys(&self, kind: request::Kind) -> reply::Kind {

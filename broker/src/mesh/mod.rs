@@ -32,6 +32,7 @@ mod membership;
 #[cfg(test)]
 mod moves_sim;
 mod outbox;
+mod presence;
 mod routes;
 mod settle;
 mod ship;
@@ -82,6 +83,7 @@ struct Inner {
     tasks: TaskTracker,
     store: Store,
     router: Router,
+    presence: crate::presence::Presence,
     directory: Directory,
     /// Devices connected here, with the epoch of their login.
     hosted: Mutex<HashMap<QueueKey, u64>>,
@@ -135,6 +137,7 @@ pub(crate) struct MeshSetup<'a> {
     pub(crate) tasks: TaskTracker,
     pub(crate) store: Store,
     pub(crate) router: Router,
+    pub(crate) presence: crate::presence::Presence,
     pub(crate) cache_entries: u64,
     pub(crate) cache_ttl: Duration,
     pub(crate) directory_entries: u64,
@@ -172,6 +175,7 @@ impl Mesh {
                 tasks: setup.tasks.clone(),
                 store: setup.store.clone(),
                 router: setup.router.clone(),
+                presence: setup.presence.clone(),
                 directory: Directory::new(
                     setup.cache_entries,
                     setup.cache_ttl,
@@ -400,6 +404,11 @@ impl Mesh {
                 });
             }
             Some(P::Notice(n)) => self.on_notice(n),
+            Some(P::PresenceChange(c)) => self.on_presence_change(c),
+            Some(P::DatagramRelay(d)) => {
+                let Ok(queue) = queue_key(&d.handle, d.device) else { return };
+                self.inner.router.notify(&queue, crate::router::Notice::Datagram(d.datagram));
+            }
             Some(P::Reply(r)) => from.on_reply(r),
             Some(P::Hello(_)) => tracing::debug!(peer = %from.peer.name, "second hello ignored"),
             None => metrics::counter!("tern_mesh_frames_ignored_total").increment(1),
@@ -467,6 +476,12 @@ impl Mesh {
             request::Kind::AccountWrite(w) => self.serve_account_write(w).await,
             request::Kind::AccountPut(p) => self.serve_account_put(&p.account).await,
             request::Kind::AccountUnlink(u) => self.serve_account_unlink(u).await,
+            request::Kind::AccountProfile(p) => {
+                self.serve_account_change(&p.handle, accounts::AccountChange::profile(&p.update)).await
+            }
+            request::Kind::AccountPresence(p) => {
+                self.serve_account_change(&p.handle, accounts::AccountChange::presence(&p.update)).await
+            }
             request::Kind::SenderFlush(f) => self.serve_sender_flush(f, asker).await,
             kind @ (request::Kind::KeysPublish(_) | request::Kind::KeysClaim(_) | request::Kind::KeysPut(_)) => {
                 self.serve_keys(kind).await

@@ -26,6 +26,8 @@ mod auth;
 mod delivery;
 mod keys;
 mod lookup;
+mod presence;
+mod profile;
 
 pub(crate) use lookup::AccountLookups;
 
@@ -85,8 +87,8 @@ pub(crate) struct Session {
     source: Option<IpAddr>,
     device: Option<LoggedIn>,
     inbox: Option<tokio::sync::mpsc::Receiver<crate::router::Pushed>>,
-    /// Frames the router hands over to be written as they are (notices).
-    notices: Option<tokio::sync::mpsc::Receiver<Bytes>>,
+    /// Frames and datagrams the router hands over to send as they are.
+    notices: Option<tokio::sync::mpsc::Receiver<crate::router::Notice>>,
     /// Set while the device's queue waits for its previous broker to hand
     /// back what it held (`Mesh::hold_for_handback`): nothing is pushed
     /// until it resolves to the queue's head.
@@ -139,6 +141,8 @@ impl Session {
             if let (Some(mesh), Some(epoch)) = (&self.ctx.mesh, epoch) {
                 mesh.device_offline(&delivery.queue, epoch);
             }
+            self.ctx.presence.unwatch(&delivery.queue);
+            crate::presence::changed(&self.ctx, &delivery.queue, false);
         }
         match end {
             End::Closed => self.conn.close(0u32.into(), b"bye"),
@@ -198,7 +202,16 @@ impl Session {
                         d.delivery.on_handed(seq, &value, &mut self.out);
                     }
                 }
-                Some(frame) = notice(&mut self.notices) => self.out.extend_from_slice(&frame),
+                Some(notice) = notice(&mut self.notices) => match notice {
+                    crate::router::Notice::Frame(frame) => self.out.extend_from_slice(&frame),
+                    // Ephemeral: one the connection cannot carry is dropped.
+                    crate::router::Notice::Datagram(d) => { let _ = self.conn.send_datagram(d); }
+                },
+                datagram = self.conn.read_datagram(), if logged_in => {
+                    if let Ok(d) = datagram {
+                        self.on_datagram(&d);
+                    }
+                }
                 () = lagged(&self.device) => {
                     if let Some(d) = &mut self.device {
                         d.delivery.mark_lagged();
@@ -414,6 +427,22 @@ impl Session {
                 self.unlink_device(id, req.device_id).await;
                 Ok(())
             }
+            Some(C::SetProfile(req)) => {
+                self.set_profile(id, req).await;
+                Ok(())
+            }
+            Some(C::GetProfile(req)) => {
+                self.get_profile(id, &req.handle).await;
+                Ok(())
+            }
+            Some(C::SetPresence(req)) => {
+                self.set_presence(id, req).await;
+                Ok(())
+            }
+            Some(C::WatchPresence(req)) => {
+                self.watch_presence(id, req.handles).await;
+                Ok(())
+            }
         }
     }
 
@@ -495,6 +524,7 @@ impl Session {
         let key_stock = Some(crate::keys::stock_at_login(&self.ctx.store, &queue));
         let delivery = Delivery::new(queue, bounds.head, window, attachment.previously_pushed);
         self.device = Some(LoggedIn { delivery, attachment, epoch, sends_ready });
+        crate::presence::changed(&self.ctx, &QueueKey::new(&handle, device), true);
         self.inbox = Some(inbox);
         let ok = pb::LoginOk { handle, device_id: device, acked_seq: bounds.head, pending: bounds.depth(), key_stock };
         self.write(request_id, S::LoginOk(ok));
@@ -725,6 +755,11 @@ pub(crate) fn store_error_code(e: &StoreError) -> ErrorCode {
     auth::store_refusal(e).0
 }
 
+/// Checks a profile change (lengths, no control characters).
+pub(crate) fn check_profile(update: &pb::SetProfile) -> Result<(), String> {
+    profile::check(update)
+}
+
 /// The error code and text a store failure is reported with.
 pub(crate) fn store_refusal(e: &StoreError) -> (ErrorCode, String) {
     auth::store_refusal(e)
@@ -789,7 +824,9 @@ async fn handed(inbox: &mut Option<tokio::sync::mpsc::Receiver<crate::router::Pu
     }
 }
 
-async fn notice(notices: &mut Option<tokio::sync::mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+async fn notice(
+    notices: &mut Option<tokio::sync::mpsc::Receiver<crate::router::Notice>>,
+) -> Option<crate::router::Notice> {
     match notices {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -44,6 +44,40 @@ fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 
+/// What others see of a user beside the handle (the design's user service).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Profile {
+    /// When it was last changed, ms since the Unix epoch: of two copies
+    /// that differ, the later wins a merge (first, so it orders them).
+    pub updated_at_ms: u64,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Status text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub status: String,
+    /// Picture: a media reference.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub picture: String,
+}
+
+/// Who may see a user's presence (online state, last seen, typing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PresenceSettings {
+    /// When last changed, ms since the Unix epoch: the later wins a merge.
+    pub updated_at_ms: u64,
+    /// Nobody may (and this user sees nobody's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nobody: bool,
+    /// Users who may, if they allow this user too; sorted, at most
+    /// [`MAX_ALLOWED`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed: Vec<String>,
+}
+
+/// Most users one user's presence settings may allow.
+pub const MAX_ALLOWED: usize = 1024;
+
 /// A user and their devices.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
@@ -69,6 +103,13 @@ pub struct Account {
     /// copy they meet in a merge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<u32>,
+    /// The user's profile, once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+    /// Who may see the user's presence, once set (unset: nobody is allowed
+    /// yet, which shows nothing to anyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceSettings>,
 }
 
 /// Most lost devices an account remembers (the newest are kept).
@@ -89,7 +130,18 @@ impl Account {
             claim: rand::random(),
             lost: Vec::new(),
             removed: Vec::new(),
+            profile: None,
+            presence: None,
         }
+    }
+
+    /// True when `self` and `other` may see each other's presence: each
+    /// allows the other and neither chose nobody (reciprocal by design).
+    pub fn shares_presence_with(&self, other: &Self) -> bool {
+        let allows = |a: &Self, b: &Self| {
+            a.presence.as_ref().is_some_and(|p| !p.nobody && p.allowed.binary_search(&b.handle).is_ok())
+        };
+        self.handle != other.handle && allows(self, other) && allows(other, self)
     }
 
     /// Unlinks device `id`: it is no longer current, and its number is
@@ -220,6 +272,17 @@ impl Account {
             claim: winner.claim(),
             lost,
             removed,
+            // The same claim: the later profile; else the winner's.
+            profile: if same_claim {
+                winner.profile.clone().max(loser.profile.clone())
+            } else {
+                winner.profile.clone()
+            },
+            presence: if same_claim {
+                winner.presence.clone().max(loser.presence.clone())
+            } else {
+                winner.presence.clone()
+            },
         }
     }
 
@@ -325,6 +388,37 @@ mod tests {
         assert_eq!(unlinked.merge(&base).next_device_id, 4, "and its number is not given again");
         assert_eq!(Account::from_json(&unlinked.to_json()).unwrap(), unlinked);
         assert_eq!(unlinked.primary(), Some(1));
+    }
+
+    #[test]
+    fn the_later_profile_wins_a_merge_in_either_order() {
+        let base = Account::new("hal", [1; 32], 100);
+        let mut early = base.clone();
+        early.profile = Some(Profile { updated_at_ms: 10, name: "Hal".into(), ..Profile::default() });
+        let mut late = base.clone();
+        late.profile = Some(Profile { updated_at_ms: 20, status: "away".into(), ..Profile::default() });
+        assert_eq!(early.merge(&late), late.merge(&early));
+        assert_eq!(early.merge(&late).profile, late.profile);
+        assert_eq!(early.merge(&base).profile, early.profile, "over none");
+        assert_eq!(Account::from_json(&late.to_json()).unwrap(), late);
+    }
+
+    #[test]
+    fn presence_is_shared_only_both_ways_and_nobody_hides_both_ways() {
+        let with = |handle: &str, nobody: bool, allowed: &[&str]| {
+            let mut a = Account::new(handle, [1; 32], 1);
+            let allowed = allowed.iter().map(|h| (*h).to_owned()).collect();
+            a.presence = Some(PresenceSettings { updated_at_ms: 1, nobody, allowed });
+            a
+        };
+        let (alice, bob) = (with("alice", false, &["bob"]), with("bob", false, &["alice", "carol"]));
+        assert!(alice.shares_presence_with(&bob) && bob.shares_presence_with(&alice));
+        let carol = with("carol", false, &["bob"]);
+        assert!(!carol.shares_presence_with(&alice), "a stranger sees nothing");
+        assert!(carol.shares_presence_with(&bob));
+        let shy_bob = with("bob", true, &["alice", "carol"]);
+        assert!(!alice.shares_presence_with(&shy_bob) && !shy_bob.shares_presence_with(&alice), "nobody: both ways");
+        assert!(!Account::new("dan", [2; 32], 1).shares_presence_with(&alice), "never set: nothing");
     }
 
     /// Issue 11, 2.7: copies of a handle claimed on both sides of a

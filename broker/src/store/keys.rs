@@ -19,6 +19,7 @@
 //! | `mesh` | `shipped` + origin id + queue key | highest origin seq accounted for (stored, or settled by a handoff) from that origin's queue (u64 BE) |
 //! | `mesh` | `acctlog` + change number (u64 BE) | the handle whose account record changed (the newest 100,000 changes; sent to each peer whose link comes up) |
 //! | `mesh` | `handed` + queue key | the seq (u64 BE) up to which another broker last stored this queue's entries shipped from here, then that broker's node name |
+//! | `mesh` | `lastseen` + handle | the user's last-seen time, ms since the Unix epoch to the minute (u64 BE); written directly, not synced (presence) |
 //! | `mesh` | `fence` + queue key | the queue's tail (u64 BE) when its fence went up; present while the queue is fenced, and after a crash until its next fence (which reorders from there) |
 
 use std::fmt;
@@ -47,6 +48,13 @@ pub(crate) fn shipped_key(origin: &[u8; 16], queue: &QueueKey) -> Vec<u8> {
     k.extend_from_slice(b"shipped");
     k.extend_from_slice(origin);
     k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// Key of a user's last-seen time in `mesh`.
+pub(crate) fn last_seen_key(handle: &str) -> Vec<u8> {
+    let mut k = b"lastseen".to_vec();
+    k.extend_from_slice(handle.as_bytes());
     k
 }
 

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, DB};
 use tokio::sync::{mpsc, oneshot};
 
-pub use accounts::{Account, Device};
+pub use accounts::{Account, Device, PresenceSettings, Profile, MAX_ALLOWED};
 pub use envelopes::SendBody;
 pub(crate) use item::{enqueued_at, split_item, KIND_RECEIPT};
 pub use item::{CorruptItem, StoredItem};
@@ -407,6 +407,28 @@ impl Store {
         self.call(|reply| WriteCmd::Keys { op, reply }).await
     }
 
+    /// Keeps `handle`'s last-seen time (to the minute). Written directly,
+    /// not through the writer: an independent key, no sync (a machine
+    /// crash that loses it only shows an older time); a failure is logged.
+    pub fn set_last_seen(&self, handle: &str, at_ms: u64) {
+        let db = &self.inner.db;
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(false);
+        let written = cf(db, CF_MESH).and_then(|mesh| {
+            db.put_cf_opt(mesh, keys::last_seen_key(handle), at_ms.to_be_bytes(), &opts).map_err(StoreError::from)
+        });
+        if let Err(e) = written {
+            tracing::warn!(%handle, error = %e, "last-seen time not stored");
+        }
+    }
+
+    /// `handle`'s last-seen time as stored here, if any.
+    pub fn last_seen(&self, handle: &str) -> Option<u64> {
+        let db = &self.inner.db;
+        let value = db.get_pinned_cf(cf(db, CF_MESH).ok()?, keys::last_seen_key(handle)).ok()??;
+        Some(u64::from_be_bytes(value.as_ref().try_into().ok()?))
+    }
+
     /// The key record of `queue`'s device as last written.
     pub fn key_record(&self, queue: &QueueKey) -> Result<Option<KeyRecord>, StoreError> {
         let db = &self.inner.db;
@@ -464,6 +486,28 @@ impl Store {
     pub async fn unlink(&self, handle: &str, device: u32, by: u32) -> Result<Account, StoreError> {
         let handle = handle.to_owned();
         self.call(|reply| WriteCmd::Unlink { handle, device, by, reply }).await
+    }
+
+    /// Applies a checked profile change to `handle`'s account; returns the
+    /// account after.
+    pub async fn set_profile(
+        &self,
+        handle: &str,
+        update: tern_protocol::pb::SetProfile,
+    ) -> Result<Account, StoreError> {
+        let handle = handle.to_owned();
+        self.call(|reply| WriteCmd::SetProfile { handle, update, reply }).await
+    }
+
+    /// Applies a presence settings change to `handle`'s account; returns
+    /// the account after.
+    pub async fn set_presence(
+        &self,
+        handle: &str,
+        update: tern_protocol::pb::SetPresence,
+    ) -> Result<Account, StoreError> {
+        let handle = handle.to_owned();
+        self.call(|reply| WriteCmd::SetPresence { handle, update, reply }).await
     }
 
     /// Queues a message from `sender` for every device of `to` and the

@@ -97,6 +97,18 @@ pub(super) enum WriteCmd {
         by: u32,
         reply: Reply<Account>,
     },
+    /// Changes who may see `handle`'s presence.
+    SetPresence {
+        handle: String,
+        update: pb::SetPresence,
+        reply: Reply<Account>,
+    },
+    /// Changes `handle`'s profile (fields unset in `update` kept).
+    SetProfile {
+        handle: String,
+        update: pb::SetProfile,
+        reply: Reply<Account>,
+    },
     Enqueue {
         sender: QueueKey,
         message_id: [u8; 16],
@@ -177,7 +189,7 @@ pub(super) enum WriteCmd {
 
 /// An answer held back until the batch is durable.
 enum Pending {
-    Account(Reply<Account>, Result<Account, StoreError>),
+    Account(Reply<Account>, Box<Result<Account, StoreError>>),
     Device(Reply<u32>, Result<u32, StoreError>),
     Enqueued(Reply<Enqueued>, Result<Enqueued, StoreError>),
     Bounds(Reply<QueueBounds>, Result<QueueBounds, StoreError>),
@@ -200,7 +212,7 @@ impl Pending {
             }};
         }
         match self {
-            Self::Account(r, v) => answer!(r, v),
+            Self::Account(r, v) => answer!(r, *v),
             Self::Device(r, v) => answer!(r, v),
             Self::Enqueued(r, v) => answer!(r, v),
             Self::Bounds(r, v) => answer!(r, v),
@@ -241,6 +253,8 @@ impl WriteCmd {
             Self::Register { .. }
             | Self::AddDevice { .. }
             | Self::Unlink { .. }
+            | Self::SetProfile { .. }
+            | Self::SetPresence { .. }
             | Self::Enqueue { .. }
             | Self::PutAccount { .. }
             | Self::Keys { .. }
@@ -624,17 +638,27 @@ impl WriterActor {
             WriteCmd::Register { handle, public_key, reply } => {
                 let result = self.register(batch, &handle, public_key);
                 batch.finish(mark, &result);
-                batch.replies.push(Pending::Account(reply, result));
+                batch.replies.push(Pending::Account(reply, Box::new(result)));
             }
             WriteCmd::AddDevice { handle, public_key, reply } => {
                 let result = self.add_device(batch, &handle, public_key);
                 batch.finish(mark, &result);
                 batch.replies.push(Pending::Device(reply, result));
             }
+            WriteCmd::SetPresence { handle, update, reply } => {
+                let result = self.set_presence(batch, &handle, update);
+                batch.finish(mark, &result);
+                batch.replies.push(Pending::Account(reply, Box::new(result)));
+            }
+            WriteCmd::SetProfile { handle, update, reply } => {
+                let result = self.set_profile(batch, &handle, update);
+                batch.finish(mark, &result);
+                batch.replies.push(Pending::Account(reply, Box::new(result)));
+            }
             WriteCmd::Unlink { handle, device, by, reply } => {
                 let result = self.unlink(batch, &handle, device, by);
                 batch.finish(mark, &result);
-                batch.replies.push(Pending::Account(reply, result));
+                batch.replies.push(Pending::Account(reply, Box::new(result)));
             }
             WriteCmd::Enqueue { sender, message_id, to, body, receipt, reply } => {
                 let result = self.enqueue(batch, &sender, message_id, &to, body, receipt);
@@ -679,7 +703,7 @@ impl WriterActor {
             WriteCmd::PutAccount { account, reply } => {
                 let result = self.merge_account(batch, account);
                 batch.finish(mark, &result);
-                batch.replies.push(Pending::Account(reply, result));
+                batch.replies.push(Pending::Account(reply, Box::new(result)));
             }
             WriteCmd::Fence { queue, reply } => {
                 let result = self.fence(batch, queue);
@@ -821,6 +845,49 @@ impl WriterActor {
         let mut account = Account::clone(&current);
         account.unlink(device);
         self.drop_device(batch, &QueueKey::new(handle, device))?;
+        self.put_account(batch, account.clone())?;
+        Ok(account)
+    }
+
+    fn set_profile(&mut self, batch: &mut Batch, handle: &str, update: pb::SetProfile) -> Result<Account, StoreError> {
+        let current = self.account(batch, handle)?.ok_or_else(|| StoreError::UnknownUser(handle.to_owned()))?;
+        let mut account = Account::clone(&current);
+        let mut profile = account.profile.take().unwrap_or_default();
+        profile.name = update.name.unwrap_or(profile.name);
+        profile.status = update.status.unwrap_or(profile.status);
+        profile.picture = update.picture.unwrap_or(profile.picture);
+        profile.updated_at_ms = now_ms().max(profile.updated_at_ms + 1);
+        account.profile = Some(profile);
+        self.put_account(batch, account.clone())?;
+        Ok(account)
+    }
+
+    fn set_presence(
+        &mut self,
+        batch: &mut Batch,
+        handle: &str,
+        update: pb::SetPresence,
+    ) -> Result<Account, StoreError> {
+        let current = self.account(batch, handle)?.ok_or_else(|| StoreError::UnknownUser(handle.to_owned()))?;
+        if update.visibility.is_none() && update.allow.is_empty() && update.disallow.is_empty() {
+            // Nothing to change: a read of the settings.
+            return Ok(Account::clone(&current));
+        }
+        let mut account = Account::clone(&current);
+        let mut settings = account.presence.take().unwrap_or_default();
+        if let Some(v) = update.visibility {
+            settings.nobody = v == pb::PresenceVisibility::Nobody as i32;
+        }
+        settings.allowed.extend(update.allow.into_iter().filter(|h| h != handle));
+        settings.allowed.sort_unstable();
+        settings.allowed.dedup();
+        settings.allowed.retain(|h| !update.disallow.contains(h));
+        if settings.allowed.len() > super::MAX_ALLOWED {
+            let n = settings.allowed.len();
+            return Err(StoreError::Invalid(format!("{n} allowed users, more than {}", super::MAX_ALLOWED)));
+        }
+        settings.updated_at_ms = now_ms().max(settings.updated_at_ms + 1);
+        account.presence = Some(settings);
         self.put_account(batch, account.clone())?;
         Ok(account)
     }

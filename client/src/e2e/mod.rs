@@ -36,6 +36,7 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 
+use tern_protocol::pb;
 use vodozemac::olm::{Account, Session};
 
 pub use error::{DecryptError, E2eError};
@@ -46,7 +47,10 @@ use recovery::SentLog;
 use store::StateFiles;
 
 /// Messages remembered as decrypted (by sender device and id), newest last.
-const MAX_RECEIVED: usize = 4096;
+const MAX_RECEIVED: usize = 1024;
+/// Largest payload kept with a received message's record, to hand out again
+/// when it is delivered again (bytes, protobuf).
+const MAX_KEPT_PAYLOAD: usize = 4096;
 
 /// Most sessions kept per peer device, newest first.
 const MAX_SESSIONS_PER_PEER: usize = 5;
@@ -75,7 +79,7 @@ pub struct E2e {
     /// Messages decrypted, as (sender, device, message id hex): one that
     /// comes again (its ack was lost in a crash) cannot be decrypted again
     /// (its message key is used up) and is recognised here.
-    received: VecDeque<(String, u32, String)>,
+    received: VecDeque<(String, u32, String, String)>,
 }
 
 impl std::fmt::Debug for E2e {
@@ -140,20 +144,26 @@ impl E2e {
         *self.account.ed25519_key().as_bytes()
     }
 
-    /// Records that message `id` from `handle`/`device` was decrypted (and
-    /// handed to the application): save before acknowledging it.
-    pub fn record_received(&mut self, handle: &str, device: u32, id: &[u8; 16]) {
+    /// Records that message `id` from `handle`/`device` was decrypted to
+    /// `payload` (kept with it when at most 4 KiB): save before
+    /// acknowledging it.
+    pub fn record_received(&mut self, handle: &str, device: u32, id: &[u8; 16], payload: &pb::E2ePayload) {
         if self.received.len() >= MAX_RECEIVED {
             self.received.pop_front();
         }
-        self.received.push_back((handle.to_owned(), device, hex::encode(id)));
+        let bytes = prost::Message::encode_to_vec(payload);
+        let kept = if bytes.len() <= MAX_KEPT_PAYLOAD { hex::encode(bytes) } else { String::new() };
+        self.received.push_back((handle.to_owned(), device, hex::encode(id), kept));
     }
 
-    /// True when message `id` from `handle`/`device` was decrypted before
-    /// (among the last 4,096): a redelivery, to drop.
-    pub fn was_received(&self, handle: &str, device: u32, id: &[u8; 16]) -> bool {
+    /// When message `id` from `handle`/`device` was decrypted before (among
+    /// the last 1,024), a redelivery its message key cannot open again:
+    /// `Some` with its payload if kept, `Some(None)` if not.
+    pub fn received_before(&self, handle: &str, device: u32, id: &[u8; 16]) -> Option<Option<pb::E2ePayload>> {
         let id = hex::encode(id);
-        self.received.iter().rev().any(|(h, d, i)| h == handle && *d == device && *i == id)
+        let (.., kept) = self.received.iter().rev().find(|(h, d, i, _)| h == handle && *d == device && *i == id)?;
+        let bytes = hex::decode(kept).ok().filter(|b| !b.is_empty());
+        Some(bytes.and_then(|b| <pb::E2ePayload as prost::Message>::decode(b.as_slice()).ok()))
     }
 
     /// The identity keys last verified for a peer device, if any.

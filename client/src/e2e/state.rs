@@ -24,7 +24,7 @@ pub(super) struct Saved {
     peers: Vec<SavedPeer>,
     sent: SentLog,
     #[serde(default)]
-    received: std::collections::VecDeque<(String, u32, String)>,
+    received: std::collections::VecDeque<(String, u32, String, String)>,
 }
 
 /// One peer device.
