@@ -971,6 +971,12 @@ def render(meta: dict, events: list[dict], reports: dict, data: Path, out: Path,
         md += ["## Across brokers: one broker against a 3-broker mesh", "",
                mesh.read_text().rstrip(), "",
                "Every run, the `max` ramps and the machine: [mesh.md](mesh.md).", ""]
+    # Written by benches/e2e/run.sh (issue 13): kept when RESULTS.md is made again.
+    e2e = data / "e2e" / "headline.md"
+    if e2e.exists():
+        md += ["## End-to-end encryption, three devices per user, and key claims", "",
+               e2e.read_text().rstrip(), "",
+               "Every run, the command lines and the machine: [e2e.md](e2e.md).", ""]
     md.append("## Anything odd")
     md.append("")
     md += odd or ["- Every run exited 0, with no failed sends, duplicates or reordering."]

@@ -44,6 +44,8 @@ pub struct BrokerConfig {
     pub registration: RegistrationConfig,
     /// The key service's stock of one-time keys per device.
     pub keys: KeysConfig,
+    /// Web Push wake-ups for devices that are not connected.
+    pub push: PushConfig,
     /// Mesh membership; a standalone broker when `cluster.dir` is unset.
     pub cluster: ClusterConfig,
 }
@@ -216,6 +218,47 @@ impl KeysConfig {
     }
 }
 
+/// `[push]`: content-free Web Push wake-ups (RFC 8030/8291/8292) to
+/// devices that registered a subscription and are not connected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Send wake-ups at all.
+    pub enabled: bool,
+    /// The VAPID contact (RFC 8292 `sub`): `mailto:` or `https:` URL where a
+    /// push service can reach the operator.
+    pub contact: String,
+    /// The VAPID private key file (P-256, 32 bytes hex; made on first start
+    /// when missing). Every broker of a mesh must use the same key: a
+    /// subscription is bound to one. Default `<data_dir>/push/vapid.key`.
+    pub vapid_key: Option<PathBuf>,
+    /// At most one wake-up per device per this many seconds, unless it
+    /// connected since (one per burst).
+    pub coalesce_secs: u64,
+    /// At most this many wake-ups per device per hour.
+    pub max_per_hour: u32,
+    /// Allow endpoints that are http, or on loopback or private addresses
+    /// (a distributor on the local network, tests). Off: https to public
+    /// addresses only, so users cannot make the broker call internal services.
+    pub allow_private_endpoints: bool,
+    /// Seconds a push service has to answer one request.
+    pub timeout_secs: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            contact: "mailto:postmaster@localhost".into(),
+            vapid_key: None,
+            coalesce_secs: 30,
+            max_per_hour: 20,
+            allow_private_endpoints: false,
+            timeout_secs: 10,
+        }
+    }
+}
+
 /// `[registration]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -239,6 +282,7 @@ impl Default for BrokerConfig {
             rate: RateSection::default(),
             registration: RegistrationConfig::default(),
             keys: KeysConfig::default(),
+            push: PushConfig::default(),
             cluster: ClusterConfig::default(),
         }
     }
@@ -344,6 +388,13 @@ impl BrokerConfig {
             format!("{} is outside 1..=1024", s.max_devices)
         })?;
         within(u64::from(self.keys.max_one_time_keys), 1, 10_000, "keys.max_one_time_keys")?;
+        let p = &self.push;
+        check(p.contact.starts_with("mailto:") || p.contact.starts_with("https://"), "push.contact", || {
+            format!("{:?} must be a mailto: or https:// URL", p.contact)
+        })?;
+        within(p.coalesce_secs, 0, DAY_SECS, "push.coalesce_secs")?;
+        within(u64::from(p.max_per_hour), 1, 3600, "push.max_per_hour")?;
+        within(p.timeout_secs, 1, 300, "push.timeout_secs")?;
         check(self.keys.low_water <= self.keys.max_one_time_keys, "keys.low_water", || {
             format!("{} is above keys.max_one_time_keys ({})", self.keys.low_water, self.keys.max_one_time_keys)
         })?;

@@ -21,6 +21,7 @@ pub mod config;
 mod keys;
 pub mod mesh;
 mod presence;
+mod push;
 mod ratelimit;
 pub mod router;
 mod session;
@@ -53,6 +54,9 @@ pub enum StartError {
     /// TLS material could not be loaded or made.
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// The push VAPID key could not be loaded or made.
+    #[error(transparent)]
+    Push(#[from] push::PushKeyError),
     /// A socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -85,6 +89,8 @@ pub(crate) struct Context {
     pub(crate) mesh: Option<mesh::Mesh>,
     /// Who is online, who watches whom (ephemeral).
     pub(crate) presence: presence::Presence,
+    /// Push wake-ups (when `push.enabled`).
+    pub(crate) push: Option<push::PushHandle>,
 }
 
 /// A running broker.
@@ -176,6 +182,23 @@ impl Broker {
             }
             None => None,
         };
+        let push = if config.push.enabled {
+            let path = config.push.vapid_key.clone().unwrap_or_else(|| config.data_dir.join("push/vapid.key"));
+            let (actor, handle) = push::PushActor::new(push::PushSetup {
+                store: store.clone(),
+                router: router.clone(),
+                mesh: mesh.clone(),
+                config: config.push.clone(),
+                key: push::vapid_key(&path)?,
+                cancel: cancel.clone(),
+            });
+            tasks.spawn(actor.run());
+            let hook = handle.clone();
+            router.set_offline_hook(move |queue| hook.queued(queue));
+            Some(handle)
+        } else {
+            None
+        };
         let ctx = Context {
             config: config.clone(),
             store,
@@ -192,6 +215,7 @@ impl Broker {
             )),
             mesh,
             presence,
+            push,
         };
         let admin = match config.admin {
             Some(addr) => Some(
@@ -256,6 +280,11 @@ impl Broker {
     /// This broker's view of the mesh; `None` for a standalone broker.
     pub fn mesh_status(&self) -> Option<mesh::MeshStatus> {
         self.ctx.mesh.as_ref().map(mesh::Mesh::status)
+    }
+
+    /// Devices with a session on this broker.
+    pub fn devices_online(&self) -> usize {
+        self.ctx.router.online()
     }
 
     /// The store (for tests and tools).

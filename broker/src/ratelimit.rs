@@ -66,7 +66,7 @@ pub(crate) struct Limiter<K: Hash + Eq + Send + Sync + 'static> {
 }
 
 impl<K: Hash + Eq + Send + Sync + 'static> Limiter<K> {
-    fn new(what: &'static str, rate: Rate, max_keys: u64) -> Self {
+    pub(crate) fn new(what: &'static str, rate: Rate, max_keys: u64) -> Self {
         // Idle this long, a bucket is full again: forgetting it is exact.
         let refill_all = Duration::from_millis(rate.refill_ms.saturating_mul(u64::from(rate.burst)));
         let buckets = moka::sync::Cache::builder().max_capacity(max_keys).time_to_idle(refill_all).build();

@@ -59,6 +59,18 @@ struct Inner {
     /// Told of entries for devices not connected here (mesh members only:
     /// the mesh's ship actor). The router knows nothing of the mesh.
     remote: OnceLock<Box<dyn QueueListener>>,
+    /// Told of every entry for a device with no session here (push
+    /// wake-ups). Must not block.
+    offline: OnceLock<OfflineHook>,
+}
+
+/// See `Inner::offline`.
+struct OfflineHook(Box<dyn Fn(&QueueKey) + Send + Sync>);
+
+impl std::fmt::Debug for OfflineHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OfflineHook")
+    }
 }
 
 impl std::fmt::Debug for dyn QueueListener {
@@ -201,6 +213,12 @@ impl Router {
         let _ = self.inner.remote.set(Box::new(remote));
     }
 
+    /// Tells `hook` of every entry for a device with no session here. It
+    /// must not block: it runs on the store's writer thread.
+    pub(crate) fn set_offline_hook(&self, hook: impl Fn(&QueueKey) + Send + Sync + 'static) {
+        let _ = self.inner.offline.set(OfflineHook(Box::new(hook)));
+    }
+
     /// True when `queue`'s device has a session here.
     pub(crate) fn is_attached(&self, queue: &QueueKey) -> bool {
         self.inner.sessions.lock().is_ok_and(|s| s.contains_key(queue))
@@ -240,7 +258,12 @@ impl QueueListener for Router {
                 slot.lag.lagged.store(true, Ordering::Release);
                 slot.lag.wake.notify_one();
             }
-        } else if let Some(remote) = self.inner.remote.get() {
+            return;
+        }
+        if let Some(offline) = self.inner.offline.get() {
+            (offline.0)(queue);
+        }
+        if let Some(remote) = self.inner.remote.get() {
             remote.queued(queue, seq, value);
         }
     }

@@ -214,14 +214,17 @@ impl Actor {
                 Some(Err(reason)) => Step::Disconnected(reason),
                 None => Step::Disconnected("reader stopped".into()),
             },
-            datagram = conn.conn.read_datagram() => {
-                // A lost connection shows on the stream too.
-                if let Ok(Ok(d)) = datagram.map(<pb::Datagram as prost::Message>::decode) {
-                    // Ephemeral: dropped when the application does not keep up.
-                    let _ = self.ephemeral.try_send(d);
+            datagram = conn.conn.read_datagram() => match datagram {
+                Ok(bytes) => {
+                    if let Ok(d) = <pb::Datagram as prost::Message>::decode(bytes) {
+                        // Ephemeral: dropped when the application does not keep up.
+                        let _ = self.ephemeral.try_send(d);
+                    }
+                    Step::Continue
                 }
-                Step::Continue
-            }
+                // Lost: this would come back at once, every time.
+                Err(e) => Step::Disconnected(e.to_string()),
+            },
             () = tokio::time::sleep_until(self.room_check), if holding => {
                 // Discarded deliveries come back with a fresh login, once
                 // the application has made room for them.

@@ -476,6 +476,25 @@ impl Client {
         }
     }
 
+    /// Registers this device's Web Push subscription: while it is not
+    /// connected, queued entries send the endpoint content-free wake-ups.
+    /// Returns the broker's VAPID public key (the subscription's
+    /// `applicationServerKey` must be it).
+    pub async fn register_push(&self, req: pb::RegisterPush) -> Result<pb::PushRegistered, SendError> {
+        match self.call(C::RegisterPush(req)).await? {
+            S::PushRegistered(r) => Ok(r),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Stops push wake-ups for this device.
+    pub async fn unregister_push(&self) -> Result<pb::PushRegistered, SendError> {
+        match self.call(C::UnregisterPush(pb::UnregisterPush {})).await? {
+            S::PushRegistered(r) => Ok(r),
+            other => Err(SendError::Closed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
     /// A round trip to the broker; returns how long it took.
     pub async fn ping(&self) -> Result<Duration, SendError> {
         let started = tokio::time::Instant::now();

@@ -163,6 +163,12 @@ enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
+    /// Register (or remove) this device's Web Push subscription, for
+    /// content-free wake-ups while it is not connected.
+    Push {
+        #[command(subcommand)]
+        action: PushAction,
+    },
     /// Unlink one of your devices: at once its connection is closed, its
     /// queue and keys dropped, and it can never log in again. A device may
     /// unlink itself; the primary (lowest-numbered) device any other.
@@ -170,6 +176,27 @@ enum Command {
         /// The device number (see `tern devices`).
         device: u32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PushAction {
+    /// Register the fields of a Web Push subscription (RFC 8030; what a
+    /// browser's `PushSubscription` or a UnifiedPush distributor gives);
+    /// prints the broker's VAPID public key (base64url), which must be the
+    /// subscription's application server key.
+    Register {
+        /// The push endpoint URL.
+        #[arg(long)]
+        endpoint: String,
+        /// The subscription's P-256 public key, base64url (`keys.p256dh`).
+        #[arg(long)]
+        p256dh: String,
+        /// The subscription's authentication secret, base64url (`keys.auth`).
+        #[arg(long)]
+        auth: String,
+    },
+    /// Stop wake-ups for this device.
+    Unregister,
 }
 
 #[derive(Debug, Subcommand)]
@@ -363,6 +390,36 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     "{}  name: {:?}  status: {:?}  picture: {:?}  ({when})",
                     p.handle, p.name, p.status, p.picture
                 );
+            }
+        }
+        Command::Push { action } => {
+            let client = connect(&args, &profile).await?;
+            let done = match action {
+                PushAction::Register { endpoint, p256dh, auth } => {
+                    let decode = |what: &str, text: &str| {
+                        use base64::Engine as _;
+                        let t = text.trim().trim_end_matches('=');
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .decode(t)
+                            .with_context(|| format!("--{what} is not base64url"))
+                    };
+                    let req = tern_protocol::pb::RegisterPush {
+                        endpoint: endpoint.clone(),
+                        p256dh: decode("p256dh", p256dh)?.into(),
+                        auth: decode("auth", auth)?.into(),
+                    };
+                    client.register_push(req).await.context("register push")
+                }
+                PushAction::Unregister => client.unregister_push().await.context("unregister push"),
+            };
+            client.close().await;
+            let r = done?;
+            use base64::Engine as _;
+            let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&r.vapid_public_key);
+            if r.registered {
+                println!("registered; the broker's VAPID key (applicationServerKey): {key}");
+            } else {
+                println!("unregistered");
             }
         }
         Command::Unlink { device } => {

@@ -35,6 +35,7 @@ impl Cli {
             Scenario::Offline(a) => Some(&a.common),
             Scenario::Connections(a) => Some(&a.common),
             Scenario::Storm(a) => Some(&a.common),
+            Scenario::Keys(a) => Some(&a.common),
             Scenario::Chaos(_) => None,
         }
     }
@@ -64,6 +65,10 @@ pub(crate) enum Scenario {
     /// aggregate RATE. Send times are scheduled in advance and latency is
     /// measured from the scheduled time, so a slow broker cannot hide its
     /// latency by slowing the sender (no coordinated omission).
+    ///
+    /// tern:// also takes --devices (each user has several devices; all
+    /// receive every message, the sender's others get copies) and --e2e
+    /// (every message encrypted end to end, Olm, for each of those devices).
     Chat(ChatArgs),
     /// Closed loop: doubles the number of sends in flight each stage until
     /// p99 send->deliver passes --p99-bound-ms, throughput stops growing or a
@@ -78,6 +83,15 @@ pub(crate) enum Scenario {
     /// USERS connected clients drop and reconnect, spread over --window
     /// seconds; reports the time until every one is served again.
     Storm(StormArgs),
+    /// tern:// only: the key service. USERS users publish end-to-end keys
+    /// (real signed Olm keys, replenished when the broker says the stock
+    /// runs low), then --claimers connections claim them as fast as the
+    /// broker answers for --duration seconds. Reports claims/s, claim
+    /// latency, and any one-time key handed out twice (must be 0: exit 1
+    /// otherwise) and fallback keys handed out. With several --targets (a
+    /// mesh) users and claimers are spread over the brokers, so most
+    /// claims go through the broker that owns the claimed account.
+    Keys(KeysArgs),
     /// Starts a mesh of --brokers tern-broker processes on loopback and runs
     /// the chat workload over it (users spread over the brokers, each
     /// failing over to the others) while brokers are SIGKILLed and
@@ -191,6 +205,40 @@ pub(crate) struct ChatArgs {
     /// the slip shows in the latency).
     #[arg(long, default_value_t = 100_000)]
     pub(crate) max_in_flight: usize,
+    /// tern:// only: devices per user. Device 1 is registered and sends;
+    /// the others are linked with an approval signed by device 1. Every
+    /// device of the recipient receives each message and the sender's
+    /// other devices get copies: 2N-1 deliveries per message, each counted
+    /// (lost, duplicated, reordered per device; latency per delivery).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub(crate) devices: u32,
+    /// tern:// only: encrypt every message end to end (tern_client::secure,
+    /// Olm sessions per device pair, state in memory): one ciphertext per
+    /// recipient device and per other device of the sender. A user's sends
+    /// then go one at a time (each waits for the previous ack: sessions are
+    /// started and ratchets stepped in send order); bodies are at least
+    /// 46 B (the header in hex).
+    #[arg(long)]
+    pub(crate) e2e: bool,
+}
+
+/// Flags of `keys`.
+#[derive(Debug, Args)]
+pub(crate) struct KeysArgs {
+    /// --users is the number of users whose keys are claimed (one device
+    /// each); --body-bytes and --no-receipts do not apply.
+    #[command(flatten)]
+    pub(crate) common: Common,
+    /// Connections claiming keys (registered users of their own), spread
+    /// over the --targets like the users.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) claimers: u32,
+    /// Claims each claimer keeps in flight.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) in_flight: u32,
+    /// Seconds of claiming.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub(crate) duration: f64,
 }
 
 /// Flags of `max`.
@@ -407,6 +455,23 @@ mod tests {
         assert!(Cli::try_parse_from(["tern-loadgen", "chaos", "--dir", "d"]).is_err(), "--broker-bin is required");
         assert!(Cli::try_parse_from(["tern-loadgen", "chaos", "--broker-bin", "b", "--dir", "d", "--faults", "fire"])
             .is_err());
+    }
+
+    #[test]
+    fn chat_devices_and_e2e_default_to_one_device_in_the_clear() {
+        let parse = |extra: &[&str]| {
+            let argv = ["tern-loadgen", "chat", "--rate", "10", "--target", "tern://h:1"].iter().chain(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.scenario {
+                Scenario::Chat(a) => (a.devices, a.e2e),
+                _ => unreachable!("parsed chat"),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), (1, false));
+        assert_eq!(parse(&["--devices", "3", "--e2e"]).unwrap(), (3, true));
+        assert!(parse(&["--devices", "0"]).is_err());
+        let cli = Cli::try_parse_from(["tern-loadgen", "keys", "--target", "tern://h:1", "--claimers", "8"]).unwrap();
+        let Scenario::Keys(a) = cli.scenario else { unreachable!("parsed keys") };
+        assert_eq!((a.claimers, a.in_flight, a.duration, a.common.users), (8, 4, 10.0, 100));
     }
 
     #[test]

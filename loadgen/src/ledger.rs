@@ -7,6 +7,14 @@
 //! ledger also keeps when each message was sent and acknowledged, and the
 //! first few anomalies in detail, so a loss can be matched to the fault
 //! that caused it.
+//!
+//! With several devices per user ([`Ledger::with_devices`]) a message is
+//! one delivery to each device of the recipient and one to each other
+//! device of the sender (which sends from its first device): `copies`
+//! deliveries, each with its own slot. A message counts as delivered to
+//! the end when every slot is filled; lost, duplicated, reordered and
+//! delivered count deliveries (slots), so with one device they are
+//! messages, as before.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -43,6 +51,7 @@ impl Bits {
 struct SenderBook {
     next_seq: u64,
     acked: Bits,
+    /// Bit `seq * copies + slot`: delivered to that slot's device.
     delivered: Bits,
     /// With a timeline: per seq, (sent, acked) in ms since the epoch (acked
     /// 0 until the ack).
@@ -77,6 +86,7 @@ pub(crate) struct Anomaly {
     pub(crate) at_ms: u32,
 }
 
+/// One receiving device's books.
 #[derive(Debug, Default)]
 struct ReceiverBook {
     /// Highest sequence number delivered from each sender.
@@ -111,7 +121,13 @@ const SHARDS: usize = 16;
 pub(crate) struct Ledger {
     epoch: Instant,
     senders: Vec<Mutex<SenderBook>>,
+    /// Per device: user `u`'s device `d` is `u * devices + d`.
     receivers: Vec<Mutex<ReceiverBook>>,
+    /// Devices per user.
+    devices: u32,
+    /// Deliveries each message makes: `devices` to the recipient, and
+    /// `devices - 1` copies to the sender's other devices.
+    copies: u64,
     total: Vec<Mutex<Latencies>>,
     interval: Vec<Mutex<Latencies>>,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -124,7 +140,10 @@ pub(crate) struct Ledger {
     duplicated: AtomicU64,
     reordered: AtomicU64,
     foreign: AtomicU64,
-    /// Acknowledged messages delivered at least once.
+    /// End-to-end deliveries that could not be decrypted (the client asks
+    /// for them again; they come later as ordinary deliveries).
+    undecryptable: AtomicU64,
+    /// Acknowledged messages delivered to every device.
     acked_delivered: AtomicU64,
     /// Clients that stopped for good and were replaced by a new login.
     client_restarts: AtomicU64,
@@ -141,7 +160,7 @@ pub(crate) struct Counts {
     pub(crate) acked: u64,
     pub(crate) failed: u64,
     pub(crate) delivered: u64,
-    /// Acknowledged messages delivered at least once: when it reaches
+    /// Acknowledged messages delivered to every device: when it reaches
     /// `acked`, nothing acknowledged is missing.
     pub(crate) acked_delivered: u64,
 }
@@ -155,9 +174,12 @@ pub(crate) struct Accounting {
     pub(crate) acked: u64,
     /// Sends that failed (see `errors`).
     pub(crate) failed: u64,
-    /// Distinct messages delivered (first deliveries).
+    /// Distinct deliveries (first deliveries of a message to a device;
+    /// with one device per user, messages).
     pub(crate) delivered: u64,
-    /// Acknowledged messages never delivered.
+    /// Deliveries each message makes (`devices` + `devices - 1` copies).
+    pub(crate) deliveries_per_message: u64,
+    /// Acknowledged messages' deliveries that never happened.
     pub(crate) lost: u64,
     /// Deliveries of a message already delivered.
     pub(crate) duplicated: u64,
@@ -168,27 +190,40 @@ pub(crate) struct Accounting {
     pub(crate) delivered_unacked: u64,
     /// Deliveries that were not load-generator messages.
     pub(crate) foreign: u64,
+    /// End-to-end deliveries that did not decrypt (asked for again).
+    pub(crate) undecryptable: u64,
     /// Failed sends by kind.
     pub(crate) errors: BTreeMap<String, u64>,
 }
 
 impl Ledger {
+    /// One device per user.
+    #[cfg(test)]
     pub(crate) fn new(users: usize) -> Self {
-        Self::build(users, false)
+        Self::build(users, 1, false)
     }
 
     /// A ledger that also keeps when each message was sent and acknowledged
     /// (8 bytes a message), for [`Ledger::lost`].
     pub(crate) fn with_timeline(users: usize) -> Self {
-        Self::build(users, true)
+        Self::build(users, 1, true)
     }
 
-    fn build(users: usize, timeline: bool) -> Self {
+    /// A ledger for `devices` devices per user (at least 1): each message
+    /// is expected at every device of its recipient and every other device
+    /// of its sender.
+    pub(crate) fn with_devices(users: usize, devices: u32) -> Self {
+        Self::build(users, devices.max(1), false)
+    }
+
+    fn build(users: usize, devices: u32, timeline: bool) -> Self {
         let v = |n: usize, f: fn() -> Latencies| (0..n).map(|_| Mutex::new(f())).collect();
         Self {
             epoch: Instant::now(),
             senders: (0..users).map(|_| Mutex::default()).collect(),
-            receivers: (0..users).map(|_| Mutex::default()).collect(),
+            receivers: (0..users * devices as usize).map(|_| Mutex::default()).collect(),
+            devices,
+            copies: 2 * u64::from(devices) - 1,
             total: v(SHARDS, Latencies::new),
             interval: v(SHARDS, Latencies::new),
             errors: Mutex::default(),
@@ -200,6 +235,7 @@ impl Ledger {
             duplicated: AtomicU64::new(0),
             reordered: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
+            undecryptable: AtomicU64::new(0),
             acked_delivered: AtomicU64::new(0),
             client_restarts: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
@@ -244,7 +280,7 @@ impl Ledger {
                 if out.len() >= max {
                     return out;
                 }
-                if book.acked.get(seq) && !book.delivered.get(seq) {
+                if book.acked.get(seq) && !self.complete(&book, seq) {
                     let times = book.times.get(seq as usize).copied();
                     out.push(Anomaly {
                         kind: "lost",
@@ -296,7 +332,7 @@ impl Ledger {
         {
             let mut book = self.senders[stamp.sender as usize].lock().expect("ledger lock");
             book.acked.set(stamp.seq);
-            if book.delivered.get(stamp.seq) {
+            if self.complete(&book, stamp.seq) {
                 self.acked_delivered.fetch_add(1, Relaxed);
             }
             if let Some(t) = book.times.get_mut(stamp.seq as usize) {
@@ -318,14 +354,49 @@ impl Ledger {
         *self.errors.lock().expect("ledger lock").entry(kind.to_owned()).or_default() += 1;
     }
 
-    /// Records a delivery of `body` to user `receiver`.
+    /// Whether message `seq` reached every device it is for.
+    fn complete(&self, book: &SenderBook, seq: u64) -> bool {
+        (0..self.copies).all(|slot| book.delivered.get(seq * self.copies + slot))
+    }
+
+    /// The slot of a delivery to `device` of user `receiver` of a message
+    /// from `sender` (sent from its device 0): the recipient's devices
+    /// first, then the sender's others; `None` for a device that should
+    /// not have it (the sending device itself, one beyond `devices`).
+    /// With one device every delivery is slot 0, as before devices existed.
+    fn slot(&self, sender: u32, receiver: u32, device: u32) -> Option<u64> {
+        if self.devices == 1 {
+            return (device == 0).then_some(0);
+        }
+        match (receiver == sender, device) {
+            (_, d) if d >= self.devices => None,
+            (false, d) => Some(u64::from(d)),
+            (true, 0) => None,
+            (true, d) => Some(u64::from(self.devices + d - 1)),
+        }
+    }
+
+    /// Records a delivery of `body` to user `receiver` (its only device).
     pub(crate) fn delivered(&self, receiver: u32, body: &[u8]) {
+        self.delivered_to(receiver, 0, body);
+    }
+
+    /// An end-to-end delivery that did not decrypt (it is asked for again).
+    pub(crate) fn undecryptable(&self) {
+        self.undecryptable.fetch_add(1, Relaxed);
+    }
+
+    /// Records a delivery of `body` to device `device` (0-based, in the
+    /// order the load generator linked them) of user `receiver`.
+    pub(crate) fn delivered_to(&self, receiver: u32, device: u32, body: &[u8]) {
         let now = self.now_ns();
         let Some(stamp) = Stamp::decode(body) else {
             self.foreign.fetch_add(1, Relaxed);
             return;
         };
-        let Some(sender) = self.senders.get(stamp.sender as usize) else {
+        let (Some(sender), Some(slot)) =
+            (self.senders.get(stamp.sender as usize), self.slot(stamp.sender, receiver, device))
+        else {
             self.foreign.fetch_add(1, Relaxed);
             return;
         };
@@ -333,20 +404,21 @@ impl Ledger {
             let mut book = sender.lock().expect("ledger lock");
             let acked = book.acked.get(stamp.seq);
             let times = book.times.get(stamp.seq as usize).copied();
-            if book.delivered.set(stamp.seq) {
+            if book.delivered.set(stamp.seq * self.copies + slot) {
                 drop(book);
                 self.duplicated.fetch_add(1, Relaxed);
                 self.note(self.anomaly("duplicated", stamp, receiver, None, acked, times));
                 return;
             }
-            if acked {
+            if acked && self.complete(&book, stamp.seq) {
                 self.acked_delivered.fetch_add(1, Relaxed);
             }
             (acked, times)
         };
         self.delivered.fetch_add(1, Relaxed);
         self.last_delivery_ns.fetch_max(now, Relaxed);
-        if let Some(book) = self.receivers.get(receiver as usize) {
+        let at = receiver as usize * self.devices as usize + device as usize;
+        if let Some(book) = self.receivers.get(at) {
             let mut book = book.lock().expect("ledger lock");
             let last = book.last.entry(stamp.sender).or_insert(stamp.seq);
             if stamp.seq < *last {
@@ -433,10 +505,13 @@ impl Ledger {
         for book in &self.senders {
             let book = book.lock().expect("ledger lock");
             for seq in 0..book.next_seq {
-                match (book.acked.get(seq), book.delivered.get(seq)) {
-                    (true, false) => lost += 1,
-                    (false, true) => delivered_unacked += 1,
-                    _ => {}
+                let acked = book.acked.get(seq);
+                for slot in 0..self.copies {
+                    match (acked, book.delivered.get(seq * self.copies + slot)) {
+                        (true, false) => lost += 1,
+                        (false, true) => delivered_unacked += 1,
+                        _ => {}
+                    }
                 }
             }
         }
@@ -446,11 +521,13 @@ impl Ledger {
             acked: c.acked,
             failed: c.failed,
             delivered: c.delivered,
+            deliveries_per_message: self.copies,
             lost,
             duplicated: self.duplicated.load(Relaxed),
             reordered: self.reordered.load(Relaxed),
             delivered_unacked,
             foreign: self.foreign.load(Relaxed),
+            undecryptable: self.undecryptable.load(Relaxed),
             errors: self.errors.lock().expect("ledger lock").clone(),
         }
     }
@@ -522,6 +599,59 @@ mod tests {
         let acc = l.accounting();
         assert_eq!((acc.lost, acc.delivered_unacked, acc.failed), (0, 1, 1));
         assert_eq!(acc.errors.get("Timeout"), Some(&1));
+    }
+
+    #[test]
+    fn with_devices_every_device_and_own_copy_counts_once() {
+        // 2 users, 3 devices: a message from user 0 is due at user 1's
+        // devices 0, 1, 2 and at user 0's devices 1 and 2.
+        let l = Ledger::with_devices(2, 3);
+        let a: Vec<Stamp> = (0..3).map(|_| l.stamp(0, 0)).collect();
+        for s in &a {
+            l.acked(*s);
+        }
+        let all = |l: &Ledger, s: Stamp| {
+            for d in 0..3 {
+                l.delivered_to(1, d, &s.encode(32));
+            }
+            for d in 1..3 {
+                l.delivered_to(0, d, &s.encode(32));
+            }
+        };
+        all(&l, a[0]);
+        all(&l, a[1]);
+        assert_eq!(l.counts().acked_delivered, 2);
+        let acc = l.accounting();
+        assert_eq!((acc.delivered, acc.lost, acc.duplicated, acc.reordered), (10, 5, 0, 0));
+        assert_eq!(acc.deliveries_per_message, 5);
+        // Message 2 reaches all but user 0's device 2: one delivery lost.
+        for d in 0..3 {
+            l.delivered_to(1, d, &a[2].encode(32));
+        }
+        l.delivered_to(0, 1, &a[2].encode(32));
+        assert_eq!(l.counts().acked_delivered, 2, "not complete without the last copy");
+        assert_eq!(l.accounting().lost, 1);
+        assert_eq!(l.lost(10).iter().map(|x| x.seq).collect::<Vec<_>>(), vec![2]);
+        // Again to one device: a duplicate; per device order is checked on its own.
+        l.delivered_to(1, 2, &a[1].encode(32));
+        l.delivered_to(1, 1, &a[0].encode(32));
+        let acc = l.accounting();
+        assert_eq!((acc.duplicated, acc.reordered), (2, 0));
+        // A copy to the sending device itself is none of ours.
+        l.delivered_to(0, 0, &a[0].encode(32));
+        assert_eq!(l.accounting().foreign, 1);
+    }
+
+    #[test]
+    fn reorders_are_per_receiving_device() {
+        let l = Ledger::with_devices(2, 2);
+        let a: Vec<Stamp> = (0..2).map(|_| l.stamp(0, 0)).collect();
+        l.delivered_to(1, 0, &a[1].encode(32));
+        l.delivered_to(1, 1, &a[0].encode(32));
+        l.delivered_to(1, 1, &a[1].encode(32));
+        assert_eq!(l.accounting().reordered, 0);
+        l.delivered_to(1, 0, &a[0].encode(32));
+        assert_eq!(l.accounting().reordered, 1);
     }
 
     #[test]

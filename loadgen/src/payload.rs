@@ -1,6 +1,11 @@
 //! What every load-generator message carries so the receiving side can account
 //! for it: who sent it, its number in that sender's stream, and when it was
 //! meant to be sent. Padded with zeros to the requested body size.
+//!
+//! End to end (`chat --e2e`) the message is an `E2ePayload` whose text is a
+//! string: [`Stamp::encode_text`] writes the header in hex, padded with
+//! `.` to the body size (so the plaintext is as long as a plain body), and
+//! [`Stamp::decode_text`] gives back the header bytes the ledger reads.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -42,6 +47,23 @@ impl Stamp {
         let n = |r: std::ops::Range<usize>| body[r].iter().fold(0u64, |acc, b| acc << 8 | u64::from(*b));
         Some(Self { sender: n(3..7) as u32, seq: n(7..15), sent_ns: n(15..23) })
     }
+
+    /// The text of an end-to-end message: the header in hex, then `.` up
+    /// to `len` characters (never shorter than the hex header).
+    pub(crate) fn encode_text(&self, len: usize) -> String {
+        let mut text = hex::encode(self.encode(HEADER_LEN));
+        let pad = len.saturating_sub(text.len());
+        text.extend(std::iter::repeat_n('.', pad));
+        text
+    }
+
+    /// The header bytes of a text made by [`Stamp::encode_text`], for
+    /// [`crate::ledger::Ledger::delivered_to`]; `None` when it is not one.
+    pub(crate) fn decode_text(text: &str) -> Option<[u8; HEADER_LEN]> {
+        let mut out = [0u8; HEADER_LEN];
+        hex::decode_to_slice(text.get(..2 * HEADER_LEN)?, &mut out).ok()?;
+        Some(out)
+    }
 }
 
 #[cfg(test)]
@@ -55,6 +77,17 @@ mod tests {
         assert_eq!(b.len(), 100);
         assert_eq!(Stamp::decode(&b), Some(s));
         assert_eq!(s.encode(1).len(), HEADER_LEN, "never shorter than the header");
+    }
+
+    #[test]
+    fn text_round_trips_and_pads_to_the_body_size() {
+        let s = Stamp { sender: 3, seq: 99, sent_ns: 1 << 50 };
+        let t = s.encode_text(100);
+        assert_eq!(t.len(), 100);
+        assert_eq!(Stamp::decode(&Stamp::decode_text(&t).unwrap()), Some(s));
+        assert_eq!(s.encode_text(10).len(), 2 * HEADER_LEN, "never shorter than the hex header");
+        assert_eq!(Stamp::decode_text("hello"), None);
+        assert_eq!(Stamp::decode_text(&"zz".repeat(30)), None);
     }
 
     #[test]

@@ -51,8 +51,12 @@ pub(crate) struct BrokerUsage {
     pub(crate) brokers: usize,
     /// CPU seconds (user + system) the brokers used during the measured part.
     pub(crate) cpu_s: f64,
-    /// Broker CPU per delivered message, in microseconds.
+    /// Broker CPU per delivered message (per device delivery with
+    /// several devices), in microseconds.
     pub(crate) cpu_us_per_msg: f64,
+    /// Broker CPU per acknowledged send, in microseconds (with one device
+    /// per user about the same as per delivery).
+    pub(crate) cpu_us_per_send: f64,
     /// Resident memory at the end.
     pub(crate) rss_bytes: u64,
 }
@@ -197,12 +201,44 @@ pub(crate) struct ChaosResult {
     pub(crate) brokers_after_drain: Vec<BrokerAfterDrain>,
 }
 
+/// Result of `keys`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct KeysResult {
+    /// Users whose keys were claimed (one device each).
+    pub(crate) key_owners: u32,
+    pub(crate) claimers: u32,
+    pub(crate) in_flight_per_claimer: u32,
+    /// One-time keys the owners published before the claims began.
+    pub(crate) published_before: u64,
+    /// Claims answered (each for every device of one user).
+    pub(crate) claims: u64,
+    pub(crate) claims_per_s: f64,
+    /// Claim round trips, in microseconds.
+    pub(crate) claim_latency_us: LatencySummary,
+    /// One-time keys handed out.
+    pub(crate) one_time_keys: u64,
+    /// One-time keys handed out more than once (must be 0).
+    pub(crate) one_time_keys_twice: u64,
+    /// Fallback keys handed out (a device whose one-time keys had run out).
+    pub(crate) fallback_keys: u64,
+    /// Devices a claim found without keys.
+    pub(crate) without_keys: u64,
+    /// Claims refused or failed, by kind (`RateLimited`, `Timeout`, ...).
+    pub(crate) errors: std::collections::BTreeMap<String, u64>,
+    /// Broker CPU per answered claim, in microseconds.
+    pub(crate) broker_cpu_us_per_claim: f64,
+}
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Report {
     pub(crate) scenario: String,
     pub(crate) target: String,
     pub(crate) users: u32,
+    /// Devices per user (`chat --devices`).
+    pub(crate) devices: u32,
+    /// Messages encrypted end to end (`chat --e2e`).
+    pub(crate) e2e: bool,
     pub(crate) body_bytes: u32,
     /// Chat: the aggregate rate asked for.
     pub(crate) offered_rate: Option<f64>,
@@ -228,6 +264,8 @@ pub(crate) struct Report {
     pub(crate) storm: Option<StormResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) chaos: Option<ChaosResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) keys: Option<KeysResult>,
 }
 
 impl Report {
@@ -241,6 +279,9 @@ impl Report {
                  (seed {}; data and logs in {})",
                 a.lost, a.duplicated, a.reordered, c.unexpected_exits, a.acked, c.seed, c.dir
             ));
+        }
+        if let Some(k) = self.keys.as_ref().filter(|k| k.one_time_keys_twice > 0) {
+            return Some(format!("{} one-time key(s) were handed out twice", k.one_time_keys_twice));
         }
         (a.lost > 0).then(|| format!("{} acknowledged message(s) were never delivered (see `lost` above)", a.lost))
     }
@@ -262,10 +303,22 @@ impl Report {
         let mut out = String::new();
         let a = &self.accounting;
         let rate = self.offered_rate.map_or(String::new(), |r| format!(", offered {r:.0} msg/s"));
+        let devices = match (self.devices, self.e2e) {
+            (0 | 1, false) => String::new(),
+            (d, e2e) => format!(
+                ", {d} device(s) each ({} deliveries per message){}",
+                a.deliveries_per_message,
+                if e2e { ", end-to-end encrypted" } else { "" }
+            ),
+        };
         out += &format!(
-            "{} against {}: {} users, {} B bodies{rate}, {:.1} s\n",
+            "{} against {}: {} users{devices}, {} B bodies{rate}, {:.1} s\n",
             self.scenario, self.target, self.users, self.body_bytes, self.duration_s
         );
+        if let Some(k) = &self.keys {
+            out += &keys_table(k);
+            return out;
+        }
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);
         t.set_header([
@@ -307,6 +360,9 @@ impl Report {
         if !a.errors.is_empty() {
             let errs: Vec<String> = a.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             out += &format!("errors: {}\n", errs.join(", "));
+        }
+        if a.undecryptable > 0 {
+            out += &format!("undecryptable deliveries (asked for again): {}\n", a.undecryptable);
         }
         if let Some(m) = &self.max {
             let mut t = Table::new();
@@ -371,15 +427,59 @@ impl Report {
                 format!("broker pid {}", b.pid)
             };
             out += &format!(
-                "{who}: {:.2} CPU s, {:.1} µs CPU per delivered message, RSS {} MiB; loadgen {:.2} CPU s\n",
+                "{who}: {:.2} CPU s, {:.1} µs CPU per delivered message{}, RSS {} MiB; loadgen {:.2} CPU s\n",
                 b.cpu_s,
                 b.cpu_us_per_msg,
+                if a.deliveries_per_message > 1 {
+                    format!(" ({:.1} µs per send)", b.cpu_us_per_send)
+                } else {
+                    String::new()
+                },
                 b.rss_bytes >> 20,
                 self.loadgen_cpu_s
             );
         }
         out
     }
+}
+
+/// The `keys` summary: the claim rate and latency, and what was handed out.
+fn keys_table(k: &KeysResult) -> String {
+    let mut out = format!(
+        "keys: {} users' keys ({} one-time keys published first), {} claimers x {} in flight\n",
+        k.key_owners, k.published_before, k.claimers, k.in_flight_per_claimer
+    );
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header([
+        "claims",
+        "claims/s",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "one-time keys",
+        "handed out twice",
+        "fallback keys",
+        "without keys",
+    ]);
+    let l = &k.claim_latency_us;
+    let cells = [format!("{}", k.claims), format!("{:.0}", k.claims_per_s)]
+        .into_iter()
+        .chain(
+            [l.p50, l.p99, l.max, k.one_time_keys, k.one_time_keys_twice, k.fallback_keys, k.without_keys]
+                .map(|n| n.to_string()),
+        )
+        .map(|v| Cell::new(v).set_alignment(CellAlignment::Right));
+    t.add_row(cells);
+    out += &format!("{t}\n");
+    if !k.errors.is_empty() {
+        let errs: Vec<String> = k.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        out += &format!("claim errors: {}\n", errs.join(", "));
+    }
+    if k.broker_cpu_us_per_claim > 0.0 {
+        out += &format!("broker CPU per claim: {:.1} µs\n", k.broker_cpu_us_per_claim);
+    }
+    out
 }
 
 /// The `chaos` summary: faults, the accounting and delivery latency in one

@@ -43,6 +43,9 @@ pub(crate) struct Run {
     broker_pids: Vec<u32>,
     cpu_start: Option<(f64, f64)>,
     target: String,
+    /// Devices per user and end to end (`chat --devices`, `--e2e`).
+    devices: u32,
+    e2e: bool,
 }
 
 impl std::fmt::Debug for Run {
@@ -62,7 +65,16 @@ fn secs(name: &str, v: f64) -> Result<Duration, LoadError> {
 impl Run {
     /// Opens the adapter (checking the brokers answer) and finds the broker processes.
     pub(crate) async fn open(c: &Common, users: u32) -> Result<Self, LoadError> {
+        Self::open_with(c, users, 1, false).await
+    }
+
+    /// [`Run::open`] with `devices` devices per user and, with `e2e`,
+    /// every message encrypted end to end (tern:// only).
+    pub(crate) async fn open_with(c: &Common, users: u32, devices: u32, e2e: bool) -> Result<Self, LoadError> {
         let targets = c.targets()?;
+        if (devices > 1 || e2e) && targets.scheme() != Scheme::Tern {
+            return Err(LoadError::Args(format!("--devices and --e2e are for tern:// targets only, not {targets}")));
+        }
         let mut run_id = [0u8; 3];
         rand::thread_rng().fill_bytes(&mut run_id);
         let opts = Options {
@@ -75,12 +87,14 @@ impl Run {
             failover: c.failover,
             move_on_reconnect: c.move_on_reconnect,
             receipts: !c.no_receipts,
+            devices,
+            e2e,
         };
         let adapter = adapter::open(&targets, &opts, users).await?;
         let broker_pids = if c.broker_pid.is_empty() { find_brokers(&targets, c.quiet) } else { dedup(&c.broker_pid) };
         Ok(Self {
             adapter,
-            ledger: Arc::new(Ledger::new(users as usize)),
+            ledger: Arc::new(Ledger::with_devices(users as usize, devices)),
             users,
             body_bytes: c.body_bytes as usize,
             quiet: c.quiet,
@@ -89,6 +103,8 @@ impl Run {
             broker_pids,
             cpu_start: None,
             target: targets.to_string(),
+            devices,
+            e2e,
         })
     }
 
@@ -212,6 +228,7 @@ impl Run {
                 brokers: self.broker_pids.len(),
                 cpu_s,
                 cpu_us_per_msg: if acc.delivered > 0 { cpu_s * 1e6 / acc.delivered as f64 } else { 0.0 },
+                cpu_us_per_send: if acc.acked > 0 { cpu_s * 1e6 / acc.acked as f64 } else { 0.0 },
                 rss_bytes: self.broker_rss(),
             }
         });
@@ -219,6 +236,8 @@ impl Run {
             scenario: scenario.to_owned(),
             target: self.target.clone(),
             users: self.users,
+            devices: self.devices,
+            e2e: self.e2e,
             body_bytes: self.body_bytes as u32,
             offered_rate: None,
             duration_s: secs,

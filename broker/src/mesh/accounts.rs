@@ -35,6 +35,8 @@ pub(crate) enum AccountChange {
     Profile(pb::SetProfile),
     /// Who may see its presence.
     Presence(pb::SetPresence),
+    /// A device's push subscription (an empty endpoint clears it).
+    Push(u32, crate::store::PushSubscription),
 }
 
 impl AccountChange {
@@ -43,6 +45,12 @@ impl AccountChange {
         let update = pb::SetProfile::decode(update).map_err(|_| "not a profile change".to_owned())?;
         crate::session::check_profile(&update)?;
         Ok(Self::Profile(update))
+    }
+
+    /// A push subscription change from another member.
+    pub(super) fn push(device: u32, subscription: &[u8]) -> Result<Self, String> {
+        let sub = serde_json::from_slice(subscription).map_err(|_| "not a push subscription".to_owned())?;
+        Ok(Self::Push(device, sub))
     }
 
     /// A presence settings change from another member.
@@ -157,6 +165,16 @@ impl Mesh {
         self.change_account(handle, AccountChange::Profile(update)).await
     }
 
+    /// Sets or clears a device's push subscription, at the handle's primary.
+    pub(crate) async fn set_push(
+        &self,
+        handle: &str,
+        device: u32,
+        subscription: crate::store::PushSubscription,
+    ) -> Result<Account, StoreError> {
+        self.change_account(handle, AccountChange::Push(device, subscription)).await
+    }
+
     /// Changes who may see `handle`'s presence, at the handle's primary.
     pub(crate) async fn set_presence(&self, handle: &str, update: pb::SetPresence) -> Result<Account, StoreError> {
         self.change_account(handle, AccountChange::Presence(update)).await
@@ -178,6 +196,11 @@ impl Mesh {
                 handle: handle_owned,
                 update: u.encode_to_vec().into(),
             }),
+            AccountChange::Push(device, sub) => request::Kind::AccountPush(pp::AccountPush {
+                handle: handle_owned,
+                device,
+                subscription: serde_json::to_vec(&sub).unwrap_or_default().into(),
+            }),
         };
         match link.request(kind, REQUEST_TIMEOUT).await {
             Ok(reply::Kind::Account(a)) => {
@@ -198,6 +221,7 @@ impl Mesh {
         let account = match change {
             AccountChange::Profile(u) => self.inner.store.set_profile(handle, u).await?,
             AccountChange::Presence(u) => self.inner.store.set_presence(handle, u).await?,
+            AccountChange::Push(device, sub) => self.inner.store.set_push(handle, device, sub).await?,
         };
         self.replicate(&account).await;
         Ok(account)

@@ -482,6 +482,9 @@ impl Mesh {
             request::Kind::AccountPresence(p) => {
                 self.serve_account_change(&p.handle, accounts::AccountChange::presence(&p.update)).await
             }
+            request::Kind::AccountPush(p) => {
+                self.serve_account_change(&p.handle, accounts::AccountChange::push(p.device, &p.subscription)).await
+            }
             request::Kind::SenderFlush(f) => self.serve_sender_flush(f, asker).await,
             kind @ (request::Kind::KeysPublish(_) | request::Kind::KeysClaim(_) | request::Kind::KeysPut(_)) => {
                 self.serve_keys(kind).await

@@ -28,6 +28,7 @@ mod keys;
 mod lookup;
 mod presence;
 mod profile;
+mod push;
 
 pub(crate) use lookup::AccountLookups;
 
@@ -207,11 +208,12 @@ impl Session {
                     // Ephemeral: one the connection cannot carry is dropped.
                     crate::router::Notice::Datagram(d) => { let _ = self.conn.send_datagram(d); }
                 },
-                datagram = self.conn.read_datagram(), if logged_in => {
-                    if let Ok(d) = datagram {
-                        self.on_datagram(&d);
-                    }
-                }
+                datagram = self.conn.read_datagram(), if logged_in => match datagram {
+                    Ok(d) => self.on_datagram(&d),
+                    // The connection is gone (this would come back at once,
+                    // every time: the session must end here).
+                    Err(_) => return End::Closed,
+                },
                 () = lagged(&self.device) => {
                     if let Some(d) = &mut self.device {
                         d.delivery.mark_lagged();
@@ -443,6 +445,14 @@ impl Session {
                 self.watch_presence(id, req.handles).await;
                 Ok(())
             }
+            Some(C::RegisterPush(req)) => {
+                self.register_push(id, Some(req)).await;
+                Ok(())
+            }
+            Some(C::UnregisterPush(_)) => {
+                self.register_push(id, None).await;
+                Ok(())
+            }
         }
     }
 
@@ -525,6 +535,9 @@ impl Session {
         let delivery = Delivery::new(queue, bounds.head, window, attachment.previously_pushed);
         self.device = Some(LoggedIn { delivery, attachment, epoch, sends_ready });
         crate::presence::changed(&self.ctx, &QueueKey::new(&handle, device), true);
+        if let Some(push) = &self.ctx.push {
+            push.online(&QueueKey::new(&handle, device));
+        }
         self.inbox = Some(inbox);
         let ok = pb::LoginOk { handle, device_id: device, acked_seq: bounds.head, pending: bounds.depth(), key_stock };
         self.write(request_id, S::LoginOk(ok));

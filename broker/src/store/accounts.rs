@@ -31,12 +31,33 @@ pub struct Device {
     /// that differ in it, the later wins a merge.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub identity_at_ms: u64,
+    /// The device's Web Push subscription, if it registered one (an empty
+    /// endpoint records an unregistration: the later of two wins a merge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushSubscription>,
+}
+
+/// A Web Push subscription (RFC 8030): where to send a device's wake-ups
+/// and the keys to encrypt them to (RFC 8291).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PushSubscription {
+    /// When it was set, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The push service's URL for the device; empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub endpoint: String,
+    /// P-256 public key (65 bytes uncompressed), hex.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub p256dh: String,
+    /// Authentication secret (16 bytes), hex.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub auth: String,
 }
 
 impl Device {
     /// A device with no end-to-end identity yet.
     pub fn new(id: u32, public_key: [u8; 32], added_at_ms: u64) -> Self {
-        Self { id, public_key, added_at_ms, identity_key: None, identity_at_ms: 0 }
+        Self { id, public_key, added_at_ms, identity_key: None, identity_at_ms: 0, push: None }
     }
 }
 
@@ -235,6 +256,9 @@ impl Account {
                         if (d.identity_at_ms, d.identity_key) > (k.identity_at_ms, k.identity_key) {
                             k.identity_key = d.identity_key;
                             k.identity_at_ms = d.identity_at_ms;
+                        }
+                        if d.push > k.push {
+                            k.push = d.push.clone();
                         }
                     }
                     Some(k) => {

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, DB};
 use tokio::sync::{mpsc, oneshot};
 
-pub use accounts::{Account, Device, PresenceSettings, Profile, MAX_ALLOWED};
+pub use accounts::{Account, Device, PresenceSettings, Profile, PushSubscription, MAX_ALLOWED};
 pub use envelopes::SendBody;
 pub(crate) use item::{enqueued_at, split_item, KIND_RECEIPT};
 pub use item::{CorruptItem, StoredItem};
@@ -497,6 +497,18 @@ impl Store {
     ) -> Result<Account, StoreError> {
         let handle = handle.to_owned();
         self.call(|reply| WriteCmd::SetProfile { handle, update, reply }).await
+    }
+
+    /// Sets (or, with an empty endpoint, clears) the push subscription of
+    /// `device` of `handle`; returns the account after.
+    pub async fn set_push(
+        &self,
+        handle: &str,
+        device: u32,
+        subscription: PushSubscription,
+    ) -> Result<Account, StoreError> {
+        let handle = handle.to_owned();
+        self.call(|reply| WriteCmd::SetPush { handle, device, subscription, reply }).await
     }
 
     /// Applies a presence settings change to `handle`'s account; returns

@@ -97,6 +97,13 @@ pub(super) enum WriteCmd {
         by: u32,
         reply: Reply<Account>,
     },
+    /// Sets a device's push subscription.
+    SetPush {
+        handle: String,
+        device: u32,
+        subscription: super::PushSubscription,
+        reply: Reply<Account>,
+    },
     /// Changes who may see `handle`'s presence.
     SetPresence {
         handle: String,
@@ -255,6 +262,7 @@ impl WriteCmd {
             | Self::Unlink { .. }
             | Self::SetProfile { .. }
             | Self::SetPresence { .. }
+            | Self::SetPush { .. }
             | Self::Enqueue { .. }
             | Self::PutAccount { .. }
             | Self::Keys { .. }
@@ -645,6 +653,11 @@ impl WriterActor {
                 batch.finish(mark, &result);
                 batch.replies.push(Pending::Device(reply, result));
             }
+            WriteCmd::SetPush { handle, device, subscription, reply } => {
+                let result = self.set_push(batch, &handle, device, subscription);
+                batch.finish(mark, &result);
+                batch.replies.push(Pending::Account(reply, Box::new(result)));
+            }
             WriteCmd::SetPresence { handle, update, reply } => {
                 let result = self.set_presence(batch, &handle, update);
                 batch.finish(mark, &result);
@@ -858,6 +871,27 @@ impl WriterActor {
         profile.picture = update.picture.unwrap_or(profile.picture);
         profile.updated_at_ms = now_ms().max(profile.updated_at_ms + 1);
         account.profile = Some(profile);
+        self.put_account(batch, account.clone())?;
+        Ok(account)
+    }
+
+    fn set_push(
+        &mut self,
+        batch: &mut Batch,
+        handle: &str,
+        device: u32,
+        mut subscription: super::PushSubscription,
+    ) -> Result<Account, StoreError> {
+        let current = self.account(batch, handle)?.ok_or_else(|| StoreError::UnknownUser(handle.to_owned()))?;
+        let mut account = Account::clone(&current);
+        let d = account
+            .devices
+            .iter_mut()
+            .find(|d| d.id == device)
+            .ok_or_else(|| StoreError::UnknownDevice(format!("{handle:?} has no device {device}")))?;
+        let before = d.push.as_ref().map_or(0, |p| p.at_ms);
+        subscription.at_ms = subscription.at_ms.max(before + 1);
+        d.push = Some(subscription);
         self.put_account(batch, account.clone())?;
         Ok(account)
     }

@@ -34,6 +34,8 @@ mod mqtt;
 mod nats;
 mod tern;
 
+pub(crate) use tern::TernAdapter;
+
 /// Resolves when the broker has acknowledged a send as durable (its own
 /// definition of durable; see the table above).
 pub(crate) type AckFuture = Pin<Box<dyn Future<Output = Result<(), SendFailure>> + Send>>;
@@ -78,6 +80,10 @@ pub(crate) struct Options {
     pub(crate) move_on_reconnect: bool,
     /// Tern: ask for a delivered receipt of each message.
     pub(crate) receipts: bool,
+    /// Tern: devices per user (1: one client per user, as always).
+    pub(crate) devices: u32,
+    /// Tern: messages encrypted end to end (`tern_client::secure`).
+    pub(crate) e2e: bool,
 }
 
 /// A broker the workload runs against.
@@ -93,6 +99,11 @@ pub(crate) trait Adapter: Send + Sync {
 
     /// Removes what the run created on the broker, where that is possible.
     async fn cleanup(&self) {}
+
+    /// The Tern adapter, for scenarios that use the client directly (`keys`).
+    fn tern(&self) -> Option<&TernAdapter> {
+        None
+    }
 }
 
 /// One connected user.

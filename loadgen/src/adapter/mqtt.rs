@@ -526,6 +526,8 @@ mod tests {
             failover: false,
             move_on_reconnect: false,
             receipts: false,
+            devices: 1,
+            e2e: false,
         };
         MqttAdapter {
             target: "mqtt://127.0.0.1:1883".into(),

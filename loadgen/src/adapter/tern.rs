@@ -13,6 +13,9 @@
 //! logs in again with a new client so the user keeps sending and receiving;
 //! such restarts are counted (`Ledger::client_restarts`), since a new
 //! client no longer knows what the old one had delivered.
+//!
+//! With `--devices N` or `--e2e` (`chat`), a user is several clients, one
+//! per device, or end-to-end clients: see [`devices`].
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::path::PathBuf;
@@ -33,6 +36,8 @@ use crate::ledger::Ledger;
 use crate::target::Targets;
 use crate::LoadError;
 
+mod devices;
+
 /// Deliveries acknowledged together.
 const ACK_EVERY: u64 = 64;
 /// Acknowledge what arrived once the queue has been quiet this long.
@@ -45,6 +50,13 @@ pub(crate) struct TernAdapter {
     configs: Vec<Vec<ClientConfig>>,
     identities: Vec<Mutex<Option<Identity>>>,
     send: SendOptions,
+    /// Devices per user (`--devices`).
+    devices: u32,
+    /// Messages encrypted end to end (`--e2e`).
+    e2e: bool,
+    /// Where the end-to-end clients keep their key files (one directory
+    /// per device; the state itself stays in memory). Removed at cleanup.
+    e2e_dir: PathBuf,
 }
 
 impl TernAdapter {
@@ -70,6 +82,9 @@ impl TernAdapter {
             configs,
             identities: (0..users).map(|_| Mutex::new(None)).collect(),
             send: SendOptions { receipt: opts.receipts },
+            devices: opts.devices.max(1),
+            e2e: opts.e2e,
+            e2e_dir: std::env::temp_dir().join(format!("tern-loadgen-{}", opts.run_id)),
         };
         for t in 0..targets.len() {
             adapter.probe(t).await?;
@@ -103,7 +118,7 @@ impl TernAdapter {
     }
 
     /// User `user`'s config: its target, and one of that target's endpoints.
-    fn config(&self, user: u32) -> ClientConfig {
+    pub(crate) fn config(&self, user: u32) -> ClientConfig {
         let per_target = &self.configs[self.targets.index_of(user)];
         let round = user as usize / self.targets.len();
         per_target[round % per_target.len()].clone()
@@ -117,7 +132,23 @@ impl TernAdapter {
         }
     }
 
-    async fn login(&self, user: u32) -> Result<Client, LoadError> {
+    /// The target user `user` connects to.
+    pub(crate) fn target_of(&self, user: u32) -> String {
+        self.targets.of_user(user).to_string()
+    }
+
+    /// User `user`'s handle.
+    pub(crate) fn handle(&self, user: u32) -> String {
+        user_name(&self.run_id, user)
+    }
+
+    /// The directory for the end-to-end files of `device` of `user`.
+    pub(crate) fn e2e_dir(&self, user: u32, device: u32) -> PathBuf {
+        self.e2e_dir.join(format!("{user}-{device}"))
+    }
+
+    /// Logs user `user` in (its first device), registering it the first time.
+    pub(crate) async fn login(&self, user: u32) -> Result<Client, LoadError> {
         let known = self.identities[user as usize].lock().expect("identity lock").clone();
         match known {
             Some(identity) => Client::connect(self.config(user), identity).await.map_err(|e| self.setup_error(user, e)),
@@ -142,6 +173,9 @@ impl Adapter for TernAdapter {
     }
 
     async fn connect(&self, user: u32, ledger: Arc<Ledger>) -> Result<Box<dyn Connection>, LoadError> {
+        if self.devices > 1 || self.e2e {
+            return devices::connect(self, user, ledger).await;
+        }
         let client = self.login(user).await?;
         let identity = client.identity().clone();
         let slot = Arc::new(Mutex::new(client));
@@ -149,6 +183,15 @@ impl Adapter for TernAdapter {
         let relogin = Relogin { config: self.config(user), identity, closing: closing.clone() };
         let reader = tokio::spawn(serve(slot.clone(), user, ledger, relogin));
         Ok(Box::new(TernConnection { client: slot, run_id: self.run_id.clone(), reader, closing, send: self.send }))
+    }
+
+    async fn cleanup(&self) {
+        // Made by `--e2e` and `keys`; absent otherwise.
+        let _ = std::fs::remove_dir_all(&self.e2e_dir);
+    }
+
+    fn tern(&self) -> Option<&TernAdapter> {
+        Some(self)
     }
 }
 
@@ -165,7 +208,7 @@ struct Relogin {
 async fn serve(slot: Arc<Mutex<Client>>, user: u32, ledger: Arc<Ledger>, relogin: Relogin) {
     loop {
         let client = slot.lock().expect("client slot").clone();
-        receive(&client, user, &ledger).await;
+        receive(&client, user, 0, &ledger).await;
         if relogin.closing.load(Ordering::Relaxed) {
             return;
         }
@@ -186,8 +229,9 @@ async fn serve(slot: Arc<Mutex<Client>>, user: u32, ledger: Arc<Ledger>, relogin
     }
 }
 
-/// Feeds deliveries to the ledger and acknowledges them, until the client stops.
-async fn receive(client: &Client, user: u32, ledger: &Ledger) {
+/// Feeds deliveries to device `device` of `user` to the ledger and
+/// acknowledges them, until the client stops.
+async fn receive(client: &Client, user: u32, device: u32, ledger: &Ledger) {
     let mut unacked: Option<u64> = None;
     let mut count = 0u64;
     loop {
@@ -210,7 +254,7 @@ async fn receive(client: &Client, user: u32, ledger: &Ledger) {
             }
         };
         if let Incoming::Message { body, .. } = &item {
-            ledger.delivered(user, body);
+            ledger.delivered_to(user, device, body);
         }
         unacked = Some(item.seq());
         count += 1;

@@ -74,7 +74,7 @@ pub(crate) async fn run(a: ChatArgs) -> Result<Report, LoadError> {
         return Err(LoadError::Args("--max-in-flight must be at least 1".into()));
     }
     let users = a.common.users;
-    let mut run = Run::open(&a.common, users).await?;
+    let mut run = Run::open_with(&a.common, users, a.devices, a.e2e).await?;
     let all: Vec<u32> = (0..users).collect();
     let conns = run.connect_all(&all, "connecting").await?;
     let senders: Vec<_> = conns.iter().map(|c| run.spawn_sender(c.clone())).collect();

@@ -7,6 +7,7 @@ use crate::LoadError;
 mod chaos;
 mod chat;
 mod connections;
+mod keys;
 mod max;
 mod offline;
 mod storm;
@@ -20,6 +21,7 @@ pub(crate) async fn run(cli: Cli) -> Result<Report, LoadError> {
         Scenario::Offline(a) => offline::run(a).await?,
         Scenario::Connections(a) => connections::run(a).await?,
         Scenario::Storm(a) => storm::run(a).await?,
+        Scenario::Keys(a) => keys::run(a).await?,
         Scenario::Chaos(a) => chaos::run(a).await?,
     };
     if !quiet {
