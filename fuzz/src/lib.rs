@@ -12,8 +12,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::BytesMut;
-use tern_protocol::{codec, DecodeError};
 use tern_protocol::shipping::{admit, Admit};
+use tern_protocol::{codec, DecodeError};
 
 /// The system allocator, recording the largest single allocation and the
 /// bytes allocated since the last [`AllocWatch::start`]. Each target that

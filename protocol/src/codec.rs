@@ -135,8 +135,15 @@ pub fn decode_peer_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<cr
 pub fn decode_client_frame(src: &mut BytesMut, max_len: usize) -> Result<Option<crate::pb::ClientFrame>, DecodeError> {
     // `ClientFrame.send` is field 5 with `envelopes` 5; `publish_keys` 10
     // with `one_time_keys` 2 (tern.proto).
-    let bounds: [Bound; 2] =
-        [(&[5, 5], "Send.envelopes", MAX_ENVELOPES), (&[10, 2], "PublishKeys.one_time_keys", MAX_PUBLISHED_KEYS)];
+    // `set_presence` 15 with `allow` 2 and `disallow` 3, `watch_presence` 16
+    // with `handles` 1: at most 1,024 users each.
+    let bounds: [Bound; 5] = [
+        (&[5, 5], "Send.envelopes", MAX_ENVELOPES),
+        (&[10, 2], "PublishKeys.one_time_keys", MAX_PUBLISHED_KEYS),
+        (&[15, 2], "SetPresence.allow", MAX_LISTED_DEVICES),
+        (&[15, 3], "SetPresence.disallow", MAX_LISTED_DEVICES),
+        (&[16, 1], "WatchPresence.handles", MAX_LISTED_DEVICES),
+    ];
     decode_bounded(src, max_len, &bounds)
 }
 

@@ -53,6 +53,19 @@ pub struct VerifiedKeys {
 impl E2e {
     /// This account's identity keys, signed by the device's login key.
     pub fn identity_keys(&self, id: &Identity) -> pb::IdentityKeys {
+        // Signed once per account and device (Ed25519 is deterministic):
+        // every pre-key message carries it.
+        if let Some((handle, device, key, signed)) = self.signed_identity.get() {
+            if *handle == id.handle && *device == id.device_id && *key == id.public_key() {
+                return signed.clone();
+            }
+        }
+        let signed = self.sign_identity_keys(id);
+        let _ = self.signed_identity.set((id.handle.clone(), id.device_id, id.public_key(), signed.clone()));
+        signed
+    }
+
+    fn sign_identity_keys(&self, id: &Identity) -> pb::IdentityKeys {
         let curve25519 = self.account.curve25519_key().to_bytes();
         let ed25519 = *self.account.ed25519_key().as_bytes();
         let signed = auth::identity_keys(&id.handle, id.device_id, &curve25519, &ed25519);

@@ -80,6 +80,8 @@ pub struct E2e {
     /// comes again (its ack was lost in a crash) cannot be decrypted again
     /// (its message key is used up) and is recognised here.
     received: VecDeque<(String, u32, String, String)>,
+    /// The identity keys signed for (handle, device, login key), once.
+    signed_identity: std::sync::OnceLock<(String, u32, [u8; 32], pb::IdentityKeys)>,
 }
 
 impl std::fmt::Debug for E2e {
@@ -125,6 +127,7 @@ impl E2e {
             peers: BTreeMap::new(),
             sent: SentLog::default(),
             received: VecDeque::new(),
+            signed_identity: std::sync::OnceLock::new(),
         }
     }
 

@@ -91,6 +91,7 @@ impl Saved {
             peers,
             sent: self.sent,
             received: self.received,
+            signed_identity: std::sync::OnceLock::new(),
         }
     }
 }
