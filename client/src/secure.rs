@@ -409,6 +409,16 @@ impl Secure {
     /// The next delivery, decrypted; `None` once the client has stopped.
     /// Acknowledge each with [`Secure::ack`] once processed, before the
     /// next `recv`.
+    ///
+    /// Not cancel-safe: once it has taken an item from the client it may
+    /// wait (for the sender's device list); dropped then, the item is not
+    /// handed out, and the next cumulative ack deletes it at the broker.
+    /// Do not race it in a `select!` against a timer and go on receiving;
+    /// poll the same future to completion (as the load generator does).
+    /// Dropping it and then stopping is safe (`tern recv --timeout`): the
+    /// item was not acknowledged, so it comes again at the next login, and
+    /// a message already decrypted is handed out from the record of
+    /// received ones (payloads up to 4 KiB).
     pub async fn recv(&self) -> Option<SecureIncoming> {
         let item = self.client.recv().await?;
         let Incoming::Message { seq, id, from, from_device, to, sent_at_ms, body } = item else {
