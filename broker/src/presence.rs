@@ -43,8 +43,10 @@ pub(crate) struct Presence {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Online devices of each user, here and as the other members told.
-    online: Mutex<HashMap<String, HashSet<u32>>>,
+    /// Sessions of each online device of each user, here and as the
+    /// other members told: counted, since a device that logs in again
+    /// ends its old session after its new one began.
+    online: Mutex<HashMap<String, HashMap<u32, u32>>>,
     /// Last seen (to the minute) of users gone offline while known here.
     last_seen: Mutex<HashMap<String, u64>>,
     /// Watched user -> the device sessions watching them.
@@ -65,9 +67,12 @@ impl Presence {
         let devices = all.entry(handle.to_owned()).or_default();
         let was = !devices.is_empty();
         if online {
-            devices.insert(device);
-        } else {
-            devices.remove(&device);
+            *devices.entry(device).or_default() += 1;
+        } else if let Some(n) = devices.get_mut(&device) {
+            *n -= 1;
+            if *n == 0 {
+                devices.remove(&device);
+            }
         }
         let now = !devices.is_empty();
         if !now {
@@ -178,6 +183,9 @@ mod tests {
         assert!(p.device_changed("alice", 1, true, 0), "first device on");
         assert!(!p.device_changed("alice", 2, true, 0), "second: no change");
         assert!(!p.device_changed("alice", 1, false, 120_000), "one still on");
+        assert!(p.state("alice", None).online);
+        assert!(!p.device_changed("alice", 2, true, 0), "device 2 logs in again");
+        assert!(!p.device_changed("alice", 2, false, 150_000), "its old session ends: still online");
         assert!(p.state("alice", None).online);
         assert!(p.device_changed("alice", 2, false, 180_000), "last device off");
         let s = p.state("alice", Some(60_000));

@@ -38,6 +38,10 @@ use crate::{Client, Incoming, Outgoing, SendError, SendOptions, SendReceipt};
 /// How many times a send is encrypted again after `DEVICES_CHANGED`.
 const MAX_ATTEMPTS: usize = 4;
 
+/// The fallback key is replaced when older than this (checked whenever keys
+/// are published: at open and when the broker says the stock is low).
+const FALLBACK_MAX_AGE_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// How the end-to-end state is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Persistence {
@@ -257,7 +261,12 @@ impl Secure {
         let me = self.client.identity().clone();
         // Saved before it is sent: a crash after the send must not make
         // the same key ids again for other keys.
-        let publish = self.vault(|e| Ok::<_, SecureError>(e.keys_to_publish(&me, &stock)))?;
+        let publish = self.vault(|e| {
+            if stock.identity {
+                e.rotate_fallback_if_older(crate::identity::now_ms(), FALLBACK_MAX_AGE_MS);
+            }
+            Ok::<_, SecureError>(e.keys_to_publish(&me, &stock))
+        })?;
         let Some(publish) = publish else { return Ok(()) };
         self.client.publish_keys(publish).await?;
         self.vault(|e| {

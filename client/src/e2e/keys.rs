@@ -97,6 +97,7 @@ impl E2e {
         }
         if !fallback_on_record && self.account.fallback_key().is_empty() {
             self.account.generate_fallback_key();
+            self.fallback_at_ms = crate::identity::now_ms();
         }
         let mut one_time: Vec<(u64, Curve25519PublicKey)> =
             self.account.one_time_keys().into_iter().filter_map(|(k, v)| Some((key_id(k)?, v))).collect();
@@ -125,6 +126,20 @@ impl E2e {
     /// The previous one keeps working for sessions still being started.
     pub fn rotate_fallback_key(&mut self) {
         self.account.generate_fallback_key();
+        self.fallback_at_ms = crate::identity::now_ms();
+    }
+
+    /// Rotates the fallback key if it was made more than `max_age_ms`
+    /// before `now_ms` (or when is not known); true if it did. A fallback
+    /// key may be handed out to many senders, so it is replaced regularly,
+    /// as Signal replaces its signed prekey.
+    pub fn rotate_fallback_if_older(&mut self, now_ms: u64, max_age_ms: u64) -> bool {
+        if self.fallback_at_ms != 0 && now_ms.saturating_sub(self.fallback_at_ms) <= max_age_ms {
+            return false;
+        }
+        self.rotate_fallback_key();
+        self.fallback_at_ms = now_ms;
+        true
     }
 
     /// Checks the signatures of a peer device's claimed keys: the identity

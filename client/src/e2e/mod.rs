@@ -74,6 +74,9 @@ pub struct E2e {
     account: Account,
     /// The broker answered a publish of this account's identity keys.
     identity_published: bool,
+    /// When the current fallback key was made, ms since the Unix epoch (0:
+    /// not known, from a state written before this was kept).
+    fallback_at_ms: u64,
     peers: BTreeMap<PeerId, Peer>,
     sent: SentLog,
     /// Messages decrypted, as (sender, device, message id hex): one that
@@ -124,6 +127,7 @@ impl E2e {
             files,
             account,
             identity_published: false,
+            fallback_at_ms: 0,
             peers: BTreeMap::new(),
             sent: SentLog::default(),
             received: VecDeque::new(),

@@ -21,6 +21,8 @@ pub(super) struct Saved {
     version: u32,
     account: AccountPickle,
     identity_published: bool,
+    #[serde(default)]
+    fallback_at_ms: u64,
     peers: Vec<SavedPeer>,
     sent: SentLog,
     #[serde(default)]
@@ -54,6 +56,7 @@ impl Saved {
             version: STATE_VERSION,
             account: e2e.account.pickle(),
             identity_published: e2e.identity_published,
+            fallback_at_ms: e2e.fallback_at_ms,
             peers,
             sent: e2e.sent.clone(),
             received: e2e.received.clone(),
@@ -88,6 +91,7 @@ impl Saved {
             files,
             account: Account::from_pickle(self.account),
             identity_published: self.identity_published,
+            fallback_at_ms: self.fallback_at_ms,
             peers,
             sent: self.sent,
             received: self.received,

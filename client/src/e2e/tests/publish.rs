@@ -63,6 +63,20 @@ fn keys_are_signed_capped_and_offered_again_until_marked() {
     let rotated = alice.e2e.keys_to_publish(&alice.id, &ks.stock(&alice.addr())).expect("new fallback");
     assert!(rotated.one_time_keys.is_empty());
     assert_ne!(rotated.fallback_key.as_ref().map(|k| &k.public_key), Some(&fallback.public_key));
+    ks.publish(&alice.id, rotated.clone());
+    alice.e2e.mark_published();
+
+    // By age: not within the week, then once after it; the age survives a restart.
+    const WEEK: u64 = 7 * 24 * 3600 * 1000;
+    let now = crate::identity::now_ms();
+    alice.e2e.save().expect("save");
+    alice.restart();
+    assert!(!alice.e2e.rotate_fallback_if_older(now + WEEK / 2, WEEK), "young enough");
+    assert_eq!(alice.e2e.keys_to_publish(&alice.id, &ks.stock(&alice.addr())), None, "nothing to publish");
+    assert!(alice.e2e.rotate_fallback_if_older(now + 2 * WEEK, WEEK), "older than a week");
+    let aged = alice.e2e.keys_to_publish(&alice.id, &ks.stock(&alice.addr())).expect("the new fallback");
+    assert_ne!(aged.fallback_key.as_ref().map(|k| &k.public_key), rotated.fallback_key.as_ref().map(|k| &k.public_key));
+    assert!(!alice.e2e.rotate_fallback_if_older(now + 2 * WEEK + 1, WEEK), "and not again at once");
 }
 
 #[test]
