@@ -218,6 +218,9 @@ pub struct Secure {
     lists: Arc<Mutex<HashMap<String, pb::DeviceList>>>,
     /// The users this user's presence settings allow, as last seen.
     allowed: Arc<Mutex<Option<std::collections::HashSet<String>>>>,
+    /// The delivery `recv` took from the client and has not handed out yet:
+    /// a `recv` dropped while it waited leaves it here for the next.
+    taken: Arc<Mutex<Option<Incoming>>>,
 }
 
 impl Secure {
@@ -227,8 +230,13 @@ impl Secure {
     pub async fn open(client: Client, dir: &Path, persistence: Persistence) -> Result<Self, SecureError> {
         let state = E2e::open(dir)?;
         let vault = Vault { dir: dir.to_owned(), persistence, state };
-        let secure =
-            Self { client, vault: Arc::new(Mutex::new(vault)), lists: Arc::default(), allowed: Arc::default() };
+        let secure = Self {
+            client,
+            vault: Arc::new(Mutex::new(vault)),
+            lists: Arc::default(),
+            allowed: Arc::default(),
+            taken: Arc::default(),
+        };
         secure.publish_keys().await?;
         let watcher = secure.clone();
         let mut stock = secure.client.key_stock();
@@ -419,41 +427,47 @@ impl Secure {
     /// Acknowledge each with [`Secure::ack`] once processed, before the
     /// next `recv`.
     ///
-    /// Not cancel-safe: once it has taken an item from the client it may
-    /// wait (for the sender's device list); dropped then, the item is not
-    /// handed out, and the next cumulative ack deletes it at the broker.
-    /// Do not race it in a `select!` against a timer and go on receiving;
-    /// poll the same future to completion (as the load generator does).
-    /// Dropping it and then stopping is safe (`tern recv --timeout`): the
-    /// item was not acknowledged, so it comes again at the next login, and
-    /// a message already decrypted is handed out from the record of
-    /// received ones (payloads up to 4 KiB).
+    /// Cancel-safe: a `recv` dropped while it waits (for the sender's
+    /// device list, say) keeps the delivery it took, and the next `recv`
+    /// hands it out; so it may be raced in a `select!` against a timer.
     pub async fn recv(&self) -> Option<SecureIncoming> {
-        let item = self.client.recv().await?;
+        let kept = self.taken.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let item = match kept {
+            Some(item) => item,
+            None => self.client.recv().await?,
+        };
+        *self.taken.lock().unwrap_or_else(PoisonError::into_inner) = Some(item.clone());
+        let out = self.open_item(item).await;
+        self.taken.lock().unwrap_or_else(PoisonError::into_inner).take();
+        Some(out)
+    }
+
+    /// What a delivery comes out as.
+    async fn open_item(&self, item: Incoming) -> SecureIncoming {
         let Incoming::Message { seq, id, from, from_device, to, sent_at_ms, body } = item else {
-            return Some(SecureIncoming::Receipt(item));
+            return SecureIncoming::Receipt(item);
         };
         let opened = self.open_message(&from, from_device, id, &body).await;
         let failed = |error: String| SecureIncoming::Failed { seq, id, from: from.clone(), from_device, error };
         let payload = match opened {
             Ok(Some(payload)) => payload,
-            Ok(None) => return Some(SecureIncoming::Handled { seq }),
+            Ok(None) => return SecureIncoming::Handled { seq },
             Err(error) => {
                 tracing::warn!(%from, from_device, %id, %error, "cannot decrypt; asking the sender to send it again");
                 if let Err(e) = self.ask_again(&from, from_device, id).await {
                     tracing::warn!(%from, from_device, error = %e, "cannot ask for the message again");
                 }
-                return Some(failed(error));
+                return failed(error);
             }
         };
         let app_id = MessageId::from_slice(&payload.replaces).unwrap_or(id);
         if matches!(payload.kind, Some(P::Text(_))) {
-            // In the background: an await here, cancelled with `recv`, would
-            // lose a message already recorded as received.
+            // In the background: nothing may wait once the message is
+            // recorded as received.
             let (me, peer) = (self.clone(), from.clone());
             tokio::spawn(async move { me.converse_with(&peer).await });
         }
-        Some(match payload.kind {
+        match payload.kind {
             Some(P::Text(text)) => SecureIncoming::Message { seq, id: app_id, from, from_device, to, sent_at_ms, text },
             Some(P::Read(read)) => SecureIncoming::Read {
                 seq,
@@ -469,7 +483,7 @@ impl Secure {
                 SecureIncoming::Handled { seq }
             }
             None => failed("an empty payload".into()),
-        })
+        }
     }
 
     /// Decrypts a message and records it as received; `None` for one
