@@ -591,12 +591,13 @@ async fn recv(
             stdout.flush()?;
             got += 1;
         }
+        secure.ack(item.seq()).await;
+        // After the ack: the sender sees delivered, then read.
         if let (true, SecureIncoming::Message { from, id, .. }) = (how.mark_read, &item) {
             if let Err(e) = secure.send_read(from, &[*id]).await {
                 eprintln!("tern: cannot tell {from} that {id} was read: {e}");
             }
         }
-        secure.ack(item.seq()).await;
     }
     secure.close().await;
     Ok(ExitCode::SUCCESS)
