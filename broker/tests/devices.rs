@@ -478,14 +478,7 @@ async fn a_to_device_send_reaches_that_device_only() {
 fn account_primary(handle: &str, nodes: &[String]) -> String {
     let mut key = b"account\0".to_vec();
     key.extend_from_slice(handle.as_bytes());
-    let score = |node: &str| {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(node.as_bytes());
-        ctx.update(&[0xff]);
-        ctx.update(&key);
-        u64::from_be_bytes(ctx.finish().as_ref()[..8].try_into().unwrap())
-    };
-    nodes.iter().max_by_key(|n| (score(n), n.as_str())).unwrap().clone()
+    common::rendezvous_owner(&key, nodes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -679,39 +679,54 @@ impl Session {
         }
     }
 
-    async fn list_devices(&mut self, request_id: u64, handle: &str) {
+    /// The account of `handle` for a lookup request (`ListDevices`,
+    /// `GetProfile`): counted by the lookup rate limit, the handle checked;
+    /// `None` once the refusal is written.
+    pub(super) async fn looked_up(
+        &mut self,
+        request_id: u64,
+        handle: &str,
+    ) -> Option<std::sync::Arc<crate::store::Account>> {
         if let Some(d) = &self.device {
             if let Err(limited) = self.limit(&self.ctx.rate.lookups, || d.delivery.queue.clone()) {
                 self.refuse(request_id, limited.into());
-                return;
+                return None;
             }
         }
         if let Err(e) = tern_protocol::validate_handle(handle) {
             self.write_error(request_id, ErrorCode::InvalidHandle, &e.to_string());
-            return;
+            return None;
         }
-        let found = self.accounts().account(handle).await;
-        match found {
-            Ok(Some(account)) => {
-                let devices = account
-                    .devices
-                    .iter()
-                    // A client refuses a longer list (`codec::decode_server_frame`).
-                    .take(tern_protocol::MAX_LISTED_DEVICES)
-                    .map(|d| pb::DeviceInfo {
-                        device_id: d.id,
-                        public_key: Bytes::copy_from_slice(&d.public_key),
-                        added_at_ms: d.added_at_ms,
-                        identity_key: d.identity_key.map(|k| Bytes::copy_from_slice(&k)).unwrap_or_default(),
-                    })
-                    .collect();
-                let version = account.devices_version();
-                let list = pb::DeviceList { handle: handle.to_owned(), devices, version };
-                self.write(request_id, S::DeviceList(list));
+        match self.accounts().account(handle).await {
+            Ok(Some(account)) => Some(account),
+            Ok(None) => {
+                self.write_error(request_id, ErrorCode::UnknownRecipient, &format!("no user {handle:?}"));
+                None
             }
-            Ok(None) => self.write_error(request_id, ErrorCode::UnknownRecipient, &format!("no user {handle:?}")),
-            Err(e) => self.refuse(request_id, auth::store_refusal(&e).into()),
+            Err(e) => {
+                self.refuse(request_id, auth::store_refusal(&e).into());
+                None
+            }
         }
+    }
+
+    async fn list_devices(&mut self, request_id: u64, handle: &str) {
+        let Some(account) = self.looked_up(request_id, handle).await else { return };
+        let devices = account
+            .devices
+            .iter()
+            // A client refuses a longer list (`codec::decode_server_frame`).
+            .take(tern_protocol::MAX_LISTED_DEVICES)
+            .map(|d| pb::DeviceInfo {
+                device_id: d.id,
+                public_key: Bytes::copy_from_slice(&d.public_key),
+                added_at_ms: d.added_at_ms,
+                identity_key: d.identity_key.map(|k| Bytes::copy_from_slice(&k)).unwrap_or_default(),
+            })
+            .collect();
+        let version = account.devices_version();
+        let list = pb::DeviceList { handle: handle.to_owned(), devices, version };
+        self.write(request_id, S::DeviceList(list));
     }
 }
 

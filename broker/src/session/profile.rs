@@ -67,20 +67,8 @@ impl Session {
     }
 
     pub(super) async fn get_profile(&mut self, request_id: u64, handle: &str) {
-        if let Some(d) = &self.device {
-            if let Err(limited) = self.limit(&self.ctx.rate.lookups, || d.delivery.queue.clone()) {
-                self.refuse(request_id, limited.into());
-                return;
-            }
-        }
-        if let Err(e) = tern_protocol::validate_handle(handle) {
-            self.write_error(request_id, ErrorCode::InvalidHandle, &e.to_string());
-            return;
-        }
-        match self.accounts().account(handle).await {
-            Ok(Some(account)) => self.write(request_id, S::Profile(frame(&account))),
-            Ok(None) => self.write_error(request_id, ErrorCode::UnknownRecipient, &format!("no user {handle:?}")),
-            Err(e) => self.refuse(request_id, auth::store_refusal(&e).into()),
+        if let Some(account) = self.looked_up(request_id, handle).await {
+            self.write(request_id, S::Profile(frame(&account)));
         }
     }
 }

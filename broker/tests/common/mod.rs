@@ -294,11 +294,17 @@ pub fn directory_owner(handle: &str, nodes: &[String]) -> String {
     let mut key = handle.as_bytes().to_vec();
     key.push(0);
     key.extend_from_slice(&1u32.to_be_bytes());
+    rendezvous_owner(&key, nodes)
+}
+
+/// The rendezvous winner for `key` among `nodes`, as the broker picks a
+/// directory owner or an account's primary (docs/mesh.md).
+pub fn rendezvous_owner(key: &[u8], nodes: &[String]) -> String {
     let score = |node: &str| {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(node.as_bytes());
         ctx.update(&[0xff]);
-        ctx.update(&key);
+        ctx.update(key);
         u64::from_be_bytes(ctx.finish().as_ref()[..8].try_into().unwrap())
     };
     nodes.iter().max_by_key(|n| (score(n), n.as_str())).unwrap().clone()
